@@ -1,0 +1,152 @@
+"""base_config -> transformers.TrainingArguments: every field by its own name, plus the seed's names.
+
+Nothing is copied field by field (the original dropped gradient accumulation, scheduler, warmup and max steps that
+way): keys pass through to TrainingArguments, so every field it has works and every unknown key is an error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import Job
+    from .tasks.base import Task
+
+logger = logging.getLogger(__name__)
+
+# The seed's spellings of TrainingArguments fields.
+SEED_ALIASES = {
+    "evaluation_strategy": "eval_strategy",
+    "num_warmup_steps": "warmup_steps",
+    "max_train_steps": "max_steps",
+}
+# Keys of base_config that are ours, not TrainingArguments fields.
+OWN_KEYS = {
+    "checkpoints_output_dir": "folder under which the run directory <model>-finetuned-<task>-<data> is made",
+    "max_length": "tokens per example (per block for maskedlm)",
+    "mlm_probability": "maskedlm: share of tokens masked (default 0.15)",
+    "whole_word_mask": "maskedlm: mask whole words instead of single sub-tokens (default false)",
+}
+BASE = "ft_config.train_config.base_config"
+POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epochs")
+# Our defaults where transformers' would surprise a user of a small job: logs every 500 steps, wandb if installed.
+DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None}
+
+
+@lru_cache(maxsize=1)
+def training_argument_fields() -> dict[str, dataclasses.Field]:
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
+    """YAML reads `2e-5` as a string and users write `"true"`; convert by the field's default type."""
+    default = field.default
+    if not isinstance(value, str) or default is dataclasses.MISSING or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("true", "yes", "1"):
+                return True
+            if value.lower() in ("false", "no", "0"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            number = float(value)
+            return int(number) if number.is_integer() else number
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise UserError(f"{BASE}.{name}: expected a {type(default).__name__}, got {value!r}.") from None
+    return value
+
+
+def translate(job: "Job") -> dict[str, Any]:
+    """base_config as TrainingArguments keyword arguments (our own keys left out), checked and converted."""
+    fields = training_argument_fields()
+    kwargs: dict[str, Any] = {}
+    for key, value in job.base_config.items():
+        if key in OWN_KEYS:
+            continue
+        name = SEED_ALIASES.get(key, key)
+        if name not in fields:
+            valid = list(fields) + list(SEED_ALIASES) + list(OWN_KEYS)
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{job.source}: unknown key '{BASE}.{key}'.{hint} base_config takes any "
+                            "transformers.TrainingArguments field and: " + ", ".join(list(SEED_ALIASES) + list(OWN_KEYS)) + ".")
+        if name in kwargs:
+            raise UserError(f"{job.source}: {BASE} sets both '{key}' and '{name}'; they are the same setting, keep one.")
+        kwargs[name] = _coerce(key, value, fields[name])
+    for name in POSITIVE:
+        if name in kwargs and not (isinstance(kwargs[name], int) and kwargs[name] >= 1):
+            raise UserError(f"{BASE}.{name}: must be a whole number of at least 1, got {kwargs[name]!r}.")
+    for name in NON_NEGATIVE:
+        if name in kwargs and not (isinstance(kwargs[name], (int, float)) and kwargs[name] >= 0):
+            raise UserError(f"{BASE}.{name}: must be a number of at least 0, got {kwargs[name]!r}.")
+    return kwargs
+
+
+def run_dir(job: "Job") -> Path:
+    """base_config.output_dir exactly when given, else checkpoints_output_dir/<model>-finetuned-<task>-<data>."""
+    given = job.base_config.get("output_dir")
+    if given:
+        return Path(os.path.expanduser(str(given))).resolve()
+    parent = Path(os.path.expanduser(str(job.base_config.get("checkpoints_output_dir", "finetune_models"))))
+    data = job.data
+    source = data.data_path or data.local_path or data.train_file or "data"
+    name = f"{_slug(job.model.model_id)}-finetuned-{job.task}-{_slug(source)}"
+    if data.subset:
+        name += f"-{_slug(data.subset)}"
+    return (parent / name).resolve()
+
+
+def _slug(value: str) -> str:
+    stem = Path(str(value).rstrip("/\\")).name or str(value)
+    stem = re.sub(r"\.(parquet|jsonl?|csv)$", "", stem)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "x"
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspeed: Optional[str] = None,
+                             has_eval: bool = True):
+    import torch
+    from transformers import TrainingArguments
+
+    kwargs = {**DEFAULTS, **translate(job)}
+    kwargs["output_dir"] = str(output_dir)
+    if deepspeed:
+        kwargs["deepspeed"] = deepspeed
+    if not torch.cuda.is_available():
+        # Without this, launchers start N processes on a CPU machine that each train alone (world size 1).
+        kwargs["use_cpu"] = True
+        if kwargs.get("fp16"):
+            kwargs["fp16"] = False
+            kwargs["bf16"] = cpu_supports_bf16()
+            logger.warning("fp16 is not supported on CPU; training in %s instead.",
+                           "bf16" if kwargs["bf16"] else "fp32")
+    if task.loss_only_eval:
+        kwargs.setdefault("prediction_loss_only", True)
+    if not has_eval:
+        kwargs["eval_strategy"] = "no"
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{job.source}: {BASE}: {str(exc).strip().splitlines()[0]}") from None

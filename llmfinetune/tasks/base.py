@@ -1,0 +1,105 @@
+"""What every task provides to the workflow, and the preprocessing pieces tasks share."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+    from ..config import Job
+
+
+@dataclass
+class Prepared:
+    """Tokenized train/eval splits plus what the model needs to know about the data (labels)."""
+
+    train: "Dataset"
+    eval: "Dataset"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class Task:
+    name: ClassVar[str]
+    model_class: ClassVar[str]  # the transformers Auto class that loads the model for this task
+    peft_task_type: ClassVar[str]
+    # Language-model evals only need the loss; collecting vocabulary-sized logits would exhaust memory.
+    loss_only_eval: ClassVar[bool] = False
+    reports_perplexity: ClassVar[bool] = False
+
+    def prepare(self, splits: "DatasetDict", eval_split: str, tokenizer, job: "Job") -> Prepared:
+        raise NotImplementedError
+
+    def collator(self, tokenizer, job: "Job"):
+        raise NotImplementedError
+
+    def compute_metrics(self, model_kwargs: dict[str, Any]) -> Optional[Callable]:
+        return None
+
+    def preprocess_logits_for_metrics(self, logits, labels):
+        """Keep only the predicted class ids: evaluation then holds ints, not float logits."""
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return logits.argmax(dim=-1)
+
+    def derived_metrics(self, metrics: dict[str, float], prefix: str) -> dict[str, float]:
+        loss = metrics.get(f"{prefix}_loss")
+        if self.reports_perplexity and loss is not None:
+            return {f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
+        return {}
+
+
+def max_length(job: "Job", tokenizer) -> int:
+    requested = job.base_config.get("max_length")
+    limit = tokenizer.model_max_length if tokenizer.model_max_length and tokenizer.model_max_length < 1e6 else None
+    if requested is None:
+        return min(limit or 512, 512)
+    requested = int(requested)
+    if requested <= 0:
+        raise UserError(f"ft_config.train_config.base_config.max_length: must be positive, got {requested}.")
+    if limit and requested > limit:
+        raise UserError(f"ft_config.train_config.base_config.max_length: {requested} exceeds the model's limit of "
+                        f"{limit} tokens.")
+    return requested
+
+
+def clip_words(text: Any, job: "Job") -> Any:
+    """model_config.max_input_words: cut very long inputs before tokenizing them."""
+    limit = job.model.max_input_words
+    if limit and isinstance(text, str):
+        words = text.split()
+        if len(words) > limit:
+            return " ".join(words[:limit])
+    return text
+
+
+def text_columns(job: "Job", default: list[str], columns: list[str]) -> list[str]:
+    if job.data.input_columns:
+        return list(job.data.input_columns)
+    found = [c for c in default if c in columns]
+    if not found:
+        raise UserError(
+            f"ft_config.data_config.input_columns: not set, and none of the usual columns ({', '.join(default)}) "
+            f"exists; columns found: {', '.join(columns)}."
+        )
+    return found[:1]
+
+
+def check_texts(split: "Dataset", columns: list[str], split_name: str) -> None:
+    for column in columns:
+        for row, value in enumerate(split[column]):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                raise UserError(f"split '{split_name}', row {row}: column '{column}' is empty or null; "
+                                "remove the row or fill it in.")
+
+
+def tokenize_splits(splits: dict[str, "Dataset"], function: Callable, description: str, batched: bool = True):
+    """Tokenize each split, dropping raw columns so the Trainer only sees model inputs."""
+    return {
+        name: split.map(function, batched=batched, remove_columns=split.column_names,
+                        desc=f"{description} ({name})")
+        for name, split in splits.items()
+    }

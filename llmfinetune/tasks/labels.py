@@ -1,0 +1,56 @@
+"""Label vocabularies for classification tasks: ints, strings, bools or datasets ClassLabel features."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from ..errors import UserError
+
+
+def label_names(values: Iterable[Any], feature: Any, column: str) -> list[str]:
+    names = getattr(feature, "names", None)
+    if names:
+        return list(names)
+    distinct = {v for v in values if v is not None}
+    if not distinct:
+        raise UserError(f"ft_config.data_config.label_column: column '{column}' has no labels in the train split.")
+    kinds = {type(v) for v in distinct}
+    if kinds <= {int, bool}:
+        return [str(int(v)) for v in sorted(distinct)]
+    if kinds == {str}:
+        ordered = sorted(distinct)
+        if "O" in distinct:  # BIO tag sets read best with the outside tag first
+            ordered = ["O"] + [t for t in ordered if t != "O"]
+        return ordered
+    if kinds <= {float, int} and all(float(v).is_integer() for v in distinct):
+        return [str(int(v)) for v in sorted(distinct)]
+    raise UserError(
+        f"ft_config.data_config.label_column: column '{column}' holds {', '.join(sorted(k.__name__ for k in kinds))} "
+        "values; expected class labels as ints or strings."
+    )
+
+
+def label_lookup(names: list[str], feature: Any) -> dict[Any, int]:
+    """Map every spelling a label may take in the data (int id, int value, string) to its class id."""
+    lookup: dict[Any, int] = {}
+    has_classlabel = bool(getattr(feature, "names", None))
+    for index, name in enumerate(names):
+        lookup[name] = index
+        if has_classlabel:
+            lookup[index] = index
+        else:
+            try:
+                lookup[int(name)] = index
+            except ValueError:
+                pass
+    return lookup
+
+
+def encode_label(value: Any, lookup: dict[Any, int], column: str, split: str, row: int) -> int:
+    key = int(value) if isinstance(value, float) and value.is_integer() else value
+    if isinstance(key, bool):
+        key = int(key)
+    if key not in lookup:
+        known = ", ".join(str(k) for k in list(lookup)[:20])
+        raise UserError(f"split '{split}', row {row}: label {value!r} in column '{column}' is not among the labels "
+                        f"of the train split ({known}).")
+    return lookup[key]

@@ -1,0 +1,75 @@
+"""Sequence classification: one or two text columns and a label column -> AutoModelForSequenceClassification."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..data import require_columns
+from ..errors import UserError
+from .base import Prepared, Task, check_texts, clip_words, max_length, text_columns
+from .labels import encode_label, label_lookup, label_names
+
+
+class SequenceClassification(Task):
+    name = "sequenceclassification"
+    model_class = "AutoModelForSequenceClassification"
+    peft_task_type = "SEQ_CLS"
+
+    def prepare(self, splits, eval_split, tokenizer, job):
+        train = splits["train"]
+        inputs = text_columns(job, ["sentence", "text"], train.column_names)
+        if len(inputs) > 2:
+            raise UserError(f"ft_config.data_config.input_columns: {inputs} names {len(inputs)} columns; sequence "
+                            "classification takes one text column or a pair.")
+        label_column = job.data.label_column or "label"
+        used = {"train": train, eval_split: splits[eval_split]}
+        for name, split in used.items():
+            require_columns(split, inputs, "input_columns", name)
+            require_columns(split, [label_column], "label_column", name)
+            check_texts(split, inputs, name)
+        feature = train.features[label_column]
+        names = label_names(train[label_column], feature, label_column)
+        lookup = label_lookup(names, feature)
+        limit = max_length(job, tokenizer)
+
+        def encode(split_name):
+            def function(batch, indices):
+                texts = [[clip_words(t, job) for t in batch[c]] for c in inputs]
+                encoded = tokenizer(*texts, truncation=True, max_length=limit)
+                encoded["labels"] = [encode_label(v, lookup, label_column, split_name, i)
+                                     for v, i in zip(batch[label_column], indices)]
+                return encoded
+            return function
+
+        tokenized = {
+            name: split.map(encode(name), batched=True, with_indices=True, remove_columns=split.column_names,
+                            desc=f"Tokenizing ({name})")
+            for name, split in used.items()
+        }
+        id2label = dict(enumerate(names))
+        return Prepared(tokenized["train"], tokenized[eval_split],
+                        {"num_labels": len(names), "id2label": id2label,
+                         "label2id": {v: k for k, v in id2label.items()}})
+
+    def collator(self, tokenizer, job):
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
+
+    def compute_metrics(self, model_kwargs):
+        num_labels = model_kwargs["num_labels"]
+
+        def metrics(prediction):
+            predicted = np.asarray(prediction.predictions).reshape(-1)
+            labels = np.asarray(prediction.label_ids).reshape(-1)
+            result = {"accuracy": float((predicted == labels).mean())}
+            classes = [1] if num_labels == 2 else range(num_labels)
+            f1s = []
+            for c in classes:
+                tp = float(((predicted == c) & (labels == c)).sum())
+                fp = float(((predicted == c) & (labels != c)).sum())
+                fn = float(((predicted != c) & (labels == c)).sum())
+                f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+            result["f1"] = float(np.mean(f1s))
+            return result
+
+        return metrics

@@ -1,0 +1,107 @@
+"""The whole fine-tuning job, top to bottom: check, data, tokenizer, model, method, Trainer, train, save, evaluate."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import Job, dump_job
+from .errors import UserError
+from .registry import METHODS, TASKS
+
+logger = logging.getLogger("llmfinetune")
+
+
+def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
+    """Everything that can be known wrong before a model is loaded; returns a summary for `llmfinetune check`."""
+    from . import arguments, data, models
+
+    task = TASKS.get(job.task)
+    method = METHODS.get(job.method)
+    method.check(job)
+    arguments.translate(job)
+    model_path = models.resolve_model(job)
+    summary: dict[str, Any] = {"task": job.task, "method": job.method, "model": model_path,
+                               "output_dir": str(arguments.run_dir(job))}
+    if load_data:
+        splits = data.load_raw_splits(job)
+        summary["splits"] = {name: len(split) for name, split in splits.items()}
+    summary["task_class"] = type(task).__name__
+    return summary
+
+
+def run(job: Job, deepspeed: Optional[str] = None) -> Path:
+    from . import arguments, data, models
+    from .distributed import world
+
+    started = time.time()
+    task = TASKS.get(job.task)
+    method = METHODS.get(job.method)
+    method.check(job)
+    output_dir = arguments.run_dir(job)
+    model_path = models.resolve_model(job)
+    # Built first: under torchrun/accelerate/deepspeed this also sets up the process group.
+    training_args = arguments.build_training_arguments(job, task, output_dir, deepspeed)
+    dist = world()
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_job(job, output_dir / "job.yaml")
+    logger.info("Run directory: %s", output_dir)
+
+    tokenizer = models.load_tokenizer(model_path, job)
+    splits = data.load_raw_splits(job)
+    eval_split = data.eval_split_name(job)
+    with training_args.main_process_first(desc="tokenizing"):  # one process tokenizes, the others read its cache
+        prepared = task.prepare(splits, eval_split, tokenizer, job)
+    logger.info("Data: %d train and %d eval examples (eval split '%s').", len(prepared.train), len(prepared.eval),
+                eval_split)
+
+    model, fresh_modules = models.load_model(model_path, job, task.model_class, prepared.model_kwargs, tokenizer)
+    model = method.wrap(model, job, task, fresh_modules)
+
+    from transformers import Trainer
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        data_collator=task.collator(tokenizer, job),
+        processing_class=tokenizer,
+        compute_metrics=None if task.loss_only_eval else task.compute_metrics(prepared.model_kwargs),
+        preprocess_logits_for_metrics=None if task.loss_only_eval else task.preprocess_logits_for_metrics,
+    )
+    train_result = trainer.train(resume_from_checkpoint=job.base_config.get("resume_from_checkpoint"))
+    train_loss = train_result.metrics.get("train_loss")
+    if train_loss is not None and not math.isfinite(train_loss):
+        raise UserError(f"training diverged: train loss is {train_loss}. Lower learning_rate or check the data.")
+    trainer.save_model(str(output_dir))
+    eval_metrics = trainer.evaluate()
+    eval_metrics.update(task.derived_metrics(eval_metrics, "eval"))
+
+    if dist.is_main:
+        trainer.save_state()
+        metrics = {
+            **train_result.metrics,
+            **eval_metrics,
+            "world_size": dist.world_size,
+            "global_batch_size": training_args.per_device_train_batch_size * dist.world_size
+            * training_args.gradient_accumulation_steps,
+            "train_examples": len(prepared.train),
+            "eval_examples": len(prepared.eval),
+            "wall_seconds": round(time.time() - started, 2),
+        }
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        _log_summary(metrics, output_dir)
+    return output_dir
+
+
+def _log_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+             if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+    logger.info("Final eval: %s", ", ".join(f"{k}={v}" for k, v in shown.items()))
+    logger.info("Model saved to %s", output_dir)
+    print(f"\nDone. Model, checkpoints, job.yaml and metrics.json are in: {output_dir}", flush=True)

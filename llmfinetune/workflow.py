@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,7 +34,15 @@ def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
     return summary
 
 
-def run(job: Job, deepspeed: Optional[str] = None) -> Path:
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+    model: Any  # the trained model as it is in memory (a PeftModel for LoRA)
+    tokenizer: Any
+
+
+def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     from . import arguments, data, models
     from .distributed import world
 
@@ -59,10 +68,11 @@ def run(job: Job, deepspeed: Optional[str] = None) -> Path:
     logger.info("Data: %d train and %d eval examples (eval split '%s').", len(prepared.train), len(prepared.eval),
                 eval_split)
 
+    from transformers import Trainer, set_seed
+
+    set_seed(training_args.seed)  # new heads are initialised while loading: make them reproducible
     model, fresh_modules = models.load_model(model_path, job, task.model_class, prepared.model_kwargs, tokenizer)
     model = method.wrap(model, job, task, fresh_modules)
-
-    from transformers import Trainer
 
     trainer = Trainer(
         model=model,
@@ -81,22 +91,26 @@ def run(job: Job, deepspeed: Optional[str] = None) -> Path:
     trainer.save_model(str(output_dir))
     eval_metrics = trainer.evaluate()
     eval_metrics.update(task.derived_metrics(eval_metrics, "eval"))
-
+    metrics = {
+        **train_result.metrics,
+        **eval_metrics,
+        "world_size": dist.world_size,
+        "global_batch_size": training_args.per_device_train_batch_size * dist.world_size
+        * training_args.gradient_accumulation_steps,
+        "train_examples": len(prepared.train),
+        "eval_examples": len(prepared.eval),
+        "wall_seconds": round(time.time() - started, 2),
+    }
     if dist.is_main:
         trainer.save_state()
-        metrics = {
-            **train_result.metrics,
-            **eval_metrics,
-            "world_size": dist.world_size,
-            "global_batch_size": training_args.per_device_train_batch_size * dist.world_size
-            * training_args.gradient_accumulation_steps,
-            "train_examples": len(prepared.train),
-            "eval_examples": len(prepared.eval),
-            "wall_seconds": round(time.time() - started, 2),
-        }
+        if "id2label" in prepared.model_kwargs:
+            # A LoRA run directory has no config.json (transformers would then look for full weights there), so the
+            # label names live beside the adapter; full runs have them in config.json as well.
+            labels = {"id2label": prepared.model_kwargs["id2label"], "label2id": prepared.model_kwargs["label2id"]}
+            (output_dir / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False), encoding="utf-8")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         _log_summary(metrics, output_dir)
-    return output_dir
+    return RunResult(output_dir, metrics, trainer.model, tokenizer)
 
 
 def _log_summary(metrics: dict[str, Any], output_dir: Path) -> None:

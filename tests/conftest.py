@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random models and small datasets made on the spot, so tests need no hub and no ../shared."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from scripts.make_tiny_models import make_tiny_bert, make_tiny_causal_lm
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {"bert": make_tiny_bert(root / "bert"), "qwen2": make_tiny_causal_lm(root / "qwen2")}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+GOOD = ["great", "lovely", "excellent", "superb", "wonderful"]
+BAD = ["awful", "terrible", "boring", "horrible", "dreadful"]
+NOUNS = ["film", "meal", "hotel", "phone", "book", "concert"]
+
+
+def classification_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        word = rng.choice(GOOD if positive else BAD)
+        rows.append({"text": f"the {rng.choice(NOUNS)} was {word}", "label": "pos" if positive else "neg"})
+    return rows
+
+
+def tagging_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    people, places = ["Anna Berg", "Tom Okafor", "Lea Park"], ["Paris", "New York", "Lima"]
+    rows = []
+    for _ in range(n):
+        person, place = rng.choice(people).split(), rng.choice(places).split()
+        tokens = person + ["flew", "to"] + place + ["."]
+        tags = ["B-PER"] + ["I-PER"] * (len(person) - 1) + ["O", "O", "B-LOC"] + ["I-LOC"] * (len(place) - 1) + ["O"]
+        rows.append({"tokens": tokens, "ner_tags": tags})
+    return rows
+
+
+def text_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.choice(NOUNS + GOOD + BAD) for _ in range(rng.randint(8, 30)))} for _ in range(n)]
+
+
+def sft_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        rows.append({"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
+    return rows
+
+
+TASK_DATA = {
+    "sequenceclassification": (classification_rows, "bert"),
+    "tokenclassification": (tagging_rows, "bert"),
+    "maskedlm": (text_rows, "bert"),
+    "text-generation": (sft_rows, "qwen2"),
+}
+
+
+def make_dataset(folder: Path, task: str, train_rows: int = 48, eval_rows: int = 16) -> Path:
+    rows = TASK_DATA[task][0]
+    write_jsonl(folder / "train.jsonl", rows(train_rows, 1))
+    write_jsonl(folder / "validation.jsonl", rows(eval_rows, 2))
+    return folder
+
+
+def job_dict(task: str, method: str, model: Path, data: Path, output_dir: Path, **base) -> dict:
+    config = {
+        "model_config": {"model_id": str(model)},
+        "ft_config": {
+            "ft_task": task,
+            "ft_method": method,
+            "data_config": {"local_path": str(data)},
+            "train_config": {
+                "base_config": {
+                    "output_dir": str(output_dir),
+                    "max_steps": 4,
+                    "per_device_train_batch_size": 4,
+                    "per_device_eval_batch_size": 8,
+                    "learning_rate": 5e-3,
+                    "max_length": 64,
+                    "save_steps": 2,
+                    **base,
+                }
+            },
+        },
+    }
+    if method == "lora":
+        config["ft_config"]["train_config"]["lora_config"] = {"r": 4, "lora_alpha": 8}
+    return config

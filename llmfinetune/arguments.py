@@ -42,6 +42,9 @@ NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epoc
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None}
 
 
+_KIND = {bool: "true or false", int: "a whole number", float: "a number"}
+
+
 @lru_cache(maxsize=1)
 def training_argument_fields() -> dict[str, dataclasses.Field]:
     from transformers import TrainingArguments
@@ -67,7 +70,7 @@ def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise UserError(f"{BASE}.{name}: expected a {type(default).__name__}, got {value!r}.") from None
+        raise UserError(f"{BASE}.{name}: expected {_KIND[type(default)]}, got {value!r}.") from None
     return value
 
 
@@ -75,6 +78,7 @@ def translate(job: "Job") -> dict[str, Any]:
     """base_config as TrainingArguments keyword arguments (our own keys left out), checked and converted."""
     fields = training_argument_fields()
     kwargs: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in job.base_config.items():
         if key in OWN_KEYS:
             continue
@@ -86,13 +90,15 @@ def translate(job: "Job") -> dict[str, Any]:
             raise UserError(f"{job.source}: unknown key '{BASE}.{key}'.{hint} base_config takes any "
                             "transformers.TrainingArguments field and: " + ", ".join(list(SEED_ALIASES) + list(OWN_KEYS)) + ".")
         if name in kwargs:
-            raise UserError(f"{job.source}: {BASE} sets both '{key}' and '{name}'; they are the same setting, keep one.")
+            raise UserError(f"{job.source}: {BASE} sets both '{spelled[name]}' and '{key}'; they are the same "
+                            "setting, keep one.")
+        spelled[name] = key
         kwargs[name] = _coerce(key, value, fields[name])
     for name in POSITIVE:
-        if name in kwargs and not (isinstance(kwargs[name], int) and kwargs[name] >= 1):
+        if name in kwargs and (isinstance(kwargs[name], bool) or not (isinstance(kwargs[name], int) and kwargs[name] >= 1)):
             raise UserError(f"{BASE}.{name}: must be a whole number of at least 1, got {kwargs[name]!r}.")
     for name in NON_NEGATIVE:
-        if name in kwargs and not (isinstance(kwargs[name], (int, float)) and kwargs[name] >= 0):
+        if name in kwargs and (isinstance(kwargs[name], bool) or not (isinstance(kwargs[name], (int, float)) and kwargs[name] >= 0)):
             raise UserError(f"{BASE}.{name}: must be a number of at least 0, got {kwargs[name]!r}.")
     return kwargs
 

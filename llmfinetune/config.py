@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -238,15 +239,18 @@ def dump_job(job: Job, path: Path) -> None:
     path.write_text(yaml.safe_dump(redact(job.to_dict()), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-_SECRET_KEYS = ("token", "password", "secret", "api_key")
+# Whole-word matches only: pad_token, add_special_tokens or include_tokens_per_second are settings, not secrets.
+_SECRET_KEY = re.compile(r"(^|[_-])(token|password|passwd|secret|api[_-]?key|access[_-]?key)$", re.IGNORECASE)
+_TOKENIZER_TOKENS = {"pad_token", "eos_token", "bos_token", "unk_token", "mask_token", "sep_token", "cls_token"}
+
+
+def _is_secret(key: Any) -> bool:
+    return str(key) not in _TOKENIZER_TOKENS and bool(_SECRET_KEY.search(str(key)))
 
 
 def redact(value: Any) -> Any:
     if isinstance(value, dict):
-        return {
-            k: ("<redacted>" if any(s in str(k).lower() for s in _SECRET_KEYS) and v else redact(v))
-            for k, v in value.items()
-        }
+        return {k: ("<redacted>" if _is_secret(k) and v else redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

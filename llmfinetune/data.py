@@ -129,25 +129,70 @@ def _load_file(path: Path) -> Dataset:
         raise UserError(f"{path}: file is empty.")
     if kind == "json":
         _check_json_file(path)
+    elif kind == "csv":
+        _check_utf8(path)
+    if not _has_rows(path, kind):
+        raise UserError(f"{path}: has no rows; a split needs at least one.")
     try:
         if kind == "parquet":
             return Dataset.from_parquet(str(path))
         if kind == "csv":
             return Dataset.from_csv(str(path))
         return Dataset.from_json(str(path))
-    except UserError:
-        raise
     except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
-        raise UserError(f"{path}: could not read as {kind}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            raise UserError(f"{path}: not UTF-8 text ({cause.reason} at byte {cause.start}).") from None
+        raise UserError(f"{path}: could not read as {kind}: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0][:300] if str(cause) else ''}") from exc
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """datasets wraps the real reason (e.g. a UnicodeDecodeError) in a generic DatasetGenerationError."""
+    seen = set()
+    while id(exc) not in seen and (exc.__cause__ or exc.__context__):
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _has_rows(path: Path, kind: str) -> bool:
+    if kind == "parquet":
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.ParquetFile(path).metadata.num_rows > 0
+        except Exception:
+            return True  # unreadable: let the loader name the problem
+    with path.open("rb") as handle:
+        lines = (line for line in handle if line.strip())
+        if kind == "csv":
+            next(lines, None)  # the header
+        return next(lines, None) is not None
+
+
+def _check_utf8(path: Path) -> None:
+    """datasets logs a CSV's decode error and raises a generic one; say it plainly, with the byte offset."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {offset + exc.start}).") from None
+            offset += len(chunk)
 
 
 def _check_json_file(path: Path) -> None:
     """Name the exact line of a malformed JSON-lines file; pyarrow only says 'JSON parse error'."""
     with path.open("rb") as handle:
-        head = handle.read(1).lstrip()
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if head == b"[":
         return  # one JSON array; pyarrow reports it well enough
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
+    with path.open("r", encoding="utf-8-sig", errors="strict") as handle:
         try:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():

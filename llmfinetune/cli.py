@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = job_command("run-ft", "train the model the job file describes")
     run.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config file (as passed by the deepspeed launcher)")
+    run.add_argument("--nproc", type=int, default=None, metavar="N",
+                     help="train in N local processes (torchrun); default: scaling_config.num_workers")
     # Launchers append these; accept both spellings.
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     job_command("check", "validate a job file (keys, data files, model) without training")
@@ -79,6 +81,18 @@ def _dispatch(args) -> int:
         for key, value in summary.items():
             print(f"  {key}: {value}")
         return 0
+    from .launch import spawn_local_workers, under_launcher
+
+    nproc = args.nproc if args.nproc is not None else job.scaling_config.num_workers
+    if nproc < 1:
+        raise UserError(f"--nproc: expected at least 1, got {nproc}.")
+    if nproc > 1 and not under_launcher():
+        worker_args = ["run-ft", f"--ft={args.ft}", *args.overrides, "--nproc=1"]
+        if args.deepspeed:
+            worker_args.append(f"--deepspeed={args.deepspeed}")
+        if args.debug:
+            worker_args.append("--debug")
+        return spawn_local_workers(nproc, worker_args)
     from .workflow import run
 
     run(job, deepspeed=args.deepspeed)

@@ -45,6 +45,7 @@ class RunResult:
 def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     from . import arguments, data, models
     from .distributed import world
+    from .launch import check_launch
 
     started = time.time()
     task = TASKS.get(job.task)
@@ -55,6 +56,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     # Built first: under torchrun/accelerate/deepspeed this also sets up the process group.
     training_args = arguments.build_training_arguments(job, task, output_dir, deepspeed)
     dist = world()
+    check_launch(dist.world_size)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_job(job, output_dir / "job.yaml")

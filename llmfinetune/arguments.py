@@ -39,7 +39,8 @@ BASE = "ft_config.train_config.base_config"
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epochs")
 # Our defaults where transformers' would surprise a user of a small job: logs every 500 steps, wandb if installed.
-DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None}
+DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
+            "include_num_input_tokens_seen": "non_padding"}
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number"}

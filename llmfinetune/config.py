@@ -235,8 +235,23 @@ def describe_validation_error(exc: ValidationError, source: Path | None) -> str:
 
 
 def dump_job(job: Job, path: Path) -> None:
-    """The resolved job, with secrets removed, so the run can be reproduced from its own directory."""
-    path.write_text(yaml.safe_dump(redact(job.to_dict()), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    """The resolved job, with secrets removed and input paths made absolute, so the run can be reproduced (and
+    `predict`/`eval`/`export` find the base model and data) from the run directory alone."""
+    record = job.to_dict()
+    data = record["ft_config"]["data_config"]
+    for key in ("local_path", "train_file", "validation_file", "data_path"):
+        data[key] = _absolute_if_exists(job, data[key], key)
+    record["model_config"]["model_id"] = _absolute_if_exists(job, record["model_config"]["model_id"], "model_id")
+    path.write_text(yaml.safe_dump(redact(record), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _absolute_if_exists(job: Job, value: Optional[str], key: str) -> Optional[str]:
+    if not value:
+        return value
+    try:
+        return str(job.resolve_input_path(value, key))
+    except UserError:
+        return value  # a hub id
 
 
 # Whole-word matches only: pad_token, add_special_tokens or include_tokens_per_second are settings, not secrets.

@@ -111,8 +111,26 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
             labels = {"id2label": prepared.model_kwargs["id2label"], "label2id": prepared.model_kwargs["label2id"]}
             (output_dir / "labels.json").write_text(json.dumps(labels, indent=2, ensure_ascii=False), encoding="utf-8")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        _write_report(output_dir, trainer)
         _log_summary(metrics, output_dir)
     return RunResult(output_dir, metrics, trainer.model, tokenizer)
+
+
+def _write_report(output_dir: Path, trainer) -> None:
+    """report.png and report.md; a plotting problem must never fail a finished training run."""
+    import sys
+
+    from .report import peak_rss_mib, write_report
+
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    extra = {"trainable_parameters": trainable, "total_parameters": total, "peak_rss_mib": peak_rss_mib(),
+             "train_tokens": trainer.state.num_input_tokens_seen or None,
+             "command": " ".join(["llmfinetune", *sys.argv[1:]]) if sys.argv[1:2] == ["run-ft"] else None}
+    try:
+        write_report(output_dir, extra)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("Could not write the run report: %s", exc)
 
 
 def _log_summary(metrics: dict[str, Any], output_dir: Path) -> None:

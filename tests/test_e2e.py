@@ -62,7 +62,7 @@ def test_task_method_trains_and_reloads(task, method, tiny_models, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
     assert metrics["world_size"] == 1 and metrics["global_batch_size"] == 4
-    for name in ("job.yaml", "trainer_state.json", "checkpoint-2", "checkpoint-4"):
+    for name in ("job.yaml", "trainer_state.json", "checkpoint-2", "checkpoint-4", "report.png", "report.md"):
         assert (out / name).exists(), name
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4

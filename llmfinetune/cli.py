@@ -87,7 +87,7 @@ def _dispatch(args) -> int:
     if nproc < 1:
         raise UserError(f"--nproc: expected at least 1, got {nproc}.")
     if nproc > 1 and not under_launcher():
-        worker_args = ["run-ft", f"--ft={args.ft}", *args.overrides, "--nproc=1"]
+        worker_args = ["run-ft", f"--ft={args.ft}", *args.overrides]  # workers see LOCAL_RANK: no respawn
         if args.deepspeed:
             worker_args.append(f"--deepspeed={args.deepspeed}")
         if args.debug:

@@ -74,6 +74,10 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
 
     set_seed(training_args.seed)  # new heads are initialised while loading: make them reproducible
     model, fresh_modules = models.load_model(model_path, job, task.model_class, prepared.model_kwargs, tokenizer)
+    if not task.loss_sums_over_items:
+        # BERT-style heads average their own loss yet accept **kwargs, so Trainer would multiply that average by
+        # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
+        model.accepts_loss_kwargs = False
     model = method.wrap(model, job, task, fresh_modules)
 
     trainer = Trainer(

@@ -29,6 +29,9 @@ class Task:
     # Language-model evals only need the loss; collecting vocabulary-sized logits would exhaust memory.
     loss_only_eval: ClassVar[bool] = False
     reports_perplexity: ClassVar[bool] = False
+    # Whether the model's loss divides by the item count Trainer passes (num_items_in_batch), as the causal-LM loss
+    # functions of transformers do; classification and masked-LM heads take a plain mean instead.
+    loss_sums_over_items: ClassVar[bool] = False
 
     def prepare(self, splits: "DatasetDict", eval_split: str, tokenizer, job: "Job") -> Prepared:
         raise NotImplementedError

@@ -33,6 +33,7 @@ class CausalLM(Task):
     peft_task_type = "CAUSAL_LM"
     loss_only_eval = True
     reports_perplexity = True
+    loss_sums_over_items = True
 
     def prepare(self, splits, eval_split, tokenizer, job):
         if tokenizer.eos_token_id is None:

@@ -34,13 +34,16 @@ OWN_KEYS = {
     "max_length": "tokens per example (per block for maskedlm)",
     "mlm_probability": "maskedlm: share of tokens masked (default 0.15)",
     "whole_word_mask": "maskedlm: mask whole words instead of single sub-tokens (default false)",
+    "resume_from_checkpoint": "true: continue from the newest complete checkpoint of the run directory; or a path",
 }
 BASE = "ft_config.train_config.base_config"
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epochs")
 # Our defaults where transformers' would surprise a user of a small job: logs every 500 steps, wandb if installed.
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
-            "include_num_input_tokens_seen": "non_padding"}
+            "include_num_input_tokens_seen": "non_padding",
+            # Log NaN/inf losses as they are (transformers' default hides them) so the run stops on them.
+            "logging_nan_inf_filter": False}
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number"}

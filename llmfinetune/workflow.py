@@ -72,6 +72,8 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
 
     from transformers import Trainer, set_seed
 
+    from .checkpoints import MarkCompleteCheckpoints, StopOnNonFiniteLoss, resume_point
+
     set_seed(training_args.seed)  # new heads are initialised while loading: make them reproducible
     model, fresh_modules = models.load_model(model_path, job, task.model_class, prepared.model_kwargs, tokenizer)
     if not task.loss_sums_over_items:
@@ -89,11 +91,20 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         processing_class=tokenizer,
         compute_metrics=None if task.loss_only_eval else task.compute_metrics(prepared.model_kwargs),
         preprocess_logits_for_metrics=None if task.loss_only_eval else task.preprocess_logits_for_metrics,
+        callbacks=[MarkCompleteCheckpoints(), nan_guard := StopOnNonFiniteLoss()],
     )
-    train_result = trainer.train(resume_from_checkpoint=job.base_config.get("resume_from_checkpoint"))
+    resume = resume_point(job.base_config.get("resume_from_checkpoint"), output_dir)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     train_loss = train_result.metrics.get("train_loss")
-    if train_loss is not None and not math.isfinite(train_loss):
-        raise UserError(f"training diverged: train loss is {train_loss}. Lower learning_rate or check the data.")
+    if nan_guard.bad_step is not None or (train_loss is not None and not math.isfinite(train_loss)):
+        from .checkpoints import complete_checkpoints
+
+        kept = complete_checkpoints(output_dir)
+        raise UserError(
+            f"training diverged: the loss became {nan_guard.bad_value or train_loss} at step "
+            f"{nan_guard.bad_step or trainer.state.global_step}; the model was not saved. Last good checkpoint: "
+            f"{kept[-1] if kept else 'none'}. Lower learning_rate, set max_grad_norm, or check the data."
+        )
     trainer.save_model(str(output_dir))
     eval_metrics = trainer.evaluate()
     eval_metrics.update(task.derived_metrics(eval_metrics, "eval"))

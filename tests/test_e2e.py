@@ -90,3 +90,17 @@ def test_task_method_trains_and_reloads(task, method, tiny_models, tmp_path):
         labels = json.loads((out / "labels.json").read_text())["id2label"]
         assert sorted(labels.values()) == (["neg", "pos"] if task == "sequenceclassification"
                                            else ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"])
+
+
+def test_non_finite_loss_stops_the_run_and_names_the_step(tiny_models, tmp_path):
+    from llmfinetune.errors import UserError
+
+    data = make_dataset(tmp_path / "data", "sequenceclassification")
+    out = tmp_path / "run"
+    # Adam moves every weight by ~lr per step: at 1e30 the logits overflow within a few steps.
+    job = parse_job(job_dict("sequenceclassification", "full", tiny_models["bert"], data, out, max_steps=20,
+                             learning_rate=1e30, logging_steps=1, save_steps=1))
+    with pytest.raises(UserError, match=r"training diverged: the loss became (nan|inf) at step \d+.*Last good checkpoint: "):
+        run(job)
+    assert not (out / "model.safetensors").exists(), "a diverged model must not be saved as the result"
+    assert not (out / "metrics.json").exists()

@@ -59,6 +59,9 @@ def training_argument_fields() -> dict[str, dataclasses.Field]:
 def _coerce(name: str, value: Any, field: dataclasses.Field) -> Any:
     """YAML reads `2e-5` as a string and users write `"true"`; convert by the field's default type."""
     default = field.default
+    if isinstance(value, bool) and isinstance(default, str) and not isinstance(default, bool):
+        # YAML 1.1 reads an unquoted `no` as false: `save_strategy: no` means the string "no".
+        return "no" if value is False else value
     if not isinstance(value, str) or default is dataclasses.MISSING or default is None:
         return value
     try:

@@ -35,10 +35,31 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--deepspeed", metavar="JSON", help="DeepSpeed config file (as passed by the deepspeed launcher)")
     run.add_argument("--nproc", type=int, default=None, metavar="N",
                      help="train in N local processes (torchrun); default: scaling_config.num_workers")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest complete checkpoint in the run directory")
     # Launchers append these; accept both spellings.
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     job_command("check", "validate a job file (keys, data files, model) without training")
+    from . import evaluate, export, inference  # after training; argument definitions only, torch loads on use
+
+    for module in (inference, evaluate, export):
+        module.add_command(commands)
+    report = commands.add_parser("report", help="(re)write report.png and report.md of a run directory",
+                                 description="(re)write report.png and report.md of a run directory")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--debug", action="store_true", help="show full tracebacks")
+    report.set_defaults(handler=_report)
     return parser
+
+
+def _report(args) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+
+    png, markdown = write_report(Path(args.run_dir))
+    print(f"Wrote {png} and {markdown}")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -70,9 +91,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if getattr(args, "handler", None) is not None:  # predict, eval, export: they read RUN_DIR/job.yaml themselves
+        return args.handler(args)
     from .config import load_job
 
-    job = load_job(args.ft, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "resume", False):
+        overrides.append("ft_config.train_config.base_config.resume_from_checkpoint=true")
+    job = load_job(args.ft, overrides)
     if args.command == "check":
         from .workflow import check_job
 
@@ -87,7 +113,7 @@ def _dispatch(args) -> int:
     if nproc < 1:
         raise UserError(f"--nproc: expected at least 1, got {nproc}.")
     if nproc > 1 and not under_launcher():
-        worker_args = ["run-ft", f"--ft={args.ft}", *args.overrides]  # workers see LOCAL_RANK: no respawn
+        worker_args = ["run-ft", f"--ft={args.ft}", *overrides]  # workers see LOCAL_RANK: no respawn
         if args.deepspeed:
             worker_args.append(f"--deepspeed={args.deepspeed}")
         if args.debug:

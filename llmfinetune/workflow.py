@@ -106,6 +106,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
             f"{kept[-1] if kept else 'none'}. Lower learning_rate, set max_grad_norm, or check the data."
         )
     trainer.save_model(str(output_dir))
+    set_seed(training_args.seed)  # random masks (maskedlm) must not depend on where training left the RNG
     eval_metrics = trainer.evaluate()
     eval_metrics.update(task.derived_metrics(eval_metrics, "eval"))
     metrics = {

@@ -49,7 +49,6 @@ def translate_error(tmp_path, base: dict) -> str:
     ("logging_first_step", True),
     ("dataloader_num_workers", 2),
     ("eval_steps", 5),
-    ("resume_from_checkpoint", "somewhere/checkpoint-5"),
     ("adam_beta2", 0.98),
 ])
 def test_any_training_arguments_field_passes_through(tmp_path, key, value):
@@ -253,3 +252,11 @@ def test_parse_job_without_source_still_translates():
     raw = {"model_config": {"model_id": "m"},
            "ft_config": {"ft_task": "maskedlm", "data_config": {}, "train_config": {"base_config": {"seed": 3}}}}
     assert translate(parse_job(copy.deepcopy(raw))) == {"seed": 3}
+
+
+@pytest.mark.parametrize("key", ["save_strategy", "eval_strategy", "logging_strategy"])
+def test_unquoted_no_is_the_string_no(tmp_path, key):
+    from llmfinetune.arguments import translate
+
+    job = make_job(tmp_path, {key: False})  # what YAML makes of `save_strategy: no`
+    assert translate(job)[key] == "no"

@@ -218,7 +218,9 @@ def curves(run: RunData) -> Curves:
     summary: dict[str, Any] = {}
     for entry in run.log:
         step = entry.get("step")
-        if "train_runtime" in entry or "train_loss" in entry:
+        # Only the end-of-training summary has train_loss; with include_num_input_tokens_seen every per-step log
+        # also carries train_runtime, so that key cannot tell them apart.
+        if "train_loss" in entry:
             summary = entry
             continue
         if "eval_loss" in entry or any(k.startswith("eval_") and k not in _EVAL_TIMING for k in entry):

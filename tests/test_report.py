@@ -179,3 +179,20 @@ def test_not_a_run_directory(tmp_path):
 
 def test_peak_rss_mib():
     assert 1.0 < peak_rss_mib() < 1024 * 1024
+
+
+def test_per_step_logs_with_token_counts_are_curves_not_the_summary(tmp_path):
+    """With include_num_input_tokens_seen every per-step log carries train_runtime too (as the real workflow logs)."""
+    from llmfinetune.report import curves, load_run
+
+    run_dir = classification_run(tmp_path)
+    state_file = run_dir / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for entry in state["log_history"]:
+        if "loss" in entry:
+            entry.update({"num_input_tokens_seen": 1000 * entry["step"], "train_runtime": entry["step"] / 2,
+                          "train_tokens_per_second": 2000.0})
+    state_file.write_text(json.dumps(state))
+    c = curves(load_run(run_dir))
+    assert len(c.train_loss.steps) == 6 and len(c.learning_rate.steps) == 6
+    assert len(c.eval_loss.steps) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import UserError
 
@@ -192,7 +192,13 @@ def _check_json_file(path: Path) -> None:
         head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
     if head == b"[":
         return  # one JSON array; pyarrow reports it well enough
-    with path.open("r", encoding="utf-8-sig", errors="strict") as handle:
+    for _ in read_jsonl(path):
+        pass
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for every non-blank line; a malformed line is an error naming it."""
+    with path.open("r", encoding="utf-8-sig") as handle:
         try:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -203,6 +209,7 @@ def _check_json_file(path: Path) -> None:
                     raise UserError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno}).") from None
                 if not isinstance(row, dict):
                     raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
+                yield number, row
         except UnicodeDecodeError as exc:
             raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
 

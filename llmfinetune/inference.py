@@ -12,8 +12,9 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
+from .data import read_jsonl
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -578,25 +579,6 @@ def _options(args, job: "Job") -> Options:
             raise UserError(f"{name}: must be {expected}, got {value}.")
     return Options(batch_size=batch_size, top_k=args.top_k or 5, max_new_tokens=args.max_new_tokens or 64,
                    temperature=args.temperature, top_p=args.top_p, do_sample=args.do_sample)
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, row) for every non-blank line; a malformed line is an error naming it."""
-    with path.open("r", encoding="utf-8-sig") as handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{number}: malformed JSON line ({exc.msg} at column {exc.colno})."
-                                    ) from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}.")
-                yield number, row
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
 
 
 def predict_file(predictor: Predictor, path: Path, out, batch_size: int) -> int:

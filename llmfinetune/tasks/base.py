@@ -97,12 +97,3 @@ def check_texts(split: "Dataset", columns: list[str], split_name: str) -> None:
             if value is None or (isinstance(value, str) and not value.strip()):
                 raise UserError(f"split '{split_name}', row {row}: column '{column}' is empty or null; "
                                 "remove the row or fill it in.")
-
-
-def tokenize_splits(splits: dict[str, "Dataset"], function: Callable, description: str, batched: bool = True):
-    """Tokenize each split, dropping raw columns so the Trainer only sees model inputs."""
-    return {
-        name: split.map(function, batched=batched, remove_columns=split.column_names,
-                        desc=f"{description} ({name})")
-        for name, split in splits.items()
-    }

@@ -1,7 +1,7 @@
 """Label vocabularies for classification tasks: ints, strings, bools or datasets ClassLabel features."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import UserError
 
@@ -54,3 +54,17 @@ def encode_label(value: Any, lookup: dict[Any, int], column: str, split: str, ro
         raise UserError(f"split '{split}', row {row}: label {value!r} in column '{column}' is not among the labels "
                         f"of the train split ({known}).")
     return lookup[key]
+
+
+def prepare_classification(used: dict, encode: Callable[[str], Callable], names: list[str], eval_split: str):
+    """Tokenize each split with its row indices (so label errors name the row) and attach the label maps."""
+    from .base import Prepared
+
+    tokenized = {
+        name: split.map(encode(name), batched=True, with_indices=True, remove_columns=split.column_names,
+                        desc=f"Tokenizing ({name})")
+        for name, split in used.items()
+    }
+    id2label = dict(enumerate(names))
+    return Prepared(tokenized["train"], tokenized[eval_split],
+                    {"num_labels": len(names), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}})

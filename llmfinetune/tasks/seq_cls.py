@@ -5,8 +5,8 @@ import numpy as np
 
 from ..data import require_columns
 from ..errors import UserError
-from .base import Prepared, Task, check_texts, clip_words, max_length, text_columns
-from .labels import encode_label, label_lookup, label_names
+from .base import Task, check_texts, clip_words, max_length, text_columns
+from .labels import encode_label, label_lookup, label_names, prepare_classification
 
 
 class SequenceClassification(Task):
@@ -40,15 +40,7 @@ class SequenceClassification(Task):
                 return encoded
             return function
 
-        tokenized = {
-            name: split.map(encode(name), batched=True, with_indices=True, remove_columns=split.column_names,
-                            desc=f"Tokenizing ({name})")
-            for name, split in used.items()
-        }
-        id2label = dict(enumerate(names))
-        return Prepared(tokenized["train"], tokenized[eval_split],
-                        {"num_labels": len(names), "id2label": id2label,
-                         "label2id": {v: k for k, v in id2label.items()}})
+        return prepare_classification(used, encode, names, eval_split)
 
     def collator(self, tokenizer, job):
         from transformers import DataCollatorWithPadding

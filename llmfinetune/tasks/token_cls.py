@@ -6,8 +6,8 @@ import numpy as np
 
 from ..data import require_columns
 from ..errors import UserError
-from .base import Prepared, Task, max_length, text_columns
-from .labels import encode_label, label_lookup, label_names
+from .base import Task, max_length, text_columns
+from .labels import encode_label, label_lookup, label_names, prepare_classification
 
 TAG_COLUMN_GUESSES = ["label", "ner_tags", "tags", "labels"]
 
@@ -56,15 +56,7 @@ class TokenClassification(Task):
                 return encoded
             return function
 
-        tokenized = {
-            name: split.map(encode(name), batched=True, with_indices=True, remove_columns=split.column_names,
-                            desc=f"Tokenizing ({name})")
-            for name, split in used.items()
-        }
-        id2label = dict(enumerate(names))
-        return Prepared(tokenized["train"], tokenized[eval_split],
-                        {"num_labels": len(names), "id2label": id2label,
-                         "label2id": {v: k for k, v in id2label.items()}})
+        return prepare_classification(used, encode, names, eval_split)
 
     def collator(self, tokenizer, job):
         from transformers import DataCollatorForTokenClassification

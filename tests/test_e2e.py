@@ -104,3 +104,17 @@ def test_non_finite_loss_stops_the_run_and_names_the_step(tiny_models, tmp_path)
         run(job)
     assert not (out / "model.safetensors").exists(), "a diverged model must not be saved as the result"
     assert not (out / "metrics.json").exists()
+
+
+def test_tensorboard_logs_when_report_to_asks(tiny_models, tmp_path):
+    pytest.importorskip("tensorboard")
+    data = make_dataset(tmp_path / "data", "sequenceclassification")
+    out = tmp_path / "run"
+    run(parse_job(job_dict("sequenceclassification", "lora", tiny_models["bert"], data, out, report_to="tensorboard",
+                           logging_steps=1)))
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {out}"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert "train/loss" in tags, tags

@@ -130,6 +130,19 @@ def _slug(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-") or "x"
 
 
+def _deepspeed_config(job: "Job", value: str) -> str:
+    path = Path(os.path.expanduser(value))
+    if not path.is_file():
+        raise UserError(f"--deepspeed: DeepSpeed config file {path.resolve()} not found.")
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--deepspeed: {path} is not valid JSON ({exc}).") from None
+    return str(path.resolve())
+
+
 def cpu_supports_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -146,7 +159,13 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     kwargs = {**DEFAULTS, **translate(job)}
     kwargs["output_dir"] = str(output_dir)
     if deepspeed:
-        kwargs["deepspeed"] = deepspeed
+        kwargs["deepspeed"] = _deepspeed_config(job, deepspeed)
+    if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # On CPU, DeepSpeed must own the gloo process group before TrainingArguments sizes the batch; otherwise
+        # ZeRO-3 fails its batch check (train_batch_size != micro x accumulation x world).
+        import deepspeed as deepspeed_module
+
+        deepspeed_module.init_distributed(dist_backend="gloo")
     if not torch.cuda.is_available():
         # Without this, launchers start N processes on a CPU machine that each train alone (world size 1).
         kwargs["use_cpu"] = True

@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Example: llmfinetune run-ft --ft=models/ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    # The deepspeed launcher puts --local_rank=N before the command name.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -74,6 +74,9 @@ def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Opt
 
 
 def main(args) -> int:
-    metrics = evaluate_run(args.model, args.ft, args.overrides, args.split, args.device)
+    from .inference import library_output_to_stderr
+
+    with library_output_to_stderr():  # stdout carries the metrics JSON only
+        metrics = evaluate_run(args.model, args.ft, args.overrides, args.split, args.device)
     print(json.dumps(metrics, indent=2), flush=True)
     return 0

@@ -539,7 +539,8 @@ def main(args) -> int:
                                            and len(job.data.input_columns or []) == 2):
         raise UserError(f"--text-pair: {run_dir} was not trained on text pairs ({job.task}, input_columns: "
                         f"{job.data.input_columns}); give --text only.")
-    run = load_run(args.model, device=args.device, located=located)
+    with library_output_to_stderr():  # stdout carries the JSON lines only
+        run = load_run(args.model, device=args.device, located=located)
     predictor = PREDICTORS[job.task](run, options)
     if args.text is not None:
         row = {"text": args.text, **({"text_pair": args.text_pair} if args.text_pair is not None else {})}
@@ -552,6 +553,15 @@ def main(args) -> int:
     if args.output:
         logger.info("Predictions written to %s", args.output)
     return 0
+
+
+def library_output_to_stderr():
+    """Some libraries print to stdout on import (DeepSpeed's accelerator notice, via transformers); commands whose
+    stdout is data send that chatter to stderr."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _options(args, job: "Job") -> Options:

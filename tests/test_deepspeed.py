@@ -1,0 +1,106 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU (gloo), through the deepspeed launcher and through accelerate, with the seed's
+deepspeed.json ("auto" everywhere). Saved models load with plain transformers/peft and reproduce the run's eval."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, job_dict, make_dataset
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+       "TOKENIZERS_PARALLELISM": "false"}
+SEED_DEEPSPEED = {  # the seed README's deepspeed.json
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 5e8,
+                          "reduce_scatter": True, "reduce_bucket_size": 5e8, "overlap_comm": False,
+                          "contiguous_gradients": True},
+}
+
+
+def _setup(tmp_path, tiny_models, method: str, stage: int):
+    data = make_dataset(tmp_path / "data", "sequenceclassification", train_rows=64, eval_rows=16)
+    out = tmp_path / "run"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict("sequenceclassification", method, tiny_models["bert"], data, out)))
+    config = json.loads(json.dumps(SEED_DEEPSPEED))
+    if stage == 3:
+        config["zero_optimization"] = {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
+                                       "stage3_gather_16bit_weights_on_model_save": True}
+    ds = tmp_path / "deepspeed.json"
+    ds.write_text(json.dumps(config))
+    return job, ds, out
+
+
+def _run(command):
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _eval_reproduces(out):
+    """The saved weights are the trained ones: evaluating them again gives the run's own final eval loss."""
+    trained = json.loads((out / "metrics.json").read_text())
+    result = _run([sys.executable, "-m", "llmfinetune", "eval", "--model", str(out)])
+    again = json.loads(result.stdout)
+    assert again["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_launcher_full_fine_tuning(tmp_path, tiny_models, stage):
+    job, ds, out = _setup(tmp_path, tiny_models, "full", stage)
+    _run([shutil.which("deepspeed"), "--num_gpus", "2", "llm_finetune.py", "run-ft", f"--ft={job}",
+          "--deepspeed", str(ds)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
+    assert (out / "checkpoint-4" / "global_step4").is_dir(), "no DeepSpeed checkpoint: DeepSpeed was not used"
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights and all(t.numel() > 0 for t in weights.values()), "ZeRO-3 saved empty (partitioned) tensors"
+    AutoModelForSequenceClassification.from_pretrained(out)
+    _eval_reproduces(out)
+
+
+def test_deepspeed_zero3_lora_saves_a_non_empty_adapter(tmp_path, tiny_models):
+    job, ds, out = _setup(tmp_path, tiny_models, "lora", 3)
+    _run([shutil.which("deepspeed"), "--num_gpus", "2", "llm_finetune.py", "run-ft", f"--ft={job}",
+          "--deepspeed", str(ds)])
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    lora = {k: t for k, t in adapter.items() if "lora_" in k}
+    assert lora and all(t.numel() > 0 for t in lora.values()), "empty LoRA adapter saved under ZeRO-3"
+    assert any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k)
+    _eval_reproduces(out)
+
+
+def test_accelerate_with_a_deepspeed_zero3_config_file(tmp_path, tiny_models):
+    job, _, out = _setup(tmp_path, tiny_models, "full", 3)
+    accelerate_config = tmp_path / "default_config.yaml"
+    accelerate_config.write_text(yaml.safe_dump({  # the seed's "Case 1" config, mixed precision off for CPU
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"deepspeed_multinode_launcher": "standard", "gradient_accumulation_steps": 1,
+                             "gradient_clipping": 1.0, "offload_optimizer_device": "none",
+                             "offload_param_device": "none", "zero3_init_flag": True,
+                             "zero3_save_16bit_model": True, "zero_stage": 3},
+        "mixed_precision": "no", "num_machines": 1, "num_processes": 2, "machine_rank": 0,
+        "main_process_port": 29633, "use_cpu": False, "rdzv_backend": "static", "same_network": True,
+    }))
+    _run(["accelerate", "launch", "--config_file", str(accelerate_config), "llm_finetune.py", "run-ft",
+          f"--ft={job}"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert (out / "checkpoint-4" / "global_step4").is_dir(), "no DeepSpeed checkpoint: DeepSpeed was not used"
+    _eval_reproduces(out)

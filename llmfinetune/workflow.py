@@ -129,7 +129,17 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         _write_report(output_dir, trainer)
         _log_summary(metrics, output_dir)
+    _leave_process_group()
     return RunResult(output_dir, metrics, trainer.model, tokenizer)
+
+
+def _leave_process_group() -> None:
+    """Ranks leave together: ZeRO-3 and offload runs otherwise abort (SIGABRT) at exit after saving."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
 
 
 def _write_report(output_dir: Path, trainer) -> None:

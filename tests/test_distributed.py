@@ -105,18 +105,3 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     # Same data and order per step; the only difference is the float summation order of the all-reduce.
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
 
-
-def test_two_hosts_on_loopback_through_accelerate(tmp_path, tiny_models):
-    """The seed's multi-host command, with two 'machines' that are two launches on this host."""
-    job, out = _write_job(tmp_path, tiny_models)
-    common = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
-              "--main_process_ip", "127.0.0.1", "--main_process_port", "29623", "--mixed_precision", "no",
-              "--dynamo_backend", "no"]
-    hosts = [subprocess.Popen(common + ["--machine_rank", str(rank), "llm_finetune.py", "run-ft", f"--ft={job}"],
-                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
-    outputs = [host.communicate(timeout=300)[0] for host in hosts]
-    for host, output in zip(hosts, outputs):
-        assert host.returncode == 0, output[-4000:]
-    metrics = _metrics(out)
-    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8

@@ -16,15 +16,22 @@ from .registry import METHODS, TASKS
 logger = logging.getLogger("llmfinetune")
 
 
-def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
-    """Everything that can be known wrong before a model is loaded; returns a summary for `llmfinetune check`."""
-    from . import arguments, data, models
+def _checked(job: Job):
+    """Task, method and model path, after every check that needs no model weights."""
+    from . import arguments, models
 
     task = TASKS.get(job.task)
     method = METHODS.get(job.method)
     method.check(job)
     arguments.translate(job)
-    model_path = models.resolve_model(job)
+    return task, method, models.resolve_model(job)
+
+
+def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
+    """Everything that can be known wrong before a model is loaded; returns a summary for `llmfinetune check`."""
+    from . import arguments, data
+
+    task, _, model_path = _checked(job)
     summary: dict[str, Any] = {"task": job.task, "method": job.method, "model": model_path,
                                "output_dir": str(arguments.run_dir(job))}
     if load_data:
@@ -48,11 +55,8 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     from .launch import check_launch
 
     started = time.time()
-    task = TASKS.get(job.task)
-    method = METHODS.get(job.method)
-    method.check(job)
+    task, method, model_path = _checked(job)
     output_dir = arguments.run_dir(job)
-    model_path = models.resolve_model(job)
     # Built first: under torchrun/accelerate/deepspeed this also sets up the process group.
     training_args = arguments.build_training_arguments(job, task, output_dir, deepspeed)
     dist = world()

@@ -104,3 +104,16 @@ def test_accelerate_with_a_deepspeed_zero3_config_file(tmp_path, tiny_models):
     assert metrics["world_size"] == 2
     assert (out / "checkpoint-4" / "global_step4").is_dir(), "no DeepSpeed checkpoint: DeepSpeed was not used"
     _eval_reproduces(out)
+
+
+def test_deepspeed_launcher_with_a_one_node_hostfile(tmp_path, tiny_models):
+    """The seed's `deepspeed --hostfile` form, with this machine as the one node (no ssh needed)."""
+    job, ds, out = _setup(tmp_path, tiny_models, "full", 2)
+    hostfile = tmp_path / "myhostfile"
+    hostfile.write_text("localhost slots=2\n")
+    _run([shutil.which("deepspeed"), "--num_nodes=1", f"--hostfile={hostfile}", "--no_ssh_check",
+          "--master_addr", "127.0.0.1", "--master_port", "29641", "llm_finetune.py", "run-ft", f"--ft={job}",
+          "--deepspeed", str(ds)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert (out / "checkpoint-4" / "global_step4").is_dir()

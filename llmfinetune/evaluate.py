@@ -59,10 +59,8 @@ def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Opt
             model=run.model,
             args=training_args,
             eval_dataset=prepared.eval,
-            data_collator=task.collator(tokenizer, job),
             processing_class=tokenizer,
-            compute_metrics=None if task.loss_only_eval else task.compute_metrics(prepared.model_kwargs),
-            preprocess_logits_for_metrics=None if task.loss_only_eval else task.preprocess_logits_for_metrics,
+            **task.trainer_hooks(tokenizer, job, prepared.model_kwargs),
         )
         # Seeded right before evaluating: masked-LM evaluation masks tokens at random.
         set_seed(training_args.seed)

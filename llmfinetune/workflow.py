@@ -91,10 +91,8 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         args=training_args,
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
-        data_collator=task.collator(tokenizer, job),
         processing_class=tokenizer,
-        compute_metrics=None if task.loss_only_eval else task.compute_metrics(prepared.model_kwargs),
-        preprocess_logits_for_metrics=None if task.loss_only_eval else task.preprocess_logits_for_metrics,
+        **task.trainer_hooks(tokenizer, job, prepared.model_kwargs),
         callbacks=[MarkCompleteCheckpoints(), nan_guard := StopOnNonFiniteLoss()],
     )
     resume = resume_point(job.base_config.get("resume_from_checkpoint"), output_dir)

@@ -42,6 +42,14 @@ class Task:
     def compute_metrics(self, model_kwargs: dict[str, Any]) -> Optional[Callable]:
         return None
 
+    def trainer_hooks(self, tokenizer, job: "Job", model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The Trainer arguments this task decides; training and `eval` share them so their numbers agree."""
+        return {
+            "data_collator": self.collator(tokenizer, job),
+            "compute_metrics": None if self.loss_only_eval else self.compute_metrics(model_kwargs),
+            "preprocess_logits_for_metrics": None if self.loss_only_eval else self.preprocess_logits_for_metrics,
+        }
+
     def preprocess_logits_for_metrics(self, logits, labels):
         """Keep only the predicted class ids: evaluation then holds ints, not float logits."""
         if isinstance(logits, tuple):

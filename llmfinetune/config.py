@@ -61,6 +61,14 @@ class DataConfig(_Strict):
     response_column: Optional[str] = None
     validation_column: Optional[str] = None
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # text-generation (SFT) only:
+    format: Literal["auto", "prompt_response", "alpaca", "messages", "sharegpt", "text"] = "auto"
+    messages_column: Optional[str] = None
+    template: Optional[str] = None  # None: the tokenizer's chat template if it has one, else "plain"
+    system_prompt: Optional[str] = None
+    train_on_prompt: bool = False
+    # Tokenized data is cached by content hash; false re-tokenizes every run.
+    cache_tokenized: bool = True
 
     @field_validator("input_columns", mode="before")
     @classmethod

@@ -469,24 +469,38 @@ class TextGenerationPredictor(Predictor):
     default_columns = ["prompt", "instruction", "question", "content"]
 
     def read(self, row, where):
-        from .tasks.causal_lm import as_text
+        from .tasks.chat import as_text
 
         key = next((c for c in self.columns() if row.get(c) is not None), None)
         if key is not None and isinstance(row[key], list):  # AdvertiseGen-style attribute lists, as in training
             row = {**row, key: as_text(row[key])}
         return super().read(row, where)
 
+    def prompts(self, inputs: list[str]) -> tuple[list[str], bool, list[int]]:
+        """The training-time prompt format: the job's chat template with its assistant opening (raw-text runs
+        continue the text as it is); also whether the text still needs the tokenizer's special tokens, and the
+        token ids that end an answer."""
+        from .tasks.base import clip_words
+        from .tasks.chat import Renderer
+
+        job, tokenizer = self.run.job, self.tokenizer
+        texts = [clip_words(t, job) for t in inputs]
+        if job.data.format == "text":
+            return texts, True, [tokenizer.eos_token_id]
+        renderer = Renderer(tokenizer, job)
+        system = [{"role": "system", "content": job.data.system_prompt}] if job.data.system_prompt else []
+        rendered = [renderer.prompt([*system, {"role": "user", "content": t}]) for t in texts]
+        return rendered, False, renderer.stop_token_ids()
+
     def predict(self, inputs):
         import torch
 
-        from .tasks.base import clip_words
-
         tokenizer, options = self.tokenizer, self.options
         tokenizer.padding_side = "left"  # new tokens follow each prompt directly
-        # The training-time prompt format: tokenizer(prompt), then the model continues (the response follows).
-        encoded = tokenizer([clip_words(t, self.run.job) for t in inputs], padding=True, return_tensors="pt")
+        texts, special_tokens, stops = self.prompts(inputs)
+        encoded = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special_tokens)
         settings: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
-                                    "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+                                    "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stops}
         if options.do_sample:
             from transformers import set_seed
 
@@ -500,9 +514,10 @@ class TextGenerationPredictor(Predictor):
             output = self.run.model.generate(**encoded, **settings)
         results = []
         for row in output[:, encoded["input_ids"].shape[1]:].tolist():
-            stopped = tokenizer.eos_token_id in row
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            stopped = end is not None
             if stopped:
-                row = row[:row.index(tokenizer.eos_token_id)]
+                row = row[:end]
             results.append({"generated_text": tokenizer.decode(row, skip_special_tokens=True),
                             "finish_reason": "eos" if stopped else "length"})
         return results

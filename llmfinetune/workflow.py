@@ -22,6 +22,7 @@ def _checked(job: Job):
 
     task = TASKS.get(job.task)
     method = METHODS.get(job.method)
+    task.check(job)
     method.check(job)
     arguments.translate(job)
     return task, method, models.resolve_model(job)
@@ -69,8 +70,13 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     tokenizer = models.load_tokenizer(model_path, job)
     splits = data.load_raw_splits(job)
     eval_split = data.eval_split_name(job)
-    with training_args.main_process_first(desc="tokenizing"):  # one process tokenizes, the others read its cache
-        prepared = task.prepare(splits, eval_split, tokenizer, job)
+    if job.data.cache_tokenized:
+        from .cache import prepare_cached
+
+        prepared = prepare_cached(task, splits, eval_split, tokenizer, job)
+    else:
+        with training_args.main_process_first(desc="tokenizing"):
+            prepared = task.prepare(splits, eval_split, tokenizer, job)
     logger.info("Data: %d train and %d eval examples (eval split '%s').", len(prepared.train), len(prepared.eval),
                 eval_split)
 

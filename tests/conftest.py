@@ -16,6 +16,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tokenized_cache(tmp_path_factory) -> Path:
+    """Tests never read or fill the user's tokenization cache; subprocess runs inherit the variable."""
+    folder = tmp_path_factory.mktemp("tokenized-cache")
+    os.environ["LLMFINETUNE_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from scripts.make_tiny_models import make_tiny_bert, make_tiny_causal_lm

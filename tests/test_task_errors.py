@@ -55,8 +55,9 @@ def test_tags_and_words_of_unequal_length(tiny_models, tmp_path):
 
 def test_text_generation_without_a_response_column(tiny_models, tmp_path):
     rows = [{"prompt": "hi", "reply": "hello"}]
-    with pytest.raises(UserError, match=r"response_column: not set and no usual response column .* columns found: "
-                                        r"prompt, reply"):
+    # The issue asks for the columns found and every accepted format, so the user can pick one.
+    with pytest.raises(UserError, match=r"(?s)cannot tell the data format from the columns found \(prompt, reply\)"
+                                        r".*messages.*sharegpt.*alpaca.*prompt_response.*response_column.*text"):
         _prepare("text-generation", rows, rows, tiny_models, tmp_path)
 
 

@@ -22,6 +22,11 @@ class Prepared:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# data_config keys that only text-generation reads, with their defaults.
+SFT_DATA_KEYS = {"format": "auto", "messages_column": None, "template": None, "system_prompt": None,
+                 "train_on_prompt": False}
+
+
 class Task:
     name: ClassVar[str]
     model_class: ClassVar[str]  # the transformers Auto class that loads the model for this task
@@ -32,6 +37,16 @@ class Task:
     # Whether the model's loss divides by the item count Trainer passes (num_items_in_batch), as the causal-LM loss
     # functions of transformers do; classification and masked-LM heads take a plain mean instead.
     loss_sums_over_items: ClassVar[bool] = False
+
+    def check(self, job: "Job") -> None:
+        """Settings this task cannot honour, found before anything loads. Most tasks take no SFT settings."""
+        data = job.data
+        given = [f"ft_config.data_config.{key}" for key in SFT_DATA_KEYS if getattr(data, key) != SFT_DATA_KEYS[key]]
+        if job.base_config.get("packing"):
+            given.append("ft_config.train_config.base_config.packing")
+        if given:
+            raise UserError(f"{', '.join(given)}: only for ft_task text-generation; this job's task is "
+                            f"{job.task}. Remove {'it' if len(given) == 1 else 'them'}.")
 
     def prepare(self, splits: "DatasetDict", eval_split: str, tokenizer, job: "Job") -> Prepared:
         raise NotImplementedError

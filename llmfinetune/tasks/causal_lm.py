@@ -1,30 +1,13 @@
-"""Causal-LM SFT: prompt and response columns; loss on the response only, EOS appended and learned."""
+"""Causal-LM SFT: prompt/response, alpaca, chat messages, ShareGPT or raw text; loss on assistant turns only (by
+default), EOS appended and learned, optional packing without cross-example attention."""
 from __future__ import annotations
 
 from ..data import require_columns
 from ..errors import UserError
-from .base import Prepared, Task, check_texts, clip_words, max_length, text_columns
+from .base import Prepared, Task, clip_words, max_length
+from .chat import IGNORE, TEMPLATES, Renderer, encode_conversations, encode_texts, format_columns, to_messages
 
-IGNORE = -100
-
-
-def prompt_response_columns(job, columns: list[str]) -> tuple[str, str]:
-    prompt = text_columns(job, ["prompt", "instruction", "question", "content"], columns)[0]
-    # The seed's files named the response column in validation_column; response_column is the clear spelling.
-    response = job.data.response_column or job.data.validation_column
-    if response is None:
-        response = next((c for c in ("response", "output", "answer", "summary", "completion") if c in columns), None)
-    if response is None:
-        raise UserError("ft_config.data_config.response_column: not set and no usual response column "
-                        f"(response, output, answer, summary, completion) found; columns found: {', '.join(columns)}.")
-    return prompt, response
-
-
-def as_text(value) -> str:
-    # AdvertiseGen-style data keeps attributes as lists; join them instead of printing a Python list.
-    if isinstance(value, list):
-        return "\n".join(str(v) for v in value)
-    return str(value)
+__all__ = ["CausalLM", "IGNORE"]
 
 
 class CausalLM(Task):
@@ -35,45 +18,73 @@ class CausalLM(Task):
     reports_perplexity = True
     loss_sums_over_items = True
 
+    def check(self, job):
+        packing = job.base_config.get("packing", False)
+        if not isinstance(packing, bool):
+            raise UserError(f"ft_config.train_config.base_config.packing: expected true or false, got {packing!r}.")
+        if job.data.template is not None and job.data.template not in ("tokenizer", *TEMPLATES):
+            raise UserError(f"ft_config.data_config.template: unknown template '{job.data.template}'; choose "
+                            f"tokenizer (the model's own chat template), {', '.join(TEMPLATES)}.")
+
     def prepare(self, splits, eval_split, tokenizer, job):
         if tokenizer.eos_token_id is None:
             raise UserError(f"text-generation: the tokenizer of {job.model.model_id} has no EOS token, so the model "
                             "could never learn to stop; set model_config.add_special_tokens.eos_token.")
         train = splits["train"]
-        prompt_column, response_column = prompt_response_columns(job, train.column_names)
+        columns = format_columns(job, train.column_names)
         used = {"train": train, eval_split: splits[eval_split]}
         for name, split in used.items():
-            require_columns(split, [prompt_column], "input_columns", name)
-            require_columns(split, [response_column], "response_column", name)
-            check_texts(split, [prompt_column, response_column], name)
+            require_columns(split, columns.required(), _column_key(columns), name)
         limit = max_length(job, tokenizer)
-        eos = tokenizer.eos_token_id
+        renderer = None if columns.format == "text" else Renderer(tokenizer, job)
+        train_on_prompt = bool(job.data.train_on_prompt)
 
-        def encode(batch):
-            prompts = tokenizer([clip_words(as_text(p), job) for p in batch[prompt_column]])["input_ids"]
-            responses = tokenizer([as_text(r) for r in batch[response_column]], add_special_tokens=False)["input_ids"]
-            out = {"input_ids": [], "attention_mask": [], "labels": []}
-            for prompt, response in zip(prompts, responses):
-                response = response + [eos]
-                if len(prompt) + len(response) > limit:
-                    # Keep at least half the window for the response: it is what the loss learns from.
-                    response = response[:max(limit - len(prompt), limit // 2)]
-                    prompt = prompt[:limit - len(response)]
-                ids = prompt + response
-                out["input_ids"].append(ids)
-                out["attention_mask"].append([1] * len(ids))
-                # Labels are built here rather than from input_ids in the collator, so an EOS that equals the pad
-                # token is still a training target.
-                out["labels"].append([IGNORE] * len(prompt) + response)
-            return out
+        def encode(batch, indices, split_name):
+            rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+            wheres = [f"split '{split_name}', row {i}" for i in indices]
+            if renderer is None:
+                texts = []
+                for row, where in zip(rows, wheres):
+                    value = row.get(columns.prompt)
+                    if value is None or not str(value).strip():
+                        raise UserError(f"{where}: column '{columns.prompt}' is empty or null; remove the row or "
+                                        "fill it in.")
+                    texts.append(clip_words(str(value), job))
+                encoded = encode_texts(tokenizer, texts, limit)
+            else:
+                conversations = [to_messages(row, columns, job, where, clip=lambda t: clip_words(t, job))
+                                 for row, where in zip(rows, wheres)]
+                encoded = encode_conversations(renderer, conversations, wheres, limit, train_on_prompt)
+            return {"input_ids": [ids for ids, _ in encoded], "labels": [labels for _, labels in encoded]}
 
-        tokenized = {
-            name: split.map(encode, batched=True, remove_columns=split.column_names, desc=f"Tokenizing ({name})")
-            for name, split in used.items()
-        }
+        tokenized = {}
+        for name, split in used.items():
+            tokenized[name] = split.map(encode, batched=True, with_indices=True, fn_kwargs={"split_name": name},
+                                        remove_columns=split.column_names, desc=f"Tokenizing ({name})")
+            if len(tokenized[name]) == 0:
+                raise UserError(f"split '{name}': no examples left after tokenizing.")
+        if packs(job):
+            from ..packing import pack_dataset
+
+            tokenized = {name: pack_dataset(split, limit) for name, split in tokenized.items()}
         return Prepared(tokenized["train"], tokenized[eval_split], {})
 
     def collator(self, tokenizer, job):
+        if packs(job):
+            from ..packing import PackedCollator
+
+            return PackedCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                  else tokenizer.eos_token_id)
         from transformers import DataCollatorForSeq2Seq
 
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, pad_to_multiple_of=8)
+
+
+def packs(job) -> bool:
+    return bool(job.base_config.get("packing", False))
+
+
+def _column_key(columns) -> str:
+    if columns.conversation:
+        return "messages_column"
+    return "input_columns" if columns.format == "text" else "input_columns/response_column"

@@ -1,0 +1,138 @@
+"""Tokenized data, made once and reused: keyed by a hash of the raw data's content, the tokenizer, the settings that
+shape tokenization and the code that tokenizes. Under several processes on one machine a file lock lets one process
+tokenize while the others wait for it without a timeout (a barrier would time out on a large dataset), then read
+its result.
+
+The cache lives in $LLMFINETUNE_CACHE, else ~/.cache/llmfinetune/tokenized; deleting it is always safe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+    from .config import Job
+    from .tasks.base import Prepared, Task
+
+logger = logging.getLogger(__name__)
+
+CACHE_LAYOUT = 1  # bump when the saved layout changes
+# base_config keys that change what tokenizing produces; every other training setting does not.
+TOKENIZATION_KEYS = ("max_length", "packing")
+DONE = "complete.json"
+
+
+def cache_root() -> Path:
+    configured = os.environ.get("LLMFINETUNE_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmfinetune" / "tokenized"
+
+
+def prepare_cached(task: "Task", splits: "DatasetDict", eval_split: str, tokenizer, job: "Job") -> "Prepared":
+    from filelock import FileLock
+
+    key = cache_key(task, splits, eval_split, tokenizer, job)
+    folder = cache_root() / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if (folder / DONE).is_file():
+            logger.info("Tokenized data: reusing the cache %s", folder)
+            return _load(folder)
+        prepared = task.prepare(splits, eval_split, tokenizer, job)
+        try:
+            _save(prepared, folder)
+            logger.info("Tokenized data cached in %s", folder)
+        except (OSError, TypeError, ValueError) as exc:  # a cache that cannot be written must not stop training
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("Could not cache the tokenized data in %s (%s); continuing without the cache.", folder,
+                           exc)
+        return prepared
+
+
+def cache_key(task: "Task", splits: "DatasetDict", eval_split: str, tokenizer, job: "Job") -> str:
+    digest = hashlib.sha256()
+
+    def add(label: str, value) -> None:
+        digest.update(label.encode())
+        digest.update(value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode())
+
+    from . import __version__
+
+    add("layout", [CACHE_LAYOUT, __version__, task.name, eval_split])
+    add("code", _code_fingerprint())
+    data = {k: v for k, v in job.data.model_dump().items() if k != "cache_tokenized"}
+    add("settings", {"data": data, "model": {"max_input_words": job.model.max_input_words,
+                                             "add_special_tokens": job.model.add_special_tokens},
+                     "base": {k: job.base_config.get(k) for k in TOKENIZATION_KEYS}})
+    add("tokenizer", _tokenizer_fingerprint(tokenizer))
+    for name in sorted(splits):
+        add(f"split:{name}", _content_fingerprint(splits[name]))
+    return digest.hexdigest()[:32]
+
+
+def _code_fingerprint() -> str:
+    """The tokenizing code itself: a changed task file must not reuse data tokenized by the old one."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted([*(here / "tasks").glob("*.py"), here / "packing.py"]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map, tokenizer.model_max_length,
+                              getattr(tokenizer, "chat_template", None)], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _content_fingerprint(split) -> str:
+    """The split's rows, serialised batch by batch (Arrow IPC): the same content always gives the same bytes."""
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    for table in split.with_format("arrow").iter(batch_size=10_000):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        digest.update(sink.getvalue())
+    digest.update(str(len(split)).encode())
+    return digest.hexdigest()
+
+
+def _save(prepared: "Prepared", folder: Path) -> None:
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    prepared.train.save_to_disk(str(partial / "train"))
+    prepared.eval.save_to_disk(str(partial / "eval"))
+    (partial / "model_kwargs.json").write_text(json.dumps(prepared.model_kwargs), encoding="utf-8")
+    (partial / DONE).write_text(json.dumps({"train": len(prepared.train), "eval": len(prepared.eval)}),
+                                encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def _load(folder: Path) -> "Prepared":
+    from datasets import load_from_disk
+
+    from .tasks.base import Prepared
+
+    kwargs = json.loads((folder / "model_kwargs.json").read_text(encoding="utf-8"))
+    if "id2label" in kwargs:  # JSON keys are strings; transformers wants the class ids as ints
+        kwargs["id2label"] = {int(k): v for k, v in kwargs["id2label"].items()}
+    return Prepared(load_from_disk(str(folder / "train")), load_from_disk(str(folder / "eval")), kwargs)

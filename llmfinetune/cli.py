@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue from the newest complete checkpoint in the run directory")
     # Launchers append these; accept both spellings.
     run.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ray_ft = job_command("ray-ft", "train on a local Ray cluster with scaling_config's workers "
+                                  "(pip install 'llmfinetune[ray]')")
+    ray_ft.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in the run directory")
     job_command("check", "validate a job file (keys, data files, model) without training")
     from . import evaluate, export, inference  # after training; argument definitions only, torch loads on use
 
@@ -109,6 +113,10 @@ def _dispatch(args) -> int:
         for key, value in summary.items():
             print(f"  {key}: {value}")
         return 0
+    if args.command == "ray-ft":
+        from .ray_launch import run_on_ray  # Ray is imported by this command only
+
+        return run_on_ray(args.ft, overrides, job)
     from .launch import spawn_local_workers, under_launcher
 
     nproc = args.nproc if args.nproc is not None else job.scaling_config.num_workers

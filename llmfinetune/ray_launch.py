@@ -1,0 +1,166 @@
+"""`llmfinetune ray-ft`: the same job on a local Ray cluster, one Ray Train worker per `scaling_config.num_workers`.
+
+Ray Train's TorchTrainer starts the workers and sets up the torch process group (gloo on CPU, NCCL on GPU) with
+RANK / WORLD_SIZE / LOCAL_RANK in each worker's environment; every worker then runs the ordinary `workflow.run(job)`,
+so the Trainer trains as one DDP job and rank 0 writes the usual run directory (job.yaml, metrics.json, model,
+checkpoints). Ray's own storage (its run records) goes to a temporary folder that is removed afterwards: the run
+directory is the result, exactly as with `run-ft`.
+
+`prepare_trainer` and `RayTrainReportCallback` are not used: the first only matters for Ray Data iterables (the
+data here are Hugging Face datasets each worker loads itself), and the second copies every checkpoint into Ray's
+storage, which would only duplicate the run directory's `checkpoint-*`. The final metrics are reported to Ray once.
+
+Ray is imported only here, and only when the command runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .config import Job
+
+INSTALL_HINT = "pip install 'llmfinetune[ray]'"
+
+
+def resources(job: "Job") -> dict[str, Any]:
+    """scaling_config -> what each Ray worker asks for; contradictions and impossible requests are errors."""
+    scaling = job.scaling_config
+    gpus = scaling.num_gpus_per_worker
+    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else gpus > 0
+    if scaling.use_gpu is False and gpus > 0:
+        raise UserError(f"{job.source}: scaling_config sets use_gpu: false but num_gpus_per_worker: {gpus:g}; "
+                        "set use_gpu: true, or num_gpus_per_worker: 0 to train on the CPU.")
+    if use_gpu and gpus == 0:
+        gpus = 1  # Ray Train's own default for use_gpu
+    return {"num_workers": scaling.num_workers, "use_gpu": use_gpu, "cpus": scaling.num_cpus_per_worker,
+            "gpus": gpus}
+
+
+def _check_gpus(job: "Job", wanted: dict[str, Any]) -> int:
+    """The GPUs this machine has; a request for more would leave Ray waiting for resources forever."""
+    import torch
+
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    needed = wanted["gpus"] * wanted["num_workers"] if wanted["use_gpu"] else 0
+    if needed > available:
+        raise UserError(
+            f"{job.source}: scaling_config asks for {needed:g} GPU(s) ({wanted['num_workers']} worker(s) x "
+            f"{wanted['gpus']:g}) but this machine has {available}. Set num_gpus_per_worker: 0 (and use_gpu: false) "
+            "to train on the CPU, or lower num_workers."
+        )
+    return available
+
+
+def _import_ray():
+    try:
+        import ray  # noqa: F401
+        from ray.train import RunConfig, ScalingConfig  # noqa: F401
+        from ray.train.torch import TorchConfig, TorchTrainer  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"ray-ft needs Ray Train, which is not installed ({exc}). Install it with: "
+                        f"{INSTALL_HINT}") from None
+    return ray
+
+
+def run_on_ray(job_file: str, overrides: list[str], job: "Job") -> int:
+    """Train `job` with scaling_config's workers on a local Ray cluster started (and shut down) here."""
+    from .workflow import check_job
+
+    wanted = resources(job)
+    check_job(job, load_data=False)  # job-file mistakes end here, before a cluster starts
+    gpus = _check_gpus(job, wanted)
+    # Before Ray is imported (it reads these once): a local cluster on loopback only. Otherwise Ray advertises the
+    # machine's network address and the workers' process group listens there. Ray Train's print patch also
+    # swallows `print(..., file=...)` and floods the log with datasets' code disassembly: off.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    ray = _import_ray()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from . import arguments
+
+    output_dir = arguments.run_dir(job)
+    # Workers import this package by name: make a checkout that is not installed importable for them.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    cpus = math.ceil(wanted["cpus"] * wanted["num_workers"])
+    runtime_env = job.model.initialization.runtime_env or None
+    print(f"Starting a local Ray cluster ({cpus} CPU(s), {gpus} GPU(s)) for {wanted['num_workers']} worker(s)",
+          flush=True)
+    storage = Path(tempfile.mkdtemp(prefix="llmfinetune-ray-"))
+    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+             _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
+    try:
+        trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config={"job_file": str(Path(job_file).resolve()), "overrides": list(overrides),
+                               "cwd": os.getcwd()},
+            torch_config=TorchConfig(backend="nccl" if wanted["use_gpu"] else "gloo"),
+            scaling_config=ScalingConfig(num_workers=wanted["num_workers"], use_gpu=wanted["use_gpu"],
+                                         resources_per_worker={"CPU": wanted["cpus"],
+                                                               **({"GPU": wanted["gpus"]} if wanted["use_gpu"] else {})}),
+            run_config=RunConfig(name="llmfinetune", storage_path=str(storage)),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # noqa: BLE001
+            raise _worker_error(exc) from exc
+        error = getattr(result, "error", None)
+        if error is not None:
+            raise _worker_error(error) from error
+    finally:
+        ray.shutdown()
+        shutil.rmtree(storage, ignore_errors=True)
+    import json
+
+    metrics_file = output_dir / "metrics.json"
+    world_size = json.loads(metrics_file.read_text())["world_size"] if metrics_file.is_file() else None
+    if world_size != wanted["num_workers"]:
+        raise RuntimeError(f"Ray ran {wanted['num_workers']} worker(s) but training saw world size {world_size}.")
+    print(f"\nDone ({world_size} Ray workers). Model, checkpoints, job.yaml and metrics.json are in: {output_dir}",
+          flush=True)
+    return 0
+
+
+def _worker_error(exc: BaseException) -> BaseException:
+    """A worker's UserError comes back as itself (one `error:` paragraph); anything else as it is."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            return UserError(str(current).splitlines()[0] if "Traceback" in str(current) else str(current))
+        stack.extend(getattr(current, "worker_failures", {}).values() if hasattr(current, "worker_failures") else [])
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+    return exc
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: the process group is up (RANK, WORLD_SIZE set); run the ordinary job."""
+    import ray.train
+
+    from .cli import _setup_logging
+    from .config import load_job
+    from .workflow import run
+
+    _setup_logging()
+    os.chdir(config["cwd"])  # relative paths in the job mean what they meant where ray-ft was started
+    if config["cwd"] not in sys.path:
+        sys.path.insert(0, config["cwd"])
+    job = load_job(config["job_file"], config["overrides"])
+    result = run(job)
+    ray.train.report({key: value for key, value in result.metrics.items()
+                      if isinstance(value, (int, float, str, bool))})

@@ -105,3 +105,48 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     # Same data and order per step; the only difference is the float summation order of the all-reduce.
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
 
+
+
+def test_two_hosts_on_loopback_through_accelerate(tmp_path, tiny_models):
+    """The seed's multi-host command, with two 'machines' that are two launches on this host.
+
+    Reliability: a fixed port let another run on the machine take it; that run's host 0 was then refused the port and
+    exited while its host 1 waited for a rendezvous store that never came (reproduced: the lone host waits until
+    killed). So: a free port, host 1 starts once host 0's store listens, `--rdzv_conf timeout=60` makes a lone host
+    give up, `ddp_timeout` bounds a collective whose peer died, and both process groups are killed on any failure.
+    """
+    from multihost import free_port, run_together
+
+    job, out = _write_job(tmp_path, tiny_models, ddp_timeout=120)
+    port = free_port()
+    common = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+              "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--rdzv_conf", "timeout=60",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_together([common + ["--machine_rank", str(rank), "llm_finetune.py", "run-ft", f"--ft={job}"]
+                  for rank in (0, 1)], cwd=REPO, env=ENV, logs=tmp_path / "logs", timeout=240,
+                 first_listens_on=port)
+    metrics = _metrics(out)
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_a_failed_launch_takes_its_peers_down_at_once(tmp_path):
+    """The cleanup the multi-host tests rely on: one launch failing ends the job at once, the other's whole process
+    group is killed (a host whose peer left would otherwise wait), and the failure shows every launch's output."""
+    import time
+
+    from multihost import run_together
+
+    pid_file = tmp_path / "waiting.pid"
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failed:
+        run_together([["sh", "-c", f"sleep 300 & echo $! > {pid_file}; echo waiting for my peer; wait"],
+                      ["sh", "-c", "sleep 1; echo port in use; exit 3"]],
+                     cwd=tmp_path, env=ENV, logs=tmp_path / "logs", timeout=60)
+    assert time.monotonic() - started < 30
+    assert "launch [1] failed" in str(failed.value) and "port in use" in str(failed.value)
+    assert "waiting for my peer" in str(failed.value)
+    sleeper = int(pid_file.read_text())
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{sleeper}") or "Z" in open(f"/proc/{sleeper}/stat").read().split()[2], \
+        "the waiting launch's child was left running"

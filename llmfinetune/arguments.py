@@ -36,6 +36,7 @@ OWN_KEYS = {
     "whole_word_mask": "maskedlm: mask whole words instead of single sub-tokens (default false)",
     "resume_from_checkpoint": "true: continue from the newest complete checkpoint of the run directory; or a path",
     "packing": "text-generation: several examples per row of max_length tokens, each attending only to itself",
+    "lm_head_on_targets_only": "text-generation: vocabulary logits only where a token is learned (default true)",
 }
 BASE = "ft_config.train_config.base_config"
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")

@@ -30,7 +30,7 @@ def add_command(commands) -> None:
 def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Optional[list[str]] = None,
                  split: Optional[str] = None, device: str = "auto") -> dict[str, Any]:
     """The eval metrics of RUN_DIR on `split` (default: the job's eval split), keyed `eval_*` as in metrics.json."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from . import arguments, data
     from .inference import load_run, locate_run
@@ -55,7 +55,7 @@ def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Opt
                         "since training.")
     with tempfile.TemporaryDirectory(prefix="llmfinetune-eval-") as scratch:  # the Trainer insists on an output_dir
         training_args = arguments.build_training_arguments(job, task, Path(scratch))
-        trainer = Trainer(
+        trainer = task.trainer_class(job)(
             model=run.model,
             args=training_args,
             eval_dataset=prepared.eval,

@@ -80,7 +80,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     logger.info("Data: %d train and %d eval examples (eval split '%s').", len(prepared.train), len(prepared.eval),
                 eval_split)
 
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from .checkpoints import MarkCompleteCheckpoints, StopOnNonFiniteLoss, resume_point
 
@@ -92,7 +92,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         model.accepts_loss_kwargs = False
     model = method.wrap(model, job, task, fresh_modules)
 
-    trainer = Trainer(
+    trainer = task.trainer_class(job)(
         model=model,
         args=training_args,
         train_dataset=prepared.train,

@@ -356,3 +356,45 @@ def test_only_one_process_tokenizes_the_others_wait_and_reuse(tiny_models, tmp_p
         sizes = pool.map(_tokenize_in_process, [args] * 3)
     assert sizes == [8, 8, 8]
     assert marker.read_text().count("tokenized") == 1
+
+
+# ---------------------------------------------------------------- LM head on learned positions only
+
+def _loss_trajectory(tiny_models, tmp_path, name, **base):
+    from conftest import make_dataset
+    from llmfinetune.workflow import run
+
+    data = make_dataset(tmp_path / "data", "text-generation", train_rows=48, eval_rows=16)
+    out = tmp_path / name
+    config = job_dict("text-generation", "lora", tiny_models["qwen2"], data, out, max_steps=4, logging_steps=1,
+                      save_strategy="no", gradient_accumulation_steps=2, **base)
+    result = run(parse_job(config))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in history if "loss" in entry], result.metrics["eval_loss"]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_targets_only_lm_head_keeps_the_loss_trajectory(packing, tiny_models, tmp_path):
+    """The speed option computes logits only where a token is learned; losses at every step (with gradient
+    accumulation) and the eval loss must equal the standard full-logits loss (relative tolerance 1e-5)."""
+    fast, fast_eval = _loss_trajectory(tiny_models, tmp_path, "fast", packing=packing)
+    full, full_eval = _loss_trajectory(tiny_models, tmp_path, "full", packing=packing, lm_head_on_targets_only=False)
+    assert len(fast) == len(full) == 4
+    assert fast == pytest.approx(full, rel=1e-5)
+    assert fast_eval == pytest.approx(full_eval, rel=1e-5)
+
+
+def test_targets_only_lm_head_computes_fewer_logits(tiny_models, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from llmfinetune.lm_head import TargetsOnlyTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    trainer = TargetsOnlyTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"))
+    labels = torch.tensor([[-100, -100, -100, 5, 6, 7], [-100, -100, 8, 9, -100, -100]])
+    trainer.compute_loss(model, {"input_ids": torch.tensor([[1, 2, 3, 5, 6, 7], [1, 2, 8, 9, 0, 0]]),
+                                 "labels": labels})
+    assert seen == [torch.Size([5, model.config.vocab_size])]  # 5 learned targets, not 12 positions

@@ -65,6 +65,12 @@ class Task:
             "preprocess_logits_for_metrics": None if self.loss_only_eval else self.preprocess_logits_for_metrics,
         }
 
+    def trainer_class(self, job: "Job"):
+        """The Trainer this task trains and evaluates with; training and `eval` share it."""
+        from transformers import Trainer
+
+        return Trainer
+
     def preprocess_logits_for_metrics(self, logits, labels):
         """Keep only the predicted class ids: evaluation then holds ints, not float logits."""
         if isinstance(logits, tuple):

@@ -19,9 +19,10 @@ class CausalLM(Task):
     loss_sums_over_items = True
 
     def check(self, job):
-        packing = job.base_config.get("packing", False)
-        if not isinstance(packing, bool):
-            raise UserError(f"ft_config.train_config.base_config.packing: expected true or false, got {packing!r}.")
+        for key in ("packing", "lm_head_on_targets_only"):
+            value = job.base_config.get(key, False)
+            if not isinstance(value, bool):
+                raise UserError(f"ft_config.train_config.base_config.{key}: expected true or false, got {value!r}.")
         if job.data.template is not None and job.data.template not in ("tokenizer", *TEMPLATES):
             raise UserError(f"ft_config.data_config.template: unknown template '{job.data.template}'; choose "
                             f"tokenizer (the model's own chat template), {', '.join(TEMPLATES)}.")
@@ -68,6 +69,13 @@ class CausalLM(Task):
 
             tokenized = {name: pack_dataset(split, limit) for name, split in tokenized.items()}
         return Prepared(tokenized["train"], tokenized[eval_split], {})
+
+    def trainer_class(self, job):
+        if not job.base_config.get("lm_head_on_targets_only", True):
+            return super().trainer_class(job)
+        from ..lm_head import TargetsOnlyTrainer
+
+        return TargetsOnlyTrainer
 
     def collator(self, tokenizer, job):
         if packs(job):

@@ -84,8 +84,11 @@ def detect_format(job: "Job", columns: list[str]) -> str:
     if "text" in columns or (job.data.input_columns and not has_response):
         return "text"
     accepted = "\n".join(f"  - {name}: {needs}" for name, needs in FORMATS.items())
+    missing = job.data.validation_column if job.data.validation_column and not has_response else None
     raise UserError(
         f"ft_config.data_config.format: cannot tell the data format from the columns found ({', '.join(columns)}). "
+        + (f"ft_config.data_config.validation_column names the response column '{missing}', which is not among "
+           "them. " if missing else "") +
         f"Accepted formats:\n{accepted}\nRename the columns, set input_columns/response_column, or set "
         "data_config.format."
     )

@@ -12,8 +12,9 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
+from . import validate
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -35,12 +36,16 @@ OWN_KEYS = {
     "mlm_probability": "maskedlm: share of tokens masked (default 0.15)",
     "whole_word_mask": "maskedlm: mask whole words instead of single sub-tokens (default false)",
     "resume_from_checkpoint": "true: continue from the newest complete checkpoint of the run directory; or a path",
+    "save_on_interrupt": "Ctrl-C during training saves a checkpoint before exiting (default true)",
     "packing": "text-generation: several examples per row of max_length tokens, each attending only to itself",
     "lm_head_on_targets_only": "text-generation: vocabulary logits only where a token is learned (default true)",
 }
 BASE = "ft_config.train_config.base_config"
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
 NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epochs")
+# Types of our own keys, and ranges of fields whose type alone lets nonsense through (checked in `translate`).
+OWN_TYPES = {"checkpoints_output_dir": str, "max_length": int, "mlm_probability": float, "whole_word_mask": bool,
+             "resume_from_checkpoint": Optional[Union[bool, str]], "save_on_interrupt": bool}
 # Our defaults where transformers' would surprise a user of a small job: logs every 500 steps, wandb if installed.
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
             "include_num_input_tokens_seen": "non_padding",
@@ -103,13 +108,75 @@ def translate(job: "Job") -> dict[str, Any]:
                             "setting, keep one.")
         spelled[name] = key
         kwargs[name] = _coerce(key, value, fields[name])
+    for name, value in kwargs.items():
+        if name not in POSITIVE:  # those have their own message below
+                validate.check_type(f"{BASE}.{spelled[name]}", value, training_argument_types()[name])
     for name in POSITIVE:
         if name in kwargs and (isinstance(kwargs[name], bool) or not (isinstance(kwargs[name], int) and kwargs[name] >= 1)):
             raise UserError(f"{BASE}.{name}: must be a whole number of at least 1, got {kwargs[name]!r}.")
     for name in NON_NEGATIVE:
         if name in kwargs and (isinstance(kwargs[name], bool) or not (isinstance(kwargs[name], (int, float)) and kwargs[name] >= 0)):
             raise UserError(f"{BASE}.{name}: must be a number of at least 0, got {kwargs[name]!r}.")
+    _check_ranges(job, kwargs, spelled)
     return kwargs
+
+
+@lru_cache(maxsize=1)
+def training_argument_types() -> dict[str, Any]:
+    import typing
+
+    from transformers import TrainingArguments
+
+    return typing.get_type_hints(TrainingArguments)
+
+
+def _ranges() -> dict[str, Any]:
+    return {
+        "logging_steps": validate.at_least(0, strict=True), "save_steps": validate.at_least(0, strict=True),
+        "eval_steps": validate.at_least(0, strict=True), "save_total_limit": validate.at_least(1, whole=True),
+        "max_grad_norm": validate.at_least(0), "warmup_ratio": validate.between(0, 1),
+        "adam_beta1": validate.between(0, 1, high_open=True), "adam_beta2": validate.between(0, 1, high_open=True),
+        "adam_epsilon": validate.at_least(0), "seed": validate.between(0, 2**32 - 1),
+        "data_seed": validate.between(0, 2**32 - 1), "dataloader_num_workers": validate.at_least(0, whole=True),
+    }
+
+
+def _check_ranges(job: "Job", kwargs: dict[str, Any], spelled: dict[str, str]) -> None:
+    """Values of the right type that still make no sense, and the types and ranges of our own keys."""
+    from .config import as_number
+
+    for name, rule in _ranges().items():
+        if name in kwargs:
+            validate.check_range(f"{BASE}.{spelled[name]}", kwargs[name], rule)
+    steps = kwargs.get("max_steps")
+    if steps is not None and steps != -1 and steps < 1:
+        raise UserError(f"{BASE}.{spelled['max_steps']}: must be -1 (train num_train_epochs epochs) or at least 1, "
+                        f"got {steps!r}.")
+    if kwargs.get("num_train_epochs") == 0 and not (steps and steps > 0):
+        raise UserError(f"{BASE}.num_train_epochs: 0 epochs and no max_steps would train nothing.")
+    _check_report_to(kwargs.get("report_to"))
+    own = {key: as_number(value) if key in ("max_length", "mlm_probability") else value
+           for key, value in job.base_config.items() if key in OWN_TYPES}
+    for key, value in own.items():
+        if key == "max_length" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        validate.check_type(f"{BASE}.{key}", value, OWN_TYPES[key])
+    if "max_length" in own:
+        validate.check_range(f"{BASE}.max_length", own["max_length"], validate.at_least(1, whole=True))
+    if "mlm_probability" in own:
+        validate.check_range(f"{BASE}.mlm_probability", own["mlm_probability"],
+                             validate.between(0, 1, low_open=True, high_open=True))
+
+
+def _check_report_to(value: Any) -> None:
+    if value is None:
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    valid = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    for name in [value] if isinstance(value, str) else value:
+        if name not in valid:
+            raise UserError(f"{BASE}.report_to: unknown integration {name!r}; use one of: {', '.join(valid)}.")
 
 
 def run_dir(job: "Job") -> Path:

@@ -22,6 +22,17 @@ class _Strict(BaseModel):
     # Unknown keys are errors: the original silently dropped them and users trained with settings they never got.
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _true_is_not_a_number(cls, value, info):
+        # pydantic reads `num_row: true` as 1; a number key given true/false is a mistake, not a count.
+        if isinstance(value, bool):
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = {annotation, *getattr(annotation, "__args__", ())}
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("expected a number, not true/false")
+        return value
+
 
 class S3MirrorConfig(_Strict):
     bucket_uri: Optional[str] = None
@@ -55,7 +66,7 @@ class DataConfig(_Strict):
     local_path: Optional[str] = None
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
-    num_row: int = 0
+    num_row: int = Field(default=0, ge=-1)  # 0 or -1: all rows
     input_columns: Optional[list[str]] = None
     label_column: Optional[str] = None
     response_column: Optional[str] = None

@@ -36,8 +36,16 @@ def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
     summary: dict[str, Any] = {"task": job.task, "method": job.method, "model": model_path,
                                "output_dir": str(arguments.run_dir(job))}
     if load_data:
+        from . import models
+        from .checkpoints import resume_point
+
+        # The same checks run-ft makes before it loads weights: TrainingArguments' own, the resume point, and every
+        # row of the data through the task's preparation (columns, empty texts, labels, lengths).
+        arguments.build_training_arguments(job, task, arguments.run_dir(job))
+        resume_point(job.base_config.get("resume_from_checkpoint"), arguments.run_dir(job))
         splits = data.load_raw_splits(job)
         summary["splits"] = {name: len(split) for name, split in splits.items()}
+        task.prepare(splits, data.eval_split_name(job), models.load_tokenizer(model_path, job), job)
     summary["task_class"] = type(task).__name__
     return summary
 

@@ -241,11 +241,19 @@ def test_training_arguments_without_eval_split_and_loss_only(tmp_path, no_cuda):
 
 
 def test_training_arguments_error_is_a_user_error(tmp_path, no_cuda):
-    job = make_job(tmp_path, {"lr_scheduler_type": "not-a-scheduler"})
+    job = make_job(tmp_path, {"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "no"})
     with pytest.raises(UserError) as info:
         build_training_arguments(job, _StubTask(), tmp_path / "out")
     assert str(info.value).startswith(f"{job.source}: {BASE}: ")
-    assert "not-a-scheduler" in str(info.value)
+    assert "load_best_model_at_end" in str(info.value)
+
+
+def test_unknown_enum_value_names_the_key_and_the_choices(tmp_path, no_cuda):
+    job = make_job(tmp_path, {"lr_scheduler_type": "not-a-scheduler"})
+    with pytest.raises(UserError) as info:
+        build_training_arguments(job, _StubTask(), tmp_path / "out")
+    assert str(info.value).startswith(f"{BASE}.lr_scheduler_type: expected one of: linear, cosine")
+    assert str(info.value).endswith("got 'not-a-scheduler'.")
 
 
 def test_parse_job_without_source_still_translates():

@@ -33,8 +33,9 @@ class LoRA(Method):
                 raise UserError(f"{job.source}: unknown key 'ft_config.train_config.lora_config.{key}'.{hint} "
                                 "Valid keys are the fields of peft.LoraConfig.")
         r = settings.get("r", LORA_DEFAULTS["r"])
-        if not isinstance(r, int) or r <= 0:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise UserError(f"ft_config.train_config.lora_config.r: must be a positive integer, got {r!r}.")
+        _check_values(settings)
         self.config(job, task_type=settings.get("task_type") or "CAUSAL_LM")  # surface peft's own errors early
 
     def config(self, job, task_type: str, fresh_modules: list[str] | None = None, model=None):
@@ -67,6 +68,27 @@ class LoRA(Method):
                     config.r, sorted(config.target_modules) if isinstance(config.target_modules, set)
                     else config.target_modules, config.modules_to_save, trainable, total, 100 * trainable / total)
         return peft_model
+
+
+def _check_values(settings: dict) -> None:
+    """Each value against peft.LoraConfig's annotation, and the ranges that make sense, naming the key."""
+    import typing
+
+    from peft import LoraConfig
+    from peft.utils.peft_types import TaskType
+
+    from .. import validate
+
+    types = typing.get_type_hints(LoraConfig)
+    types["lora_alpha"] = float  # peft annotates int, yet scales by any number
+    types["task_type"] = typing.Optional[TaskType]
+    ranges = {"lora_alpha": validate.at_least(0, strict=True), "lora_dropout": validate.between(0, 1, high_open=True)}
+    for key, value in settings.items():
+        value = as_number(value) if key in ranges else value
+        name = f"ft_config.train_config.lora_config.{key}"
+        validate.check_type(name, value, types[key])
+        if key in ranges:
+            validate.check_range(name, value, ranges[key])
 
 
 def _peft_knows(model) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 from ..data import require_columns
 from ..errors import UserError
 from .base import Task, check_texts, clip_words, max_length, text_columns
-from .labels import encode_label, label_lookup, label_names, prepare_classification
+from .labels import check_scalar_labels, encode_label, label_lookup, label_names, prepare_classification
 
 
 class SequenceClassification(Task):
@@ -26,6 +26,7 @@ class SequenceClassification(Task):
             require_columns(split, inputs, "input_columns", name)
             require_columns(split, [label_column], "label_column", name)
             check_texts(split, inputs, name)
+            check_scalar_labels(split[label_column], label_column, name)
         feature = train.features[label_column]
         names = label_names(train[label_column], feature, label_column)
         lookup = label_lookup(names, feature)

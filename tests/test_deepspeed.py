@@ -117,3 +117,25 @@ def test_deepspeed_launcher_with_a_one_node_hostfile(tmp_path, tiny_models):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert (out / "checkpoint-4" / "global_step4").is_dir()
+
+
+def test_deepspeed_launcher_two_nodes_on_one_machine(tmp_path, tiny_models):
+    """The seed's two-node hostfile (`node1 slots=1`, `node2 slots=1`), both nodes on this machine: one `deepspeed
+    --no_ssh --node_rank R` launch per node, one process each, one ZeRO-2 job of world size 2."""
+    from multihost import free_port, run_together
+
+    job, ds, out = _setup(tmp_path, tiny_models, "full", 2)
+    hostfile = tmp_path / "myhostfile"
+    hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
+    port = free_port()
+    outputs = run_together(
+        [[shutil.which("deepspeed"), f"--hostfile={hostfile}", "--no_ssh", "--node_rank", str(rank),
+          "--master_addr", "127.0.0.1", "--master_port", str(port), "llm_finetune.py", "run-ft", f"--ft={job}",
+          "--deepspeed", str(ds)] for rank in (0, 1)],
+        cwd=REPO, env=ENV, logs=tmp_path / "logs", timeout=360, first_listens_on=port)
+    for rank, output in enumerate(outputs):  # each launch started one local process as node `rank` of 2
+        assert f"nnodes=2, num_local_procs=1, node_rank={rank}" in output, output[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
+    assert (out / "checkpoint-4" / "global_step4").is_dir(), "no DeepSpeed checkpoint: DeepSpeed was not used"
+    _eval_reproduces(out)

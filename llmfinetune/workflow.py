@@ -90,6 +90,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
 
     from transformers import set_seed
 
+    from . import faults
     from .checkpoints import MarkCompleteCheckpoints, StopOnNonFiniteLoss, resume_point
 
     set_seed(training_args.seed)  # new heads are initialised while loading: make them reproducible
@@ -107,10 +108,13 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         **task.trainer_hooks(tokenizer, job, prepared.model_kwargs),
-        callbacks=[MarkCompleteCheckpoints(), nan_guard := StopOnNonFiniteLoss()],
+        callbacks=[MarkCompleteCheckpoints(), nan_guard := StopOnNonFiniteLoss(),
+                   interrupt := faults.SaveOnInterrupt(job.base_config.get("save_on_interrupt", True))],
     )
     resume = resume_point(job.base_config.get("resume_from_checkpoint"), output_dir)
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    with faults.guarded("training", job, output_dir, training_args), faults.interruptible(interrupt):
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    interrupt.raise_if_stopped(job, output_dir)
     train_loss = train_result.metrics.get("train_loss")
     if nan_guard.bad_step is not None or (train_loss is not None and not math.isfinite(train_loss)):
         from .checkpoints import complete_checkpoints
@@ -121,9 +125,11 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
             f"{nan_guard.bad_step or trainer.state.global_step}; the model was not saved. Last good checkpoint: "
             f"{kept[-1] if kept else 'none'}. Lower learning_rate, set max_grad_norm, or check the data."
         )
-    trainer.save_model(str(output_dir))
+    with faults.guarded("saving the model", job, output_dir, training_args):
+        trainer.save_model(str(output_dir))
     set_seed(training_args.seed)  # random masks (maskedlm) must not depend on where training left the RNG
-    eval_metrics = trainer.evaluate()
+    with faults.guarded("evaluating", job, output_dir, training_args):
+        eval_metrics = trainer.evaluate()
     eval_metrics.update(task.derived_metrics(eval_metrics, "eval"))
     metrics = {
         **train_result.metrics,

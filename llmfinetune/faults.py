@@ -26,6 +26,9 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 # How libraries that do not raise OSError report the same faults (torch.save, safetensors' Rust writer).
 WRITE_FAILURE_TEXT = ("no space left on device", "disk quota exceeded", "file write failed", "storagefull",
                       "input/output error", "read-only file system")
+# What gloo and NCCL raise in the surviving ranks when another worker of the job died.
+PEER_LOST_TEXT = ("connection reset by peer", "connection closed by peer", "broken pipe",
+                  "nccl communicator was aborted")
 OOM_TEXT = ("out of memory", "defaultcpuallocator: can't allocate memory", "cannot allocate memory")
 
 
@@ -193,4 +196,18 @@ def guarded(stage: str, job: "Job", output_dir: Path, training_args=None) -> Ite
             raise UserError(_write_error_message(stage, reason, output_dir, job)) from exc
         if out_of_memory(exc):
             raise UserError(_oom_message(stage, exc, job, training_args, output_dir)) from exc
+        if _peer_lost(exc):
+            raise UserError(f"{stage}: lost the connection to another worker of this job, which probably died "
+                            f"({str(exc).strip().splitlines()[0][:160]}). The launcher reports which one.") from exc
         raise
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return False
+    except ImportError:
+        return False
+    return isinstance(exc, RuntimeError) and any(p in str(exc).lower() for p in PEER_LOST_TEXT)

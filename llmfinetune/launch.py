@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -17,17 +15,53 @@ def under_launcher() -> bool:
 
 
 def spawn_local_workers(nproc: int, cli_args: list[str]) -> int:
-    """Run `llmfinetune <cli_args>` in `nproc` processes through torch's elastic launcher (torchrun), each with an
-    even share of the CPU threads, and return the launcher's exit code."""
+    """Run `llmfinetune <cli_args>` in `nproc` processes through torch's elastic launcher (torchrun's own `run`, in
+    this process), each with an even share of the CPU threads. When a worker dies or fails, the agent stops the
+    others at once; this raises WorkerFailed naming the rank and how it ended, instead of torchrun's traceback."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "llmfinetune", *cli_args]
-    print(f"Starting {nproc} local workers: {' '.join(command[2:])}", flush=True)
-    # The package must be importable by the workers even when run from a checkout that is not installed.
+    command = ["--standalone", f"--nproc_per_node={nproc}", "-m", "llmfinetune", *cli_args]
+    print(f"Starting {nproc} local workers: torch.distributed.run {' '.join(command)}", flush=True)
+    # The package must be importable by the workers even when run from a checkout that is not installed; the agent
+    # passes this process's environment on to them.
     package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return subprocess.call(command, env=env)
+    worker_env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads)),
+                  "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    saved = {name: os.environ.get(name) for name in worker_env}
+    os.environ.update(worker_env)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)  # no rendezvous chatter
+    try:
+        run(get_args_parser().parse_args(command))
+        return 0
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise WorkerFailed(rank, failure.exitcode, failure.signal_name(), nproc, cli_args) from None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class WorkerFailed(UserError):
+    """One worker of a local multi-process run died or failed; the agent stopped the others."""
+
+    def __init__(self, rank: int, exitcode: int, signal_name: str, nproc: int, cli_args: list[str]):
+        job = next((a.split("=", 1)[1] for a in cli_args if a.startswith("--ft=")), "<job file>")
+        if exitcode < 0:
+            how = f"died ({signal_name})"
+            self.exit_code = 128 - exitcode
+        else:
+            how = f"failed (exit code {exitcode}; its own error is above)"
+            self.exit_code = exitcode or 1
+        others = "the other worker was" if nproc == 2 else "the other workers were"
+        super().__init__(f"worker rank {rank} of {nproc} {how}; {others} stopped. Checkpoints completely written "
+                         f"before this are kept. Resume with: llmfinetune run-ft --ft={job} --nproc {nproc} --resume")
 
 
 def check_launch(world_size: int) -> None:

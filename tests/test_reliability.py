@@ -278,3 +278,61 @@ def test_errors_that_are_not_faults_pass_through(tmp_path):
     with pytest.raises(ValueError, match="a bug"):
         with guarded("training", job, tmp_path / "run"):
             raise ValueError("a bug")
+
+
+# ------------------------------------------------------------------ a killed worker in a multi-process run
+
+
+def _workers_marked(mark: str) -> dict[int, int]:
+    """rank -> pid of the worker processes whose environment carries `mark` (workers have RANK set)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:
+            continue
+        variables = dict(item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+        if variables.get(b"LLMFINETUNE_TEST_MARK") == mark.encode() and b"RANK" in variables:
+            found[int(variables[b"RANK"])] = int(entry)
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_others_and_the_launcher_names_its_rank(tmp_path, tiny_models):
+    data = make_dataset(tmp_path / "data", "sequenceclassification", train_rows=64, eval_rows=16)
+    config = job_dict("sequenceclassification", "lora", tiny_models["bert"], data, tmp_path / "run", max_steps=5000,
+                      logging_steps=1, save_steps=100_000, eval_strategy="no")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(config))
+    mark = str(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "llmfinetune", "run-ft", f"--ft={job}", "--nproc", "2"],
+                               cwd=REPO, env={**env(), "LLMFINETUNE_TEST_MARK": mark}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.time() + 300
+        while not any("'loss'" in line for line in lines):  # both ranks are training
+            assert process.poll() is None, "".join(lines)[-3000:]
+            assert time.time() < deadline, "no step was logged"
+            time.sleep(0.05)
+        workers = _workers_marked(mark)
+        assert sorted(workers) == [0, 1], workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed_at = time.time()
+        code = process.wait(timeout=120)  # bounded: the agent stops rank 0 instead of letting it hang
+        took = time.time() - killed_at
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert code == 128 + signal.SIGKILL, output[-3000:]
+    assert took < 120
+    assert "error: worker rank 1 of 2 died (SIGKILL); the other worker was stopped." in output
+    assert f"Resume with: llmfinetune run-ft --ft={job} --nproc 2 --resume" in output
+    assert "Traceback" not in output
+    assert not _workers_marked(mark), "a worker outlived the launcher"

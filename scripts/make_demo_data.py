@@ -34,6 +34,7 @@ SIZES: Dict[str, Tuple[int, int]] = {
     "ner": (800, 200),
     "wiki": (600, 100),
     "qa": (600, 100),
+    "chat": (300, 50),
 }
 
 
@@ -789,6 +790,22 @@ def make_qa(rng: random.Random, n_train: int, n_val: int) -> Tuple[List[dict], L
     return rows[:n_train], rows[n_train:]
 
 
+CHAT_SYSTEM = "You are a concise assistant. Answer in one sentence."
+
+
+def make_chat(rng: random.Random, n_train: int, n_val: int) -> Tuple[List[dict], List[dict]]:
+    """Multi-turn OpenAI-style conversations: 1-3 qa exchanges in a row, half of them with a system turn."""
+    rows = []
+    for _ in range(n_train + n_val):
+        messages = [{"role": "system", "content": CHAT_SYSTEM}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 3)):
+            pair = _qa_row(rng)
+            messages += [{"role": "user", "content": pair["prompt"]},
+                         {"role": "assistant", "content": pair["response"]}]
+        rows.append({"messages": messages})
+    return rows[:n_train], rows[n_train:]
+
+
 # --------------------------------------------------------------------------- #
 # README + main
 # --------------------------------------------------------------------------- #
@@ -807,6 +824,7 @@ third-party data. Every dataset is a folder with two JSON-lines files,
 | `ner/` | token classification (NER, BIO) | `tokens` (list of str), `ner_tags` (list of str, same length) | {ner_train} | {ner_val} |
 | `wiki/` | masked / causal language modelling | `text` (str, 2-5 sentence paragraph) | {wiki_train} | {wiki_val} |
 | `qa/` | text generation / SFT | `prompt` (str), `response` (str) | {qa_train} | {qa_val} |
+| `chat/` | text generation / chat SFT | `messages` (list of `{role, content}`, 1-3 user/assistant exchanges, some with a system turn) | {chat_train} | {chat_val} |
 
 Notes:
 
@@ -837,6 +855,7 @@ BUILDERS = {
     "ner": make_ner,
     "wiki": make_wiki,
     "qa": make_qa,
+    "chat": make_chat,
 }
 
 

@@ -45,7 +45,8 @@ def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
         resume_point(job.base_config.get("resume_from_checkpoint"), arguments.run_dir(job))
         splits = data.load_raw_splits(job)
         summary["splits"] = {name: len(split) for name, split in splits.items()}
-        task.prepare(splits, data.eval_split_name(job), models.load_tokenizer(model_path, job), job)
+        # Through the cache: the run-ft that follows a successful check starts training without tokenizing again.
+        _prepare(task, splits, data.eval_split_name(job), models.load_tokenizer(model_path, job), job)
     summary["task_class"] = type(task).__name__
     return summary
 
@@ -78,13 +79,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     tokenizer = models.load_tokenizer(model_path, job)
     splits = data.load_raw_splits(job)
     eval_split = data.eval_split_name(job)
-    if job.data.cache_tokenized:
-        from .cache import prepare_cached
-
-        prepared = prepare_cached(task, splits, eval_split, tokenizer, job)
-    else:
-        with training_args.main_process_first(desc="tokenizing"):
-            prepared = task.prepare(splits, eval_split, tokenizer, job)
+    prepared = _prepare(task, splits, eval_split, tokenizer, job, training_args)
     logger.info("Data: %d train and %d eval examples (eval split '%s').", len(prepared.train), len(prepared.eval),
                 eval_split)
 
@@ -153,6 +148,18 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         _log_summary(metrics, output_dir)
     _leave_process_group()
     return RunResult(output_dir, metrics, trainer.model, tokenizer)
+
+
+def _prepare(task, splits, eval_split: str, tokenizer, job: Job, training_args=None):
+    """Tokenized splits, from the cache when allowed (one process per machine tokenizes, the others wait for it)."""
+    if job.data.cache_tokenized:
+        from .cache import prepare_cached
+
+        return prepare_cached(task, splits, eval_split, tokenizer, job)
+    if training_args is None:
+        return task.prepare(splits, eval_split, tokenizer, job)
+    with training_args.main_process_first(desc="tokenizing"):
+        return task.prepare(splits, eval_split, tokenizer, job)
 
 
 def _leave_process_group() -> None:

@@ -25,7 +25,17 @@ class MarkCompleteCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                unpickle_training_arguments(folder, args)
                 (folder / COMPLETE_MARK).write_text(str(state.global_step), encoding="utf-8")
+
+
+def unpickle_training_arguments(folder: Path, args) -> None:
+    """Trainer pickles TrainingArguments into training_args.bin (torch.save), which nothing needs to resume and which
+    would run code if loaded; keep the same record as training_args.json (tokens hidden by transformers)."""
+    pickled = folder / "training_args.bin"
+    if pickled.is_file():
+        (folder / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+        pickled.unlink()
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

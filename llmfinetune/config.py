@@ -290,6 +290,16 @@ def redact(value: Any) -> Any:
     return value
 
 
+def redact_arguments(argv: list[str]) -> list[str]:
+    """Command-line overrides of secret keys (`...from_pretrained_kwargs.token=hf_...`) with the value hidden."""
+    hidden = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        hidden.append(f"{key}=<redacted>" if sep and value and not key.startswith("-") and
+                      _is_secret(key.rsplit(".", 1)[-1]) else arg)
+    return hidden
+
+
 def as_number(value: Any) -> Union[int, float, Any]:
     """PyYAML reads `2e-5` (no dot) as a string; the seed files are full of such values."""
     if isinstance(value, str):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import Job, dump_job
+from .config import Job, dump_job, redact_arguments
 from .errors import UserError
 from .registry import METHODS, TASKS
 
@@ -122,6 +122,10 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         )
     with faults.guarded("saving the model", job, output_dir, training_args):
         trainer.save_model(str(output_dir))
+        if dist.is_main:
+            from .checkpoints import unpickle_training_arguments
+
+            unpickle_training_arguments(output_dir, training_args)
     set_seed(training_args.seed)  # random masks (maskedlm) must not depend on where training left the RNG
     with faults.guarded("evaluating", job, output_dir, training_args):
         eval_metrics = trainer.evaluate()
@@ -181,7 +185,8 @@ def _write_report(output_dir: Path, trainer) -> None:
     total = sum(p.numel() for p in trainer.model.parameters())
     extra = {"trainable_parameters": trainable, "total_parameters": total, "peak_rss_mib": peak_rss_mib(),
              "train_tokens": trainer.state.num_input_tokens_seen or None,
-             "command": " ".join(["llmfinetune", *sys.argv[1:]]) if sys.argv[1:2] == ["run-ft"] else None}
+             "command": " ".join(["llmfinetune", *redact_arguments(sys.argv[1:])]) if sys.argv[1:2] == ["run-ft"]
+             else None}
     try:
         write_report(output_dir, extra)
     except Exception as exc:  # noqa: BLE001

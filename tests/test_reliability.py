@@ -336,3 +336,50 @@ def test_a_killed_worker_stops_the_others_and_the_launcher_names_its_rank(tmp_pa
     assert f"Resume with: llmfinetune run-ft --ft={job} --nproc 2 --resume" in output
     assert "Traceback" not in output
     assert not _workers_marked(mark), "a worker outlived the launcher"
+
+
+# ------------------------------------------------------------------ what a run leaves: no pickles, no secrets
+
+# torch state of a checkpoint that Trainer needs to resume; transformers loads each with torch.load(weights_only=True)
+RESUME_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt"}
+
+
+@pytest.mark.slow
+def test_run_dir_has_safetensors_weights_no_pickled_arguments_and_no_secrets(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_EnvSecret0123456789")
+    out = tmp_path / "run"
+    data = make_dataset(tmp_path / "data", "sequenceclassification", train_rows=16, eval_rows=8)
+    config = job_dict("sequenceclassification", "full", tiny_models["bert"], data, out, max_steps=2, save_steps=2,
+                      hub_token="hf_JobSecret0123456789")
+    config["model_config"]["initialization"] = {"initializer": {"from_pretrained_kwargs": {
+        "token": "hf_KwargSecret0123456789"}}}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(sys, "argv", ["llmfinetune", "run-ft", f"--ft={job}",
+                                      "model_config.initialization.initializer.from_pretrained_kwargs.token="
+                                      "hf_ArgvSecret0123456789"])
+    code, output = run_cli(*sys.argv[1:])
+    assert code == 0, output[-3000:]
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert "model.safetensors" in names and (out / "checkpoint-2" / "model.safetensors").is_file()
+    for path in files:  # weights only as safetensors; TrainingArguments as JSON, not a pickle
+        assert path.suffix not in (".bin", ".pkl", ".pickle") and (path.suffix not in (".pt", ".pth")
+                                                                    or path.name in RESUME_STATE), path
+    for folder in (out, out / "checkpoint-2"):
+        assert json.loads((folder / "training_args.json").read_text())["max_steps"] == 2
+    for path in files:
+        if path.suffix in (".json", ".yaml", ".md", ".txt", ".jsonl", ".csv"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert "Secret0123456789" not in text, path
+    assert "from_pretrained_kwargs.token=<redacted>" in (out / "report.md").read_text()
+
+
+def test_redact_arguments_hides_secret_overrides_only():
+    from llmfinetune.config import redact_arguments
+
+    assert redact_arguments(["run-ft", "--ft=job.yaml", "a.b.hub_token=hf_x", "model_config.add_special_tokens."
+                             "pad_token=<pad>", "x.api_key=k", "--resume"]) == [
+        "run-ft", "--ft=job.yaml", "a.b.hub_token=<redacted>", "model_config.add_special_tokens.pad_token=<pad>",
+        "x.api_key=<redacted>", "--resume"]

@@ -398,3 +398,42 @@ def test_targets_only_lm_head_computes_fewer_logits(tiny_models, tmp_path):
     trainer.compute_loss(model, {"input_ids": torch.tensor([[1, 2, 3, 5, 6, 7], [1, 2, 8, 9, 0, 0]]),
                                  "labels": labels})
     assert seen == [torch.Size([5, model.config.vocab_size])]  # 5 learned targets, not 12 positions
+
+
+@pytest.mark.slow
+def test_packed_sft_on_two_processes_matches_one_process(tiny_models, tmp_path):
+    """DDP with packing and the learned-positions LM head: 2 processes x 2 rows give the loss curve of 1 process x 4
+    rows (same rows per step, sequential order). This checks the loss normalisation across processes (the summed
+    loss over the global target count, scaled back by the process count), which a wrong scale would break by 2x."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO, make_dataset
+
+    data = make_dataset(tmp_path / "data", "text-generation", train_rows=96, eval_rows=16)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    common = {"max_steps": 4, "logging_steps": 1, "train_sampling_strategy": "sequential", "save_strategy": "no",
+              "eval_strategy": "no", "packing": True, "max_length": 64}
+
+    def run_with(name, launcher, rows):
+        config = job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / name,
+                          per_device_train_batch_size=rows, **common)
+        config["ft_config"]["train_config"]["lora_config"]["lora_dropout"] = 0.0
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run([*launcher, "llm_finetune.py", "run-ft", f"--ft={path}"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        return [entry["loss"] for entry in history if "loss" in entry], metrics
+
+    one, one_metrics = run_with("one", [sys.executable], 4)
+    two, two_metrics = run_with("two", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2"], 2)
+    assert one_metrics["world_size"] == 1 and two_metrics["world_size"] == 2
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-5)

@@ -139,3 +139,61 @@ def test_deepspeed_launcher_two_nodes_on_one_machine(tmp_path, tiny_models):
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
     assert (out / "checkpoint-4" / "global_step4").is_dir(), "no DeepSpeed checkpoint: DeepSpeed was not used"
     _eval_reproduces(out)
+
+
+def test_accelerate_with_the_seed_offload_config(tmp_path, tiny_models):
+    """The seed's 'Case 2' accelerate config: ZeRO-3 with optimizer and parameters offloaded to the CPU and
+    `zero3_save_16bit_model`. DeepSpeed's cpu_adam op compiles on first use (gcc, once, cached under
+    ~/.cache/torch_extensions). The saved model is the trained one: it equals the weights gathered from the ZeRO
+    checkpoint of the last step, loads with plain from_pretrained, and reproduces the run's eval."""
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("DeepSpeed's cpu_adam (CPU offload) compiles with a C++ compiler; none here")
+    pytest.importorskip("ninja", reason="DeepSpeed compiles cpu_adam with ninja")
+    # Compile (or load the cached) cpu_adam here, once, rather than inside both ranks under the launch's timeout.
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load(verbose=False)
+    job, _, out = _setup(tmp_path, tiny_models, "full", 3)
+    accelerate_config = tmp_path / "default_config.yaml"
+    accelerate_config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"deepspeed_multinode_launcher": "standard", "gradient_accumulation_steps": 1,
+                             "gradient_clipping": 1.0, "offload_optimizer_device": "cpu",
+                             "offload_param_device": "cpu", "zero3_init_flag": True,
+                             "zero3_save_16bit_model": True, "zero_stage": 3},
+        "mixed_precision": "no", "num_machines": 1, "num_processes": 2, "machine_rank": 0,
+        "main_process_port": 0, "use_cpu": False, "rdzv_backend": "static", "same_network": True,
+    }))
+    _run(["accelerate", "launch", "--config_file", str(accelerate_config), "llm_finetune.py", "run-ft",
+          f"--ft={job}"])
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    step = out / "checkpoint-4" / "global_step4"
+    ds_config = torch.load(step / "zero_pp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu",
+                           weights_only=False)["ds_config"]["zero_optimization"]
+    assert ds_config["stage"] == 3
+    assert ds_config["offload_optimizer"]["device"] == "cpu" and ds_config["offload_param"]["device"] == "cpu"
+
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved and all(t.numel() > 0 for t in saved.values()), "ZeRO-3 saved empty (partitioned) tensors"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-4"), tag="global_step4")
+    # transformers writes BERT's LayerNorm weight/bias under their legacy names gamma/beta in this save path;
+    # from_pretrained maps them back.
+    saved = {name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): t
+             for name, t in saved.items()}
+    assert trained and set(trained) <= set(saved), sorted(set(trained) - set(saved))
+    for name, tensor in trained.items():
+        assert torch.equal(saved[name].float(), tensor.float()), f"{name}: saved weights differ from the trained ones"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"]).state_dict()
+    assert any(not torch.equal(base[name], tensor) for name, tensor in trained.items() if name in base), \
+        "the saved encoder equals the base model: nothing was trained"
+    loaded = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    for name, tensor in trained.items():
+        assert torch.equal(loaded[name].float(), tensor.float()), f"{name}: from_pretrained did not load the trained weights"
+    _eval_reproduces(out)

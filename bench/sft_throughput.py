@@ -8,7 +8,9 @@ intermediate 1408, byte-level BPE vocabulary of ~8000 trained here on the data),
 process (clean peak RSS) and reports non-pad tokens/s of its training loop (Trainer's train_runtime), peak RSS, its
 last-10-step train loss and the loss of the trained model on the same 128 held-out examples.
 
-Contenders: the plain baseline in fp32 and in bf16 (autocast), and ours (packing without cross-example attention).
+Contenders: the plain baseline in fp32 and in bf16 (autocast); ours (packing without cross-example attention, LM head
+on learned positions only) with 8 packed rows per step, and ours-accum2 with the same 8 rows per optimizer step as
+2 micro-batches of 4 (half the activation memory).
 On a CPU without native bf16 (no avx512_bf16/AMX) a bf16 step is ~100x slower; the bf16 baseline then runs
 --bf16-steps steps only (a rate, not a final loss). The last lines printed are the ratios ours / each baseline.
 """
@@ -29,6 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = REPO.parent / "shared" / "datasets" / "AdvertiseGen"
 BATCH, MAX_LENGTH, LORA_R, LEARNING_RATE, EVAL_EXAMPLES = 8, 256, 8, 1e-3, 128
+# ours-accum2: the same 8 packed rows per optimizer step, as 2 micro-batches of 4 (half the activation memory).
+CONTENDERS = ["baseline-fp32", "baseline-bf16", "ours", "ours-accum2"]
 
 
 # ---------------------------------------------------------------- the job: data, tokenizer, model
@@ -153,7 +157,7 @@ def baseline(workdir: Path, steps: int, bf16: bool) -> dict:
                     held_out_loss(trainer.model, tokenizer, workdir) if not bf16 or steps >= 10 else None)
 
 
-def ours(workdir: Path, steps: int) -> dict:
+def ours(workdir: Path, steps: int, rows: int = BATCH, accumulation: int = 1) -> dict:
     from llmfinetune.config import parse_job
     from llmfinetune.tasks.causal_lm import CausalLM
     from llmfinetune.workflow import run
@@ -175,7 +179,8 @@ def ours(workdir: Path, steps: int) -> dict:
                 "lora_config": {"r": LORA_R, "lora_alpha": 2 * LORA_R, "lora_dropout": 0.0,
                                 "target_modules": ["q_proj", "v_proj"]},
                 "base_config": {"output_dir": str(workdir / "ours"), "max_steps": steps,
-                                "per_device_train_batch_size": BATCH, "learning_rate": LEARNING_RATE,
+                                "per_device_train_batch_size": rows, "gradient_accumulation_steps": accumulation,
+                                "learning_rate": LEARNING_RATE,
                                 "max_length": MAX_LENGTH, "packing": True, "logging_steps": 1,
                                 "save_strategy": "no", "eval_strategy": "no", "seed": 42,
                                 "dataloader_drop_last": True},
@@ -186,7 +191,8 @@ def ours(workdir: Path, steps: int) -> dict:
     from transformers import AutoTokenizer
 
     state = json.loads((workdir / "ours" / "trainer_state.json").read_text())
-    return _summary(result.metrics["train_runtime"], counters[0].trained_tokens(steps), state["log_history"],
+    return _summary(result.metrics["train_runtime"], counters[0].trained_tokens(steps * accumulation),
+                    state["log_history"],
                     held_out_loss(result.model, AutoTokenizer.from_pretrained(workdir / "model"), workdir))
 
 
@@ -215,14 +221,18 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED if SHARED.is_dir() else None)
     parser.add_argument("--bf16-steps", type=int, default=None,
                         help="steps of the bf16 baseline (default: --steps with native bf16, else 3)")
-    parser.add_argument("--only", choices=["baseline-fp32", "baseline-bf16", "ours"], action="append")
+    parser.add_argument("--only", choices=CONTENDERS, action="append")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.contender:  # a child process: run one contender, print its JSON summary last
         steps = args.steps
-        summary = ours(args.workdir, steps) if args.contender == "ours" else \
-            baseline(args.workdir, steps, bf16=args.contender == "baseline-bf16")
+        if args.contender == "ours":
+            summary = ours(args.workdir, steps)
+        elif args.contender == "ours-accum2":
+            summary = ours(args.workdir, steps, rows=BATCH // 2, accumulation=2)
+        else:
+            summary = baseline(args.workdir, steps, bf16=args.contender == "baseline-bf16")
         print("RESULT " + json.dumps(summary), flush=True)
         return
 
@@ -232,7 +242,7 @@ def main() -> None:
         build(workdir, args.data)
         print(f"data: {args.data or 'generated text'}; model and tokenizer built in {workdir}", flush=True)
         results = {}
-        for name in args.only or ["baseline-fp32", "baseline-bf16", "ours"]:
+        for name in args.only or CONTENDERS:
             steps = bf16_steps if name == "baseline-bf16" else args.steps
             output = subprocess.run([sys.executable, __file__, "--contender", name, "--workdir", str(workdir),
                                      "--steps", str(steps)], capture_output=True, text=True, env={**os.environ,
@@ -249,14 +259,14 @@ def main() -> None:
         held = f"{r['held_out_loss']:.4f}" if r["held_out_loss"] is not None else "-"
         print(f"{name:<16} {r['steps']:>5} {r['tokens_per_second']:>9.1f} {r['peak_rss_mib']:>12.0f} "
               f"{r['last_train_loss']:>10.4f} {held:>13}")
-    if "ours" in results:
-        for name in ("baseline-fp32", "baseline-bf16"):
-            if name in results:
-                ratio = results["ours"]["tokens_per_second"] / results[name]["tokens_per_second"]
-                print(f"ratio ours / {name}: {ratio:.2f}x")
-        baselines = [r["tokens_per_second"] for n, r in results.items() if n != "ours"]
+    baselines = {n: r for n, r in results.items() if n.startswith("baseline")}
+    for mine in (n for n in results if n.startswith("ours")):
+        for name, base in baselines.items():
+            print(f"ratio {mine} / {name}: {results[mine]['tokens_per_second'] / base['tokens_per_second']:.2f}x")
+    for mine in (n for n in results if n.startswith("ours")):
         if baselines:
-            print(f"ratio ours / best baseline: {results['ours']['tokens_per_second'] / max(baselines):.2f}x")
+            best = max(r["tokens_per_second"] for r in baselines.values())
+            print(f"ratio {mine} / best baseline: {results[mine]['tokens_per_second'] / best:.2f}x")
 
 
 if __name__ == "__main__":

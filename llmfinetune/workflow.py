@@ -41,12 +41,13 @@ def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
 
         # The same checks run-ft makes before it loads weights: TrainingArguments' own, the resume point, and every
         # row of the data through the task's preparation (columns, empty texts, labels, lengths).
-        arguments.build_training_arguments(job, task, arguments.run_dir(job))
+        training_args = arguments.build_training_arguments(job, task, arguments.run_dir(job))
         resume_point(job.base_config.get("resume_from_checkpoint"), arguments.run_dir(job))
         splits = data.load_raw_splits(job)
         summary["splits"] = {name: len(split) for name, split in splits.items()}
         # Through the cache: the run-ft that follows a successful check starts training without tokenizing again.
-        _prepare(task, splits, data.eval_split_name(job), models.load_tokenizer(model_path, job), job)
+        prepared = _prepare(task, splits, data.eval_split_name(job), models.load_tokenizer(model_path, job), job)
+        _require_one_batch(prepared, job, training_args.per_device_train_batch_size, job.scaling_config.num_workers)
     summary["task_class"] = type(task).__name__
     return summary
 
@@ -80,6 +81,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     splits = data.load_raw_splits(job)
     eval_split = data.eval_split_name(job)
     prepared = _prepare(task, splits, eval_split, tokenizer, job, training_args)
+    _require_one_batch(prepared, job, training_args.per_device_train_batch_size, dist.world_size)
     logger.info("Data: %d train and %d eval examples (eval split '%s').", len(prepared.train), len(prepared.eval),
                 eval_split)
 
@@ -164,6 +166,20 @@ def _prepare(task, splits, eval_split: str, tokenizer, job: Job, training_args=N
         return task.prepare(splits, eval_split, tokenizer, job)
     with training_args.main_process_first(desc="tokenizing"):
         return task.prepare(splits, eval_split, tokenizer, job)
+
+
+def _require_one_batch(prepared, job: Job, per_device: int, processes: int) -> None:
+    """A train split smaller than one batch across all processes is a mistake (often num_row); the samplers would
+    silently repeat rows to fill the batch."""
+    needed = per_device * processes
+    if len(prepared.train) < needed:
+        rows = "packed rows" if job.base_config.get("packing") else "examples"
+        raise UserError(
+            f"split 'train': {len(prepared.train)} {rows} after tokenizing, fewer than one batch across all processes "
+            f"(per_device_train_batch_size {per_device} x {processes} process{'es' if processes > 1 else ''} = "
+            f"{needed}). Add rows (ft_config.data_config.num_row: 0 reads all), lower the batch size or use fewer "
+            "processes."
+        )
 
 
 def _leave_process_group() -> None:

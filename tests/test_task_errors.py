@@ -72,3 +72,23 @@ def test_seed_style_text_generation_reads_the_response_from_validation_column(ti
     labels = prepared.train[0]["labels"]
     assert labels[0] == -100  # the prompt is not learned
     assert labels[-1] == tokenizer.eos_token_id  # the response ends with EOS, and EOS is a target
+
+
+def test_a_train_split_smaller_than_one_batch_is_refused_at_check(tiny_models, tmp_path, capsys):
+    import yaml
+
+    from conftest import write_jsonl
+    from llmfinetune import cli
+
+    rows = [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}, {"text": "fine", "label": "pos"}]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", rows)
+    config = job_dict("sequenceclassification", "full", tiny_models["bert"], tmp_path / "data", tmp_path / "run")
+    config["scaling_config"] = {"num_workers": 2}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert cli.main(["check", f"--ft={path}"]) == 2
+    message = capsys.readouterr().err
+    assert ("split 'train': 3 examples after tokenizing, fewer than one batch across all processes "
+            "(per_device_train_batch_size 4 x 2 processes = 8)") in message
+    assert "Traceback" not in message

@@ -243,6 +243,14 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
             kwargs["bf16"] = cpu_supports_bf16()
             logger.warning("fp16 is not supported on CPU; training in %s instead.",
                            "bf16" if kwargs["bf16"] else "fp32")
+        if os.environ.get("ACCELERATE_MIXED_PRECISION") == "fp16":
+            # `accelerate launch --mixed_precision fp16` (or a config file saying so, like the seed's): the Trainer
+            # reads this variable; on CPU it trains fp32 without a word, and DeepSpeed stops on fp16.enabled.
+            use_bf16 = cpu_supports_bf16()
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if use_bf16 else "no"
+            kwargs["bf16"] = kwargs.get("bf16") or use_bf16
+            logger.warning("accelerate's mixed precision fp16 is not supported on CPU; training in %s instead.",
+                           "bf16" if use_bf16 else "fp32")
     if task.loss_only_eval:
         kwargs.setdefault("prediction_loss_only", True)
     if not has_eval:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,19 @@ def test_fp16_on_cpu_becomes_bf16_or_fp32(tmp_path, monkeypatch, no_cuda, bf16_c
     assert args.max_steps == 3 and args.gradient_accumulation_steps == 2
     assert str(args.eval_strategy.value) == "steps"
     assert args.report_to == [] and args.logging_steps == 10  # our defaults
+
+
+@pytest.mark.parametrize("bf16_cpu", [False, True])
+def test_accelerate_fp16_on_cpu_becomes_bf16_or_fp32_with_a_warning(tmp_path, monkeypatch, no_cuda, bf16_cpu, caplog):
+    """`accelerate launch --mixed_precision fp16` reaches the Trainer as ACCELERATE_MIXED_PRECISION, not as fp16."""
+    monkeypatch.setattr(arguments, "cpu_supports_bf16", lambda: bf16_cpu)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with caplog.at_level("WARNING"):
+        args = build_training_arguments(make_job(tmp_path, {"max_steps": 1}), _StubTask(), tmp_path / "out")
+    assert args.fp16 is False and args.bf16 is bf16_cpu
+    assert args.mixed_precision == ("bf16" if bf16_cpu else "no")
+    assert os.environ["ACCELERATE_MIXED_PRECISION"] == ("bf16" if bf16_cpu else "no")  # what accelerate reads next
+    assert f"training in {'bf16' if bf16_cpu else 'fp32'} instead" in caplog.text
 
 
 def test_training_arguments_without_eval_split_and_loss_only(tmp_path, no_cuda):

@@ -197,3 +197,27 @@ def test_accelerate_with_the_seed_offload_config(tmp_path, tiny_models):
     for name, tensor in trained.items():
         assert torch.equal(loaded[name].float(), tensor.float()), f"{name}: from_pretrained did not load the trained weights"
     _eval_reproduces(out)
+
+
+def test_accelerate_deepspeed_config_with_fp16_on_cpu(tmp_path, tiny_models):
+    """The seed's 'Case 1' accelerate config verbatim, `mixed_precision: fp16` included: on CPU DeepSpeed refused
+    it (fp16.enabled vs the Trainer's fp16); now it trains in bf16 or fp32 with a warning."""
+    from llmfinetune.arguments import cpu_supports_bf16
+
+    job, _, out = _setup(tmp_path, tiny_models, "full", 3)
+    accelerate_config = tmp_path / "default_config.yaml"
+    accelerate_config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"deepspeed_multinode_launcher": "standard", "gradient_accumulation_steps": 1,
+                             "gradient_clipping": 1.0, "offload_optimizer_device": "none",
+                             "offload_param_device": "none", "zero3_init_flag": True,
+                             "zero3_save_16bit_model": True, "zero_stage": 3},
+        "downcast_bf16": "no", "mixed_precision": "fp16", "num_machines": 1, "num_processes": 2,
+        "main_process_port": 0, "use_cpu": False,
+    }))
+    result = _run(["accelerate", "launch", "--config_file", str(accelerate_config), "llm_finetune.py", "run-ft",
+                   f"--ft={job}"])
+    used = "bf16" if cpu_supports_bf16() else "fp32"
+    assert f"mixed precision fp16 is not supported on CPU; training in {used} instead" in result.stderr
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
+    assert (out / "checkpoint-4" / "global_step4").is_dir(), "no DeepSpeed checkpoint: DeepSpeed was not used"

@@ -150,3 +150,17 @@ def test_a_failed_launch_takes_its_peers_down_at_once(tmp_path):
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{sleeper}") or "Z" in open(f"/proc/{sleeper}/stat").read().split()[2], \
         "the waiting launch's child was left running"
+
+
+def test_accelerate_fp16_on_cpu_trains_in_bf16_or_fp32_with_a_warning(tmp_path, tiny_models):
+    """The seed's `accelerate launch --multi_gpu --mixed_precision=fp16` on a machine without a GPU."""
+    from llmfinetune.arguments import cpu_supports_bf16
+
+    job, out = _write_job(tmp_path, tiny_models)
+    result = _run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision=fp16",
+                   "--dynamo_backend", "no", "--main_process_port", "0", "llm_finetune.py", "run-ft", f"--ft={job}"])
+    used = "bf16" if cpu_supports_bf16() else "fp32"
+    assert f"mixed precision fp16 is not supported on CPU; training in {used} instead" in result.stderr
+    assert _metrics(out)["world_size"] == 2
+    args = json.loads((out / "checkpoint-4" / "training_args.json").read_text())
+    assert args["fp16"] is False and args["bf16"] is (used == "bf16")

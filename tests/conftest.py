@@ -32,6 +32,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"bert": make_tiny_bert(root / "bert"), "qwen2": make_tiny_causal_lm(root / "qwen2")}
 
 
+def set_at(raw: dict, dotted: str, value) -> dict:
+    """raw['a']['b']['c'] = value for 'a.b.c', making sections on the way; returns raw."""
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return raw
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

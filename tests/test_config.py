@@ -10,6 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import set_at
 from llmfinetune.config import Job, apply_override, dump_job, load_job, parse_job, redact
 from llmfinetune.errors import UserError
 
@@ -90,15 +91,6 @@ def load_error(path: Path, overrides=None) -> str:
     with pytest.raises(UserError) as info:
         load_job(path, overrides)
     return str(info.value)
-
-
-def set_at(raw: dict, dotted: str, value) -> dict:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return raw
 
 
 # ------------------------------------------------------------------ the seed example

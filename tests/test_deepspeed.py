@@ -86,19 +86,26 @@ def test_deepspeed_zero3_lora_saves_a_non_empty_adapter(tmp_path, tiny_models):
     _eval_reproduces(out)
 
 
-def test_accelerate_with_a_deepspeed_zero3_config_file(tmp_path, tiny_models):
-    job, _, out = _setup(tmp_path, tiny_models, "full", 3)
-    accelerate_config = tmp_path / "default_config.yaml"
-    accelerate_config.write_text(yaml.safe_dump({  # the seed's "Case 1" config, mixed precision off for CPU
+def _seed_deepspeed_accelerate_config(tmp_path, offload: str = "none", port: int = 0, **top) -> str:
+    """The seed's DeepSpeed accelerate config ("Case 1": ZeRO-3, 16-bit save), 2 processes, written to a file;
+    `offload` is its offload device, `top` overrides top-level keys."""
+    path = tmp_path / "default_config.yaml"
+    path.write_text(yaml.safe_dump({
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
         "deepspeed_config": {"deepspeed_multinode_launcher": "standard", "gradient_accumulation_steps": 1,
-                             "gradient_clipping": 1.0, "offload_optimizer_device": "none",
-                             "offload_param_device": "none", "zero3_init_flag": True,
+                             "gradient_clipping": 1.0, "offload_optimizer_device": offload,
+                             "offload_param_device": offload, "zero3_init_flag": True,
                              "zero3_save_16bit_model": True, "zero_stage": 3},
         "mixed_precision": "no", "num_machines": 1, "num_processes": 2, "machine_rank": 0,
-        "main_process_port": 29633, "use_cpu": False, "rdzv_backend": "static", "same_network": True,
+        "main_process_port": port, "use_cpu": False, "rdzv_backend": "static", "same_network": True, **top,
     }))
-    _run(["accelerate", "launch", "--config_file", str(accelerate_config), "llm_finetune.py", "run-ft",
+    return str(path)
+
+
+def test_accelerate_with_a_deepspeed_zero3_config_file(tmp_path, tiny_models):
+    job, _, out = _setup(tmp_path, tiny_models, "full", 3)
+    accelerate_config = _seed_deepspeed_accelerate_config(tmp_path, port=29633)  # mixed precision off for CPU
+    _run(["accelerate", "launch", "--config_file", accelerate_config, "llm_finetune.py", "run-ft",
           f"--ft={job}"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
@@ -154,17 +161,8 @@ def test_accelerate_with_the_seed_offload_config(tmp_path, tiny_models):
 
     CPUAdamBuilder().load(verbose=False)
     job, _, out = _setup(tmp_path, tiny_models, "full", 3)
-    accelerate_config = tmp_path / "default_config.yaml"
-    accelerate_config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
-        "deepspeed_config": {"deepspeed_multinode_launcher": "standard", "gradient_accumulation_steps": 1,
-                             "gradient_clipping": 1.0, "offload_optimizer_device": "cpu",
-                             "offload_param_device": "cpu", "zero3_init_flag": True,
-                             "zero3_save_16bit_model": True, "zero_stage": 3},
-        "mixed_precision": "no", "num_machines": 1, "num_processes": 2, "machine_rank": 0,
-        "main_process_port": 0, "use_cpu": False, "rdzv_backend": "static", "same_network": True,
-    }))
-    _run(["accelerate", "launch", "--config_file", str(accelerate_config), "llm_finetune.py", "run-ft",
+    accelerate_config = _seed_deepspeed_accelerate_config(tmp_path, offload="cpu")
+    _run(["accelerate", "launch", "--config_file", accelerate_config, "llm_finetune.py", "run-ft",
           f"--ft={job}"])
     assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
 
@@ -205,17 +203,8 @@ def test_accelerate_deepspeed_config_with_fp16_on_cpu(tmp_path, tiny_models):
     from llmfinetune.arguments import cpu_supports_bf16
 
     job, _, out = _setup(tmp_path, tiny_models, "full", 3)
-    accelerate_config = tmp_path / "default_config.yaml"
-    accelerate_config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
-        "deepspeed_config": {"deepspeed_multinode_launcher": "standard", "gradient_accumulation_steps": 1,
-                             "gradient_clipping": 1.0, "offload_optimizer_device": "none",
-                             "offload_param_device": "none", "zero3_init_flag": True,
-                             "zero3_save_16bit_model": True, "zero_stage": 3},
-        "downcast_bf16": "no", "mixed_precision": "fp16", "num_machines": 1, "num_processes": 2,
-        "main_process_port": 0, "use_cpu": False,
-    }))
-    result = _run(["accelerate", "launch", "--config_file", str(accelerate_config), "llm_finetune.py", "run-ft",
+    accelerate_config = _seed_deepspeed_accelerate_config(tmp_path, mixed_precision="fp16", downcast_bf16="no")
+    result = _run(["accelerate", "launch", "--config_file", accelerate_config, "llm_finetune.py", "run-ft",
                    f"--ft={job}"])
     used = "bf16" if cpu_supports_bf16() else "fp32"
     assert f"mixed precision fp16 is not supported on CPU; training in {used} instead" in result.stderr

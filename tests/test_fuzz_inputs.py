@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import classification_rows, job_dict, sft_rows, write_jsonl
+from conftest import classification_rows, job_dict, set_at, sft_rows, write_jsonl
 
 BASE = "ft_config.train_config.base_config"
 LORA = "ft_config.train_config.lora_config"
@@ -95,14 +95,6 @@ def assert_user_error(code: int, output: str, *names: str) -> None:
     message = output[output.index("error: "):] if "error: " in output else ""
     assert message, f"no 'error:' message:\n{output}"
     assert any(name in message for name in names), f"none of {names} named in:\n{message}"
-
-
-def set_at(raw: dict, dotted: str, value) -> None:
-    node = raw
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
 
 
 def drop_at(raw: dict, dotted: str) -> None:

@@ -207,14 +207,6 @@ def _summary(runtime: float, tokens: int, history: list[dict], eval_loss) -> dic
 
 # ---------------------------------------------------------------- driver
 
-def native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
@@ -236,7 +228,9 @@ def main() -> None:
         print("RESULT " + json.dumps(summary), flush=True)
         return
 
-    bf16_steps = args.bf16_steps or (args.steps if native_bf16() else 3)
+    from llmfinetune.arguments import cpu_supports_bf16
+
+    bf16_steps = args.bf16_steps or (args.steps if cpu_supports_bf16() else 3)
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         workdir = Path(tmp)
         build(workdir, args.data)

@@ -56,6 +56,15 @@ class SaveOnInterrupt(TrainerCallback):
         self.stopped_at: Optional[int] = None
 
     def on_step_end(self, args, state, control, **kwargs):
+        if _ranks() > 1:
+            # Every rank must stop after the same step, or the others wait forever in the next collective. A
+            # terminal's Ctrl-C reaches all ranks at about the same time, not necessarily within the same step.
+            import torch
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if self.requested else 0.0], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item())
         if self.requested:
             control.should_save = self.save
             control.should_training_stop = True
@@ -76,6 +85,12 @@ class SaveOnInterrupt(TrainerCallback):
                      f"{kept[-1] if kept else 'none'}")
         raise Interrupted(f"stopped by Ctrl-C at step {step if step is not None else '?'}: {saved}. "
                           f"Resume with: {resume_command(job)}")
+
+
+def _ranks() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @contextmanager

@@ -20,6 +20,7 @@ def spawn_local_workers(nproc: int, cli_args: list[str]) -> int:
     others at once; this raises WorkerFailed naming the rank and how it ended, instead of torchrun's traceback."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -40,6 +41,14 @@ def spawn_local_workers(nproc: int, cli_args: list[str]) -> int:
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         raise WorkerFailed(rank, failure.exitcode, failure.signal_name(), nproc, cli_args) from None
+    except SignalException as exc:
+        # Ctrl-C (or SIGTERM) reached the agent, which passed it to the workers: they stopped after the same step
+        # and saved a checkpoint unless save_on_interrupt is false (their own lines above say which).
+        from .faults import Interrupted
+
+        job = next((a.split("=", 1)[1] for a in cli_args if a.startswith("--ft=")), "<job file>")
+        raise Interrupted(f"{exc.sigval.name} stopped the {nproc} workers; checkpoints completely written are "
+                          f"kept. Resume with: llmfinetune run-ft --ft={job} --nproc {nproc} --resume") from None
     finally:
         for name, value in saved.items():
             if value is None:

@@ -97,6 +97,52 @@ def test_ctrl_c_saves_a_complete_checkpoint_exits_130_and_resumes(tmp_path, tiny
     assert (out / "metrics.json").is_file()
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_every_worker_of_nproc_after_the_same_step(tmp_path, tiny_models):
+    """A terminal's Ctrl-C goes to the launcher's process group; the agent passes it to the workers, which agree
+    (an all-reduce per step) on the step to stop after, save one complete checkpoint and exit 130; the launcher's
+    message gives the resume command with --nproc."""
+    out = tmp_path / "run"
+    job = _job_file(tmp_path, tiny_models, out, 20_000, save_steps=100_000)
+    process = subprocess.Popen([sys.executable, "-m", "llmfinetune", "run-ft", f"--ft={job}", "--nproc", "2"],
+                               cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    try:
+        while not any("'loss'" in line for line in lines):
+            assert process.poll() is None, "".join(lines)[-3000:]
+            assert time.time() < deadline, "no step was logged"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / COMPLETE_MARK).is_file(), checkpoints
+    step = int(checkpoints[0].name.split("-")[1])
+    stops = {line.split("stopped by Ctrl-C at step ")[1].split(":")[0] for line in output.splitlines()
+             if "stopped by Ctrl-C at step " in line}
+    assert stops == {str(step)}, stops  # every worker stopped after the same step
+    assert f"SIGINT stopped the 2 workers; checkpoints completely written are kept. Resume with: llmfinetune " \
+           f"run-ft --ft={job} --nproc 2 --resume" in output
+
+    resumed = subprocess.run([sys.executable, "-m", "llmfinetune", "run-ft", f"--ft={job}", "--nproc", "2",
+                              "--resume", f"ft_config.train_config.base_config.max_steps={step + 2}"], cwd=REPO,
+                             env=env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 2
+
+
 def test_second_ctrl_c_exits_at_once_and_the_old_handler_comes_back():
     from llmfinetune.faults import SaveOnInterrupt, interruptible
 

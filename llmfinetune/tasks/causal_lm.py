@@ -5,7 +5,8 @@ from __future__ import annotations
 from ..data import require_columns
 from ..errors import UserError
 from .base import Prepared, Task, clip_words, max_length
-from .chat import IGNORE, TEMPLATES, Renderer, encode_conversations, encode_texts, format_columns, to_messages
+from .chat import (IGNORE, TEMPLATES, Renderer, encode_conversations, encode_texts, format_columns, row_text,
+                   to_messages)
 
 __all__ = ["CausalLM", "IGNORE"]
 
@@ -44,13 +45,7 @@ class CausalLM(Task):
             rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
             wheres = [f"split '{split_name}', row {i}" for i in indices]
             if renderer is None:
-                texts = []
-                for row, where in zip(rows, wheres):
-                    value = row.get(columns.prompt)
-                    if value is None or not str(value).strip():
-                        raise UserError(f"{where}: column '{columns.prompt}' is empty or null; remove the row or "
-                                        "fill it in.")
-                    texts.append(clip_words(str(value), job))
+                texts = [clip_words(row_text(row, columns.prompt, where), job) for row, where in zip(rows, wheres)]
                 encoded = encode_texts(tokenizer, texts, limit)
             else:
                 conversations = [to_messages(row, columns, job, where, clip=lambda t: clip_words(t, job))

@@ -138,7 +138,7 @@ def to_messages(row: dict[str, Any], columns: Columns, job: "Job", where: str,
     if columns.format in ("messages", "sharegpt"):
         messages = _conversation(row.get(columns.conversation), columns, where)
     elif columns.format == "alpaca":
-        prompt = _text(row, columns.prompt, where)
+        prompt = row_text(row, columns.prompt, where)
         extra = row.get("input")
         if extra is not None and str(extra).strip():
             prompt = f"{prompt}\n{as_text(extra)}"
@@ -149,18 +149,19 @@ def to_messages(row: dict[str, Any], columns: Columns, job: "Job", where: str,
             messages += [{"role": "user", "content": as_text(turn[0])},
                          {"role": "assistant", "content": as_text(turn[1])}]
         messages += [{"role": "user", "content": clip(prompt)},
-                     {"role": "assistant", "content": _text(row, columns.response, where)}]
+                     {"role": "assistant", "content": row_text(row, columns.response, where)}]
         system = row.get("system") or system
     else:
-        messages = [{"role": "user", "content": clip(_text(row, columns.prompt, where))},
-                    {"role": "assistant", "content": _text(row, columns.response, where)}]
+        messages = [{"role": "user", "content": clip(row_text(row, columns.prompt, where))},
+                    {"role": "assistant", "content": row_text(row, columns.response, where)}]
         system = row.get("system") if isinstance(row.get("system"), str) and row.get("system") else system
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
     return messages
 
 
-def _text(row: dict[str, Any], column: str, where: str) -> str:
+def row_text(row: dict[str, Any], column: str, where: str) -> str:
+    """A row's text in `column`; an empty or null one is an error naming the row."""
     value = row.get(column)
     if value is None or (isinstance(value, str) and not value.strip()) or value == []:
         raise UserError(f"{where}: column '{column}' is empty or null; remove the row or fill it in.")

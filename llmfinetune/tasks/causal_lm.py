@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..data import require_columns
 from ..errors import UserError
-from .base import Prepared, Task, clip_words, max_length
+from .base import Prepared, Task, clip_words, max_length, tokenize_split
 from .chat import (IGNORE, TEMPLATES, Renderer, encode_conversations, encode_texts, format_columns, row_text,
                    to_messages)
 
@@ -55,8 +55,7 @@ class CausalLM(Task):
 
         tokenized = {}
         for name, split in used.items():
-            tokenized[name] = split.map(encode, batched=True, with_indices=True, fn_kwargs={"split_name": name},
-                                        remove_columns=split.column_names, desc=f"Tokenizing ({name})")
+            tokenized[name] = tokenize_split(split, encode, name, with_indices=True, fn_kwargs={"split_name": name})
             if len(tokenized[name]) == 0:
                 raise UserError(f"split '{name}': no examples left after tokenizing.")
         if packs(job):

@@ -67,17 +67,9 @@ def encode_label(value: Any, lookup: dict[Any, int], column: str, split: str, ro
 
 def prepare_classification(used: dict, encode: Callable[[str], Callable], names: list[str], eval_split: str):
     """Tokenize each split with its row indices (so label errors name the row) and attach the label maps."""
-    from .base import Prepared
+    from .base import Prepared, tokenize_split
 
-    import uuid
-
-    # A fresh fingerprint: otherwise datasets hashes the whole tokenizer (the vocabulary, through dill) on every map,
-    # which took 90% of `llmfinetune check` on a tiny model. Reuse of tokenized data is the job of cache.py.
-    tokenized = {
-        name: split.map(encode(name), batched=True, with_indices=True, remove_columns=split.column_names,
-                        desc=f"Tokenizing ({name})", new_fingerprint=uuid.uuid4().hex)
-        for name, split in used.items()
-    }
+    tokenized = {name: tokenize_split(split, encode(name), name, with_indices=True) for name, split in used.items()}
     id2label = dict(enumerate(names))
     return Prepared(tokenized["train"], tokenized[eval_split],
                     {"num_labels": len(names), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}})

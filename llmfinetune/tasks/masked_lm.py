@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..data import require_columns
 from ..errors import UserError
-from .base import Prepared, Task, check_texts, clip_words, max_length, text_columns
+from .base import Prepared, Task, check_texts, clip_words, max_length, text_columns, tokenize_split
 
 
 class MaskedLM(Task):
@@ -39,7 +39,7 @@ class MaskedLM(Task):
 
         tokenized = {}
         for name, split in used.items():
-            ids = split.map(tokenize, batched=True, remove_columns=split.column_names, desc=f"Tokenizing ({name})")
+            ids = tokenize_split(split, tokenize, name)
             grouped = ids.map(group, batched=True, desc=f"Grouping into blocks of {block} ({name})")
             if len(grouped) == 0:
                 # Short splits still get one (shorter) block rather than an empty dataset.

@@ -32,7 +32,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = REPO.parent / "shared" / "datasets" / "AdvertiseGen"
 BATCH, MAX_LENGTH, LORA_R, LEARNING_RATE, EVAL_EXAMPLES = 8, 256, 8, 1e-3, 128
 # ours-accum2: the same 8 packed rows per optimizer step, as 2 micro-batches of 4 (half the activation memory).
-CONTENDERS = ["baseline-fp32", "baseline-bf16", "ours", "ours-accum2"]
+# ours-bf16: ours at the precision the bf16 baseline uses; run by default only where the CPU has native bf16.
+CONTENDERS = ["baseline-fp32", "baseline-bf16", "ours", "ours-accum2", "ours-bf16"]
 
 
 # ---------------------------------------------------------------- the job: data, tokenizer, model
@@ -157,7 +158,7 @@ def baseline(workdir: Path, steps: int, bf16: bool) -> dict:
                     held_out_loss(trainer.model, tokenizer, workdir) if not bf16 or steps >= 10 else None)
 
 
-def ours(workdir: Path, steps: int, rows: int = BATCH, accumulation: int = 1) -> dict:
+def ours(workdir: Path, steps: int, rows: int = BATCH, accumulation: int = 1, bf16: bool = False) -> dict:
     from llmfinetune.config import parse_job
     from llmfinetune.tasks.causal_lm import CausalLM
     from llmfinetune.workflow import run
@@ -182,7 +183,7 @@ def ours(workdir: Path, steps: int, rows: int = BATCH, accumulation: int = 1) ->
                                 "per_device_train_batch_size": rows, "gradient_accumulation_steps": accumulation,
                                 "learning_rate": LEARNING_RATE,
                                 "max_length": MAX_LENGTH, "packing": True, "logging_steps": 1,
-                                "save_strategy": "no", "eval_strategy": "no", "seed": 42,
+                                "save_strategy": "no", "eval_strategy": "no", "seed": 42, "bf16": bf16,
                                 "dataloader_drop_last": True},
             },
         },
@@ -221,6 +222,8 @@ def main() -> None:
         steps = args.steps
         if args.contender == "ours":
             summary = ours(args.workdir, steps)
+        elif args.contender == "ours-bf16":
+            summary = ours(args.workdir, steps, bf16=True)
         elif args.contender == "ours-accum2":
             summary = ours(args.workdir, steps, rows=BATCH // 2, accumulation=2)
         else:
@@ -236,8 +239,9 @@ def main() -> None:
         build(workdir, args.data)
         print(f"data: {args.data or 'generated text'}; model and tokenizer built in {workdir}", flush=True)
         results = {}
-        for name in args.only or CONTENDERS:
-            steps = bf16_steps if name == "baseline-bf16" else args.steps
+        default = [n for n in CONTENDERS if n != "ours-bf16" or cpu_supports_bf16()]
+        for name in args.only or default:
+            steps = bf16_steps if name.endswith("bf16") else args.steps
             output = subprocess.run([sys.executable, __file__, "--contender", name, "--workdir", str(workdir),
                                      "--steps", str(steps)], capture_output=True, text=True, env={**os.environ,
                                      "LLMFINETUNE_CACHE": str(workdir / "cache")})

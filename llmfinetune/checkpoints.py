@@ -63,6 +63,13 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return [folder for _, folder in sorted(found)]
 
 
+def incomplete_checkpoints(output_dir: Path) -> list[str]:
+    """Names of checkpoint folders without the completion mark: killed or failed mid-save, never resumed from."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(f.name for f in output_dir.glob("checkpoint-*") if f.is_dir() and not (f / COMPLETE_MARK).is_file())
+
+
 def resume_point(setting: Union[bool, str, None], output_dir: Path) -> Optional[str]:
     """`resume_from_checkpoint`: true -> the newest complete checkpoint of this run directory (none: start fresh);
     a path -> that checkpoint, which must exist."""
@@ -70,10 +77,9 @@ def resume_point(setting: Union[bool, str, None], output_dir: Path) -> Optional[
         return None
     if setting is True or str(setting).lower() == "true":
         complete = complete_checkpoints(output_dir)
-        incomplete = [f.name for f in output_dir.glob("checkpoint-*") if f.is_dir() and f not in complete] \
-            if output_dir.is_dir() else []
+        incomplete = incomplete_checkpoints(output_dir)
         if incomplete:
-            logger.warning("Ignoring checkpoints that were not completely written: %s", ", ".join(sorted(incomplete)))
+            logger.warning("Ignoring checkpoints that were not completely written: %s", ", ".join(incomplete))
         if not complete:
             logger.info("No complete checkpoint in %s: starting from the beginning.", output_dir)
             return None

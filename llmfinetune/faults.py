@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from transformers import TrainerCallback
 
-from .checkpoints import COMPLETE_MARK, complete_checkpoints
+from .checkpoints import complete_checkpoints, incomplete_checkpoints
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -56,11 +56,12 @@ class SaveOnInterrupt(TrainerCallback):
         self.stopped_at: Optional[int] = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _ranks() > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Every rank must stop after the same step, or the others wait forever in the next collective. A
             # terminal's Ctrl-C reaches all ranks at about the same time, not necessarily within the same step.
             import torch
-            import torch.distributed as dist
 
             flag = torch.tensor([1.0 if self.requested else 0.0], device=args.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -85,12 +86,6 @@ class SaveOnInterrupt(TrainerCallback):
                      f"{kept[-1] if kept else 'none'}")
         raise Interrupted(f"stopped by Ctrl-C at step {step if step is not None else '?'}: {saved}. "
                           f"Resume with: {resume_command(job)}")
-
-
-def _ranks() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @contextmanager
@@ -148,15 +143,9 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(p in str(exc).lower() for p in OOM_TEXT)
 
 
-def _partial_checkpoints(output_dir: Path) -> list[str]:
-    if not output_dir.is_dir():
-        return []
-    return sorted(f.name for f in output_dir.glob("checkpoint-*") if f.is_dir() and not (f / COMPLETE_MARK).exists())
-
-
 def _write_error_message(stage: str, reason: str, output_dir: Path, job: "Job") -> str:
     kept = complete_checkpoints(output_dir)
-    partial = _partial_checkpoints(output_dir)
+    partial = incomplete_checkpoints(output_dir)
     parts = [f"{stage}: could not write to {output_dir} (disk full or write error: {reason})."]
     if partial:
         parts.append(f"{', '.join(partial)} was not completely written and is not marked complete; --resume skips "

@@ -46,9 +46,9 @@ def spawn_local_workers(nproc: int, cli_args: list[str]) -> int:
         # and saved a checkpoint unless save_on_interrupt is false (their own lines above say which).
         from .faults import Interrupted
 
-        job = next((a.split("=", 1)[1] for a in cli_args if a.startswith("--ft=")), "<job file>")
         raise Interrupted(f"{exc.sigval.name} stopped the {nproc} workers; checkpoints completely written are "
-                          f"kept. Resume with: llmfinetune run-ft --ft={job} --nproc {nproc} --resume") from None
+                          f"kept. Resume with: llmfinetune run-ft --ft={_job_file(cli_args)} --nproc {nproc} "
+                          "--resume") from None
     finally:
         for name, value in saved.items():
             if value is None:
@@ -61,7 +61,6 @@ class WorkerFailed(UserError):
     """One worker of a local multi-process run died or failed; the agent stopped the others."""
 
     def __init__(self, rank: int, exitcode: int, signal_name: str, nproc: int, cli_args: list[str]):
-        job = next((a.split("=", 1)[1] for a in cli_args if a.startswith("--ft=")), "<job file>")
         if exitcode < 0:
             how = f"died ({signal_name})"
             self.exit_code = 128 - exitcode
@@ -70,7 +69,12 @@ class WorkerFailed(UserError):
             self.exit_code = exitcode or 1
         others = "the other worker was" if nproc == 2 else "the other workers were"
         super().__init__(f"worker rank {rank} of {nproc} {how}; {others} stopped. Checkpoints completely written "
-                         f"before this are kept. Resume with: llmfinetune run-ft --ft={job} --nproc {nproc} --resume")
+                         f"before this are kept. Resume with: llmfinetune run-ft --ft={_job_file(cli_args)} "
+                         f"--nproc {nproc} --resume")
+
+
+def _job_file(cli_args: list[str]) -> str:
+    return next((a.split("=", 1)[1] for a in cli_args if a.startswith("--ft=")), "<job file>")
 
 
 def check_launch(world_size: int) -> None:

@@ -45,7 +45,8 @@ POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradie
 NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epochs")
 # Types of our own keys, and ranges of fields whose type alone lets nonsense through (checked in `translate`).
 OWN_TYPES = {"checkpoints_output_dir": str, "max_length": int, "mlm_probability": float, "whole_word_mask": bool,
-             "resume_from_checkpoint": Optional[Union[bool, str]], "save_on_interrupt": bool}
+             "resume_from_checkpoint": Optional[Union[bool, str]], "save_on_interrupt": bool, "packing": bool,
+             "lm_head_on_targets_only": bool}
 # Our defaults where transformers' would surprise a user of a small job: logs every 500 steps, wandb if installed.
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
             "include_num_input_tokens_seen": "non_padding",

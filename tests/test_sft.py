@@ -156,8 +156,12 @@ def test_sft_settings_on_other_tasks_and_bad_values_are_refused(tiny_models, tmp
         TASKS.get("sequenceclassification").check(job)
     with pytest.raises(UserError, match=r"template: unknown template 'vicuna'; choose tokenizer .*chatml"):
         TASKS.get("text-generation").check(_job(tiny_models, tmp_path, {"template": "vicuna"}))
+    from llmfinetune.arguments import translate
+
     with pytest.raises(UserError, match=r"packing: expected true or false, got 'yes please'"):
-        TASKS.get("text-generation").check(_job(tiny_models, tmp_path, packing="yes please"))
+        translate(_job(tiny_models, tmp_path, packing="yes please"))
+    with pytest.raises(UserError, match=r"lm_head_on_targets_only: expected true or false, got 3"):
+        translate(_job(tiny_models, tmp_path, lm_head_on_targets_only=3))
 
 
 def test_eos_survives_collation_when_pad_is_eos(tiny_models, tmp_path):

@@ -20,10 +20,7 @@ class CausalLM(Task):
     loss_sums_over_items = True
 
     def check(self, job):
-        for key in ("packing", "lm_head_on_targets_only"):
-            value = job.base_config.get(key, False)
-            if not isinstance(value, bool):
-                raise UserError(f"ft_config.train_config.base_config.{key}: expected true or false, got {value!r}.")
+        # packing / lm_head_on_targets_only are typed with the other own base_config keys (arguments.OWN_TYPES).
         if job.data.template is not None and job.data.template not in ("tokenizer", *TEMPLATES):
             raise UserError(f"ft_config.data_config.template: unknown template '{job.data.template}'; choose "
                             f"tokenizer (the model's own chat template), {', '.join(TEMPLATES)}.")

@@ -492,15 +492,30 @@ class TextGenerationPredictor(Predictor):
         rendered = [renderer.prompt([*system, {"role": "user", "content": t}]) for t in texts]
         return rendered, False, renderer.stop_token_ids()
 
+    def conversation_prompts(self, conversations: list[list[dict]]) -> tuple[list[str], bool, list[int]]:
+        """As `prompts`, for conversations that stop before an assistant turn (`eval --generate` on the eval
+        split's rows, rendered as training rendered them up to the answer it learned)."""
+        from .tasks.chat import Renderer
+
+        renderer = Renderer(self.tokenizer, self.run.job)
+        return [renderer.prompt(messages) for messages in conversations], False, renderer.stop_token_ids()
+
     def predict(self, inputs):
+        return self.generate(*self.prompts(inputs))
+
+    def generate(self, texts: list[str], special_tokens: bool, stops: list[int]) -> list[dict]:
+        """Continue rendered prompts in one batch: left padding, the KV cache, each row cut at its first stop token."""
         import torch
 
         tokenizer, options = self.tokenizer, self.options
-        tokenizer.padding_side = "left"  # new tokens follow each prompt directly
-        texts, special_tokens, stops = self.prompts(inputs)
-        encoded = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special_tokens)
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow each prompt directly
+        try:
+            encoded = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special_tokens)
+        finally:  # the tokenizer may be the training collator's, which pads on its own side
+            tokenizer.padding_side = side
         settings: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
-                                    "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stops}
+                                    "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stops,
+                                    "use_cache": True}
         if options.do_sample:
             from transformers import set_seed
 

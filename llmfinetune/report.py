@@ -22,6 +22,13 @@ logger = logging.getLogger(__name__)
 NA = "n/a"
 PNG_NAME = "report.png"
 MD_NAME = "report.md"
+CONFUSION_NAME = "confusion.png"
+# Generation scores (generation_eval.py writes them; repeated so that reading a report never imports it).
+GENERATION_SCORES = (("eval_gen_exact_match", "exact match"), ("eval_gen_rouge1", "ROUGE-1"),
+                     ("eval_gen_rouge2", "ROUGE-2"), ("eval_gen_rougeL", "ROUGE-L"), ("eval_gen_bleu4", "BLEU-4"))
+GENERATION_EXAMPLES = 3
+# metrics.json values that are tables, not numbers: shown in their own sections.
+PER_CLASS, CONFUSION = "eval_per_class", "eval_confusion_matrix"
 
 # (log key, axis label, short name) in order of preference for the "main metric" panel.
 MAIN_METRICS = (
@@ -209,6 +216,7 @@ class Curves:
     main_name: str
     main: Series
     main_derived: bool  # perplexity computed here as exp(eval_loss)
+    generation: dict[str, Series] = field(default_factory=dict)  # eval_gen_* during training (generation_eval)
 
 
 def curves(run: RunData) -> Curves:
@@ -259,8 +267,14 @@ def curves(run: RunData) -> Curves:
         for entry in entries:
             main.add(entry.get("step"), _metric(entry, main_key, derived))
     last_eval = after[-1] if after else (entries[-1] if entries else {})
+    generation = {}
+    for key, _ in GENERATION_SCORES:
+        series = Series()
+        for entry in entries:
+            series.add(entry.get("step"), entry.get(key))
+        generation[key] = series
     return Curves(train_loss, lr, eval_loss, final_eval, last_eval, summary, main_key, main_label, main_name, main,
-                  derived)
+                  derived, generation)
 
 
 _EVAL_TIMING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
@@ -290,10 +304,21 @@ def draw(run: RunData, c: Curves, path: Path) -> Path:
         raise UserError("report: matplotlib is needed to draw report.png: pip install matplotlib") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=110, layout="constrained")
-    (ax_loss, ax_lr), (ax_eval, ax_main) = axes
+    final_generation = {key: _number(run.metrics.get(key)) for key, _ in GENERATION_SCORES}
+    with_generation = any(c.generation.values()) or any(v is not None for v in final_generation.values())
+    fig = plt.figure(figsize=(12, 12 if with_generation else 8), dpi=110, layout="constrained")
+    grid = fig.add_gridspec(3 if with_generation else 2, 2)
+    ax_loss, ax_lr = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+    ax_eval, ax_main = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    axes = np.array([[ax_loss, ax_lr], [ax_eval, ax_main]])
+    if with_generation:
+        ax_generation = fig.add_subplot(grid[2, :])
+        axes = np.array([*axes.flat, ax_generation])
+        _generation_panel(ax_generation, c, final_generation,
+                          _number(c.summary.get("step")) or _number(run.state.get("global_step")))
     fig.suptitle(_title(run), fontsize=12, fontweight="bold")
     final_step = _number(c.final_eval.get("step")) if c.final_eval else None
     last_step = _number(c.summary.get("step")) or _number(run.state.get("global_step"))
@@ -371,6 +396,58 @@ def draw(run: RunData, c: Curves, path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if last_step:
             ax.set_xlim(0, last_step * 1.03)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _generation_panel(ax, c: Curves, final: dict[str, Optional[float]], last_step: Optional[float]) -> None:
+    """Generation scores (0-1): during training on the first rows (every_eval), and on every eval row at the end."""
+    colors = ("tab:green", "tab:blue", "tab:cyan", "tab:orange", "tab:red")
+    for (key, name), color in zip(GENERATION_SCORES, colors):
+        series = c.generation.get(key)
+        if series:
+            ax.plot(series.steps, series.values, color=color, marker="o", markersize=5, linewidth=1.6,
+                    label=f"{name} during training (last: {_fmt(series.values[-1])})")
+        if final.get(key) is not None and last_step is not None:
+            ax.plot([last_step], [final[key]], marker="*", markersize=14, linestyle="none", color=color,
+                    markeredgecolor="black", label=f"{name}, all eval rows after training: {_fmt(final[key])}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best", fontsize=8, ncol=2)
+    ax.set_title("Generation scores (generated answers vs the reference answers)")
+    ax.set_ylabel("score (0-1, higher is better)")
+
+
+def draw_confusion(run: RunData, path: Path) -> Optional[Path]:
+    """confusion.png from metrics.json's eval_confusion_matrix (rows: true label, columns: predicted); None when
+    the run has none."""
+    matrix = _dict(run.metrics.get(CONFUSION))
+    labels, counts = matrix.get("labels"), matrix.get("counts")
+    if not labels or not counts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = min(4 + 0.45 * len(labels), 20)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=110, layout="constrained")
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="words" if run.task == "tokenclassification" else "eval examples")
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 4 else 0,
+                  ha="right" if len(labels) > 4 else "center")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    peak = max((max(row) for row in counts), default=0)
+    if len(labels) <= 25:  # beyond that the numbers would not fit their cells
+        for i, row in enumerate(counts):
+            for j, value in enumerate(row):
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=9,
+                        color="white" if peak and value > peak / 2 else "black")
+    unit = "word tags" if run.task == "tokenclassification" else "classes"
+    ax.set_title(f"Confusion matrix of the final evaluation ({unit})\n{run.model} | run: {run.run_dir.name}",
+                 fontsize=11)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -532,7 +609,8 @@ def _metrics_rows(run: RunData, c: Curves) -> tuple[list[tuple[str, str]], list[
     train_keys = ("train_loss", "epoch", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                   "total_flos")
     train = [(f"`{k}`", _fmt(_number(m.get(k)))) for k in train_keys if k in m]
-    eval_keys = [k for k in m if k.startswith("eval_") and k != "eval_examples"]
+    eval_keys = [k for k in m if k.startswith("eval_") and k != "eval_examples"
+                 and not isinstance(m[k], (dict, list))]  # tables have their own sections
     if c.main_derived and "eval_perplexity" not in m and _number(m.get("eval_loss")) is not None:
         m["eval_perplexity"] = math.exp(min(float(m["eval_loss"]), 50.0))
         eval_keys.append("eval_perplexity")
@@ -599,6 +677,56 @@ def _command(run: RunData, extra: dict[str, Any]) -> tuple[str, list[str]]:
     return command, notes
 
 
+def _per_class_section(run: RunData) -> list[str]:
+    per_class = _dict(run.metrics.get(PER_CLASS))
+    if not per_class:
+        return []
+    entities = run.task == "tokenclassification"
+    lines = ["### Per class", "",
+             "Final evaluation, one row per " + ("entity type (seqeval: an entity counts when its type and its "
+                                                 "whole span are right)" if entities else "class") + ".", "",
+             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for name, row in per_class.items():
+        row = _dict(row)
+        cells = [f"{v:.4f}" if v is not None else NA for v in (_number(row.get(k)) for k in ("precision", "recall",
+                                                                                               "f1"))]
+        support = _number(row.get("support"))
+        name = str(name).replace("|", chr(92) + "|")
+        lines.append(f"| {name} | {' | '.join(cells)} | {int(support) if support is not None else NA} |")
+    lines.append("")
+    if _dict(run.metrics.get(CONFUSION)).get("counts"):
+        lines += [f"![confusion matrix]({CONFUSION_NAME})", ""]
+    return lines
+
+
+def _generation_section(run: RunData) -> list[str]:
+    """A few (prompt, reference, generated) rows of generations.jsonl, with their scores."""
+    if _number(run.metrics.get("eval_gen_exact_match")) is None:
+        return []
+    name = str(run.metrics.get("eval_gen_file") or "generations.jsonl")
+    lines = ["## Generations", "",
+             f"Scores on {run.metrics.get('eval_gen_tokenization') or NA}; every row is in [{name}]({name}).", ""]
+    rows = []
+    try:
+        with (run.run_dir / name).open(encoding="utf-8") as handle:
+            for line in handle:
+                if len(rows) == GENERATION_EXAMPLES:
+                    break
+                if line.strip():
+                    rows.append(json.loads(line))
+    except (OSError, ValueError):
+        return lines + [f"{name} could not be read.", ""]
+    fence = "~~~~"  # generated text may hold backticks
+    for number, row in enumerate(rows, 1):
+        scores = _dict(row.get("scores"))
+        shown = ", ".join(f"{label} {_fmt(_number(scores.get(key[len('eval_gen_'):])))}"
+                          for key, label in GENERATION_SCORES)
+        lines += [f"**Example {number}** (eval row {row.get('row', NA)}; {shown})", ""]
+        for part in ("prompt", "reference", "generated"):
+            lines += [f"{part}:", "", fence + "text", str(row.get(part, "")).replace(fence, "~ ~ ~ ~"), fence, ""]
+    return lines
+
+
 def render_markdown(run: RunData, c: Curves, extra: dict[str, Any]) -> str:
     train, evals = _metrics_rows(run, c)
     command, command_notes = _command(run, extra)
@@ -625,6 +753,8 @@ def render_markdown(run: RunData, c: Curves, extra: dict[str, Any]) -> str:
         "",
         _table(evals, ("metric", "value")) if evals else f"{NA} (no evaluation recorded)",
         "",
+        *_per_class_section(run),
+        *_generation_section(run),
         "## Time, throughput and size",
         "",
         _table(_cost_rows(run, c, extra), ("", "value")),
@@ -658,5 +788,6 @@ def write_report(run_dir: Path, extra: Optional[dict[str, Any]] = None) -> tuple
     md_path = run_dir / MD_NAME
     md_path.write_text(render_markdown(run, c, extra), encoding="utf-8")
     png_path = draw(run, c, run_dir / PNG_NAME)
+    draw_confusion(run, run_dir / CONFUSION_NAME)
     logger.info("Report written: %s and %s", md_path, png_path)
     return png_path, md_path

@@ -224,9 +224,10 @@ def cpu_supports_bf16() -> bool:
 def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspeed: Optional[str] = None,
                              has_eval: bool = True):
     import torch
-    from transformers import TrainingArguments
 
-    kwargs = {**DEFAULTS, **translate(job)}
+    arguments_class, task_settings = task.training_arguments(job)
+    # The task's settings are its defaults: what the user wrote in base_config wins.
+    kwargs = {**_plain_defaults(arguments_class), **DEFAULTS, **task_settings, **translate(job)}
     kwargs["output_dir"] = str(output_dir)
     if deepspeed:
         kwargs["deepspeed"] = _deepspeed_config(job, deepspeed)
@@ -257,6 +258,22 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     if not has_eval:
         kwargs["eval_strategy"] = "no"
     try:
-        return TrainingArguments(**kwargs)
+        return arguments_class(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"{job.source}: {BASE}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _plain_defaults(arguments_class) -> dict[str, Any]:
+    """TrainingArguments' own defaults for the fields a subclass changes (TRL's: bf16 on, which fails on CPU,
+    gradient checkpointing on, its own learning rate and logging_steps): base_config means the same for every task."""
+    from transformers import TrainingArguments
+
+    plain = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    changed = {}
+    for field in dataclasses.fields(arguments_class):
+        base = plain.get(field.name)
+        if base is None or base.default is dataclasses.MISSING or field.default is dataclasses.MISSING:
+            continue
+        if field.default != base.default:
+            changed[field.name] = base.default
+    return changed

@@ -89,6 +89,8 @@ class DataConfig(_Strict):
 
 class TrainConfig(_Strict):
     lora_config: Optional[dict[str, Any]] = None
+    # ft_task preference: algorithm, ref_model and the fields of TRL's config class for it (checked by the task)
+    preference_config: Optional[dict[str, Any]] = None
     base_config: dict[str, Any] = Field(default_factory=dict)
 
 

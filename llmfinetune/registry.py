@@ -50,6 +50,8 @@ TASKS.register("sequenceclassification", _lazy(".tasks.seq_cls", "SequenceClassi
 TASKS.register("tokenclassification", _lazy(".tasks.token_cls", "TokenClassification"))
 TASKS.register("maskedlm", _lazy(".tasks.masked_lm", "MaskedLM"))
 TASKS.register("text-generation", _lazy(".tasks.causal_lm", "CausalLM"))
+TASKS.register("preference", _lazy(".tasks.preference", "Preference"))
+TASKS.register("rewardmodeling", _lazy(".tasks.reward", "RewardModeling"))
 
 METHODS: Registry = Registry("method", "ft_config.ft_method")
 METHODS.register("full", _lazy(".methods.full", "FullFineTune"))

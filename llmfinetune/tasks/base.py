@@ -37,6 +37,8 @@ class Task:
     # Whether the model's loss divides by the item count Trainer passes (num_items_in_batch), as the causal-LM loss
     # functions of transformers do; classification and masked-LM heads take a plain mean instead.
     loss_sums_over_items: ClassVar[bool] = False
+    # from_pretrained arguments the model class always needs, whatever the data (a reward model has one output).
+    model_init_kwargs: ClassVar[dict[str, Any]] = {}
 
     def check(self, job: "Job") -> None:
         """Settings this task cannot honour, found before anything loads. Most tasks take no SFT settings."""
@@ -70,6 +72,13 @@ class Task:
         from transformers import Trainer
 
         return Trainer
+
+    def training_arguments(self, job: "Job") -> tuple[type, dict[str, Any]]:
+        """The TrainingArguments class the trainer wants (TRL's trainers bring their own subclass) and the settings
+        the task adds to base_config's; arguments.build_training_arguments applies the same rules to every task."""
+        from transformers import TrainingArguments
+
+        return TrainingArguments, {}
 
     def preprocess_logits_for_metrics(self, logits, labels):
         """Keep only the predicted class ids: evaluation then holds ints, not float logits."""

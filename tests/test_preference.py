@@ -1,0 +1,317 @@
+"""Preference tuning (ft_task preference) on TRL's trainers, with tiny random Qwen2 models: the losses start where the
+theory says, a learnable preference is learned, the reference stays the start model, every DPO loss type and the
+other algorithms train, and bad rows and settings are named."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import job_dict, write_jsonl
+from llmfinetune.config import parse_job
+from llmfinetune.errors import UserError
+
+LN2 = math.log(2)
+
+
+def preference_rows(n: int, seed: int, conversational: bool = False) -> list[dict]:
+    """A rule any model can learn: the preferred answer says 'yes', the other 'no', whatever the prompt."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        prompt, chosen, rejected = f"What is {a} plus {b}?", f"yes {a + b}", f"no {a + b}"
+        if conversational:
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def make_data(folder: Path, rows=preference_rows, train: int = 64, held_out: int = 32, **kwargs) -> Path:
+    write_jsonl(folder / "train.jsonl", rows(train, 1, **kwargs))
+    write_jsonl(folder / "validation.jsonl", rows(held_out, 2, **kwargs))
+    return folder
+
+
+def preference_job(model: Path, data: Path, out: Path, method: str = "lora", settings: dict | None = None, **base):
+    base = {"per_device_train_batch_size": 8, "learning_rate": 5e-3 if method == "lora" else 1e-3,
+            "save_steps": 1000, **base}
+    raw = job_dict("preference", method, model, data, out, **base)
+    raw["ft_config"]["train_config"]["preference_config"] = settings or {}
+    return parse_job(raw)
+
+
+def built_trainer(job):
+    """The trainer exactly as workflow.run builds it, before any step."""
+    from transformers import set_seed
+
+    from llmfinetune import arguments, data, models
+    from llmfinetune.registry import METHODS, TASKS
+
+    task, method = TASKS.get(job.task), METHODS.get(job.method)
+    task.check(job)
+    training_args = arguments.build_training_arguments(job, task, arguments.run_dir(job))
+    path = models.resolve_model(job)
+    tokenizer = models.load_tokenizer(path, job)
+    prepared = task.prepare(data.load_raw_splits(job), data.eval_split_name(job), tokenizer, job)
+    set_seed(training_args.seed)
+    model, fresh = models.load_model(path, job, task.model_class, prepared.model_kwargs, tokenizer)
+    model = method.wrap(model, job, task, fresh)
+    return task.trainer_class(job)(model=model, args=training_args, train_dataset=prepared.train,
+                                   eval_dataset=prepared.eval, processing_class=tokenizer,
+                                   **task.trainer_hooks(tokenizer, job, prepared.model_kwargs))
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_before_any_step_the_loss_is_ln2_and_the_margins_zero(tiny_models, tmp_path, method):
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run", method)
+    metrics = built_trainer(job).evaluate()
+    assert metrics["eval_loss"] == pytest.approx(LN2, abs=1e-5)
+    for key in ("eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins"):
+        assert metrics[key] == pytest.approx(0.0, abs=1e-5), key
+    assert metrics["eval_logps/chosen"] < 0 and metrics["eval_logps/rejected"] < 0
+
+
+def test_dpo_lora_learns_a_preference_and_leaves_the_base_weights_unchanged(tiny_models, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.workflow import run
+
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run", max_steps=40)
+    result = run(job)
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    assert metrics["eval_rewards/accuracies"] >= 0.9
+    assert metrics["eval_rewards/margins"] > 0
+    assert metrics["eval_loss"] < LN2
+    start = weights(tiny_models["qwen2"])
+    base = result.model.get_base_model()
+    for name, value in base.state_dict().items():
+        key = name.replace(".base_layer", "")
+        if key in start:
+            assert (value == start[key]).all(), f"base weight {name} changed"
+    adapter = load_file(str(result.output_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapter.items()), "the adapter did not train"
+    assert not (result.output_dir / "ref").exists(), "TRL's reference adapter copy must not be saved"
+    # The run directory loads with plain transformers + peft.
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen2"])),
+                                         str(result.output_dir))
+    assert reloaded.peft_config["default"].r == 4
+
+
+def test_dpo_full_trains_the_policy_against_a_frozen_copy_of_the_start(tiny_models, tmp_path):
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run", "full", max_steps=6)
+    trainer = built_trainer(job)
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    trainer.train()
+    start = weights(tiny_models["qwen2"])
+    reference = trainer.ref_model.state_dict()
+    for key, value in start.items():
+        assert (reference[key] == value).all(), f"reference weight {key} changed"
+    policy = trainer.model.state_dict()
+    assert any(not (policy[key] == value).all() for key, value in start.items()), "the policy did not train"
+    metrics = trainer.evaluate()
+    assert metrics["eval_rewards/margins"] > 0
+
+
+def test_conversational_rows_are_rendered_with_the_sft_template(tiny_models, tmp_path):
+    from llmfinetune.workflow import run
+
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", conversational=True), tmp_path / "run",
+                         max_steps=40)
+    result = run(job)
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    assert metrics["eval_rewards/accuracies"] >= 0.9 and metrics["eval_rewards/margins"] > 0
+
+
+def _encoder(tokenizer, job, limit=64):
+    from llmfinetune.tasks.preference_data import PreferenceEncoder
+
+    return PreferenceEncoder(tokenizer, job, limit)
+
+
+def test_prompts_and_answers_tokenize_as_sft_renders_them(tiny_models, tmp_path):
+    from llmfinetune.models import load_tokenizer
+    from llmfinetune.tasks.preference_data import paired_example
+
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run")
+    tokenizer = load_tokenizer(str(tiny_models["qwen2"]), job)
+    string_row = {"prompt": "Say hi", "chosen": "hi", "rejected": "go away"}
+    message_row = {"prompt": [{"role": "user", "content": "Say hi"}],
+                   "chosen": [{"role": "assistant", "content": "hi"}],
+                   "rejected": [{"role": "assistant", "content": "go away"}]}
+    implicit_row = {"chosen": message_row["prompt"] + message_row["chosen"],
+                    "rejected": message_row["prompt"] + message_row["rejected"]}
+    encoded = [_encoder(tokenizer, job).encode([paired_example(row, job, "r")], ["r"])[0]
+               for row in (string_row, message_row, implicit_row)]
+    assert encoded[0] == encoded[1] == encoded[2]
+    prompt_ids, (chosen_ids, rejected_ids) = encoded[0]
+    chatml = tokenizer.apply_chat_template(message_row["prompt"] + message_row["chosen"], tokenize=False)
+    assert tokenizer.decode(prompt_ids + chosen_ids) == chatml.rstrip() + tokenizer.eos_token
+    assert chosen_ids[-1] == rejected_ids[-1] == tokenizer.eos_token_id
+    # Implicit-prompt strings: the shared words are the prompt, taken as raw text.
+    raw = paired_example({"chosen": "Q: sky colour? A: blue", "rejected": "Q: sky colour? A: green"}, job, "r")
+    assert raw.raw_prompt == "Q: sky colour? A: " and raw.answers == ["blue", "green"]
+
+
+def test_a_template_with_bos_gives_one_bos(tiny_models, tmp_path):
+    from llmfinetune.models import load_tokenizer
+    from llmfinetune.tasks.preference_data import paired_example
+
+    raw_job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run").to_dict()
+    raw_job["model_config"]["add_special_tokens"] = {"bos_token": "<s>"}
+    raw_job["ft_config"]["data_config"]["template"] = "alpaca"
+    job = parse_job(raw_job)
+    tokenizer = load_tokenizer(str(tiny_models["qwen2"]), job)
+    prompt_ids, _ = _encoder(tokenizer, job).encode(
+        [paired_example({"prompt": "Say hi", "chosen": "hi", "rejected": "no"}, job, "r")], ["r"])[0]
+    assert prompt_ids.count(tokenizer.bos_token_id) == 1 and prompt_ids[0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "Say hi", "chosen": "", "rejected": "no"}, "column 'chosen' is empty or null"),
+    ({"prompt": "Say hi", "chosen": "hi", "rejected": None}, "column 'rejected' is empty or null"),
+    ({"prompt": "Say hi", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
+    ({"prompt": "word " * 80, "chosen": "hi", "rejected": "no"}, "the prompt alone is"),
+    ({"chosen": "abc", "rejected": "xyz"}, "share none"),
+])
+def test_bad_rows_are_named_by_split_and_row(tiny_models, tmp_path, row, message):
+    from llmfinetune.workflow import check_job
+
+    data = make_data(tmp_path / "data")
+    rows = preference_rows(8, 3)
+    if "prompt" not in row:
+        rows = [{"chosen": r["prompt"] + " " + r["chosen"], "rejected": r["prompt"] + " " + r["rejected"]}
+                for r in rows]
+    write_jsonl(data / "train.jsonl", rows[:5] + [row] + rows[5:])
+    job = preference_job(tiny_models["qwen2"], data, tmp_path / "run", per_device_train_batch_size=2)
+    with pytest.raises(UserError, match=rf"split 'train', row 5: .*{message}"):
+        check_job(job)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"betta": 0.1}, r"unknown key 'ft_config.train_config.preference_config.betta'.*Did you mean 'beta'"),
+    ({"algorithm": "dpoo"}, r"unknown algorithm 'dpoo'.*Did you mean 'dpo'"),
+    ({"loss_type": ["sigmod"]}, r"unknown DPO loss type 'sigmod'.*Did you mean 'sigmoid'"),
+    ({"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0]}, r"loss_weights: 1 weight\(s\) for 2"),
+    ({"beta": "high"}, r"preference_config.beta: expected a number"),
+    ({"learning_rate": 1e-5}, r"TrainingArguments field: put it in ft_config.train_config.base_config"),
+    ({"max_length": 64}, r"preference_config.max_length: set by base_config.max_length"),
+    ({"algorithm": "simpo", "cpo_alpha": 1.0}, r"algorithm simpo means cpo_alpha 0.0"),
+    ({"algorithm": "orpo", "ref_model": "x"}, r"algorithm orpo uses no reference model"),
+])
+def test_bad_preference_settings_are_named(tiny_models, tmp_path, settings, message):
+    from llmfinetune.workflow import check_job
+
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run", settings=settings)
+    with pytest.raises(UserError, match=message):
+        check_job(job, load_data=False)
+
+
+def test_packing_and_sft_keys_are_refused_with_the_reason(tiny_models, tmp_path):
+    from llmfinetune.workflow import check_job
+
+    data = make_data(tmp_path / "data")
+    job = preference_job(tiny_models["qwen2"], data, tmp_path / "run", packing=True)
+    with pytest.raises(UserError, match="packing: not with ft_task preference. Each chosen and rejected"):
+        check_job(job, load_data=False)
+    raw = preference_job(tiny_models["qwen2"], data, tmp_path / "run").to_dict()
+    raw["ft_config"]["data_config"]["train_on_prompt"] = True
+    with pytest.raises(UserError, match="train_on_prompt: SFT settings, not read by ft_task preference"):
+        check_job(parse_job(raw), load_data=False)
+
+
+def test_trl_defaults_do_not_leak_into_the_training_arguments(tiny_models, tmp_path):
+    from llmfinetune.arguments import build_training_arguments
+    from llmfinetune.registry import TASKS
+
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run",
+                         settings={"beta": "0.25"})
+    args = build_training_arguments(job, TASKS.get("preference"), tmp_path / "run")
+    assert type(args).__name__ == "DPOConfig"
+    assert args.beta == 0.25 and args.learning_rate == 5e-3
+    assert not args.bf16 and not args.gradient_checkpointing and args.logging_steps == 10
+    assert args.use_cpu and args.report_to == []
+
+
+def test_a_lora_run_directory_as_start_is_refused_with_the_merge_command(tiny_models, tmp_path):
+    from llmfinetune.workflow import check_job
+
+    sft_run = tmp_path / "sft-run"
+    sft_run.mkdir()
+    (sft_run / "adapter_config.json").write_text("{}")
+    job = preference_job(sft_run, make_data(tmp_path / "data"), tmp_path / "run")
+    with pytest.raises(UserError, match=r"is a LoRA run directory.*llmfinetune export --model .* --merge"):
+        check_job(job, load_data=False)
+
+
+def _one_step_loss(job) -> float:
+    trainer = built_trainer(job)
+    result = trainer.train()
+    return result.training_loss
+
+
+def _loss_types():
+    from llmfinetune.tasks.preference import dpo_loss_types
+
+    return dpo_loss_types()
+
+
+@pytest.mark.parametrize("loss_type", _loss_types())
+def test_every_dpo_loss_type_trains_a_step_with_a_finite_loss(tiny_models, tmp_path, loss_type):
+    settings = {"loss_type": [loss_type]}
+    if loss_type == "exo_pair":
+        settings["label_smoothing"] = 1e-3  # TRL refuses exo_pair without it
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", train=8, held_out=8), tmp_path / "run",
+                         settings=settings, max_steps=1)
+    assert math.isfinite(_one_step_loss(job))
+
+
+def test_loss_types_combine_with_weights(tiny_models, tmp_path):
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", train=8, held_out=8), tmp_path / "run",
+                         settings={"loss_type": ["sigmoid", "sft"], "loss_weights": [0.8, 0.2]}, max_steps=1)
+    assert math.isfinite(_one_step_loss(job))
+
+
+def unpaired_rows(n: int, seed: int) -> list[dict]:
+    rows = []
+    for row in preference_rows(n, seed):
+        rows.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        rows.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return rows
+
+
+@pytest.mark.parametrize("algorithm, rows", [("kto", unpaired_rows), ("kto", preference_rows),
+                                             ("orpo", preference_rows), ("simpo", preference_rows),
+                                             ("cpo", preference_rows)])
+def test_kto_orpo_simpo_and_cpo_train(tiny_models, tmp_path, algorithm, rows):
+    from llmfinetune.workflow import run
+
+    data = make_data(tmp_path / "data", rows=rows, train=32, held_out=16)
+    job = preference_job(tiny_models["qwen2"], data, tmp_path / "run", settings={"algorithm": algorithm},
+                         max_steps=3)
+    result = run(job)
+    metrics = json.loads((result.output_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
+    assert any(key.startswith("eval_rewards/") for key in metrics), sorted(metrics)
+
+
+def test_unpaired_rows_need_kto(tiny_models, tmp_path):
+    from llmfinetune.workflow import check_job
+
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", rows=unpaired_rows), tmp_path / "run")
+    with pytest.raises(UserError, match="only algorithm kto learns from"):
+        check_job(job)

@@ -128,7 +128,10 @@ def training_argument_types() -> dict[str, Any]:
 
     from transformers import TrainingArguments
 
-    return typing.get_type_hints(TrainingArguments)
+    hints = typing.get_type_hints(TrainingArguments)
+    if "fsdp" in hints:  # annotated `str | None`, yet `fsdp: true` is its documented form (and option lists its old one)
+        hints["fsdp"] = Optional[Union[bool, str, list[str]]]
+    return hints
 
 
 def _ranges() -> dict[str, Any]:
@@ -231,6 +234,7 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     kwargs["output_dir"] = str(output_dir)
     if deepspeed:
         kwargs["deepspeed"] = _deepspeed_config(job, deepspeed)
+    _check_fsdp(job, kwargs)
     if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # On CPU, DeepSpeed must own the gloo process group before TrainingArguments sizes the batch; otherwise
         # ZeRO-3 fails its batch check (train_batch_size != micro x accumulation x world).
@@ -261,6 +265,29 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
         return arguments_class(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"{job.source}: {BASE}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def _check_fsdp(job: "Job", kwargs: dict[str, Any]) -> None:
+    """accelerate turns FSDP on only for GPU runs: on the CPU, `fsdp` (or an accelerate FSDP config) would train
+    plain DDP with every weight on every process, without a word. On GPUs it passes through to the Trainer."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    on_cpu = not cuda or bool(kwargs.get("use_cpu"))
+    from_accelerate = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
+    if kwargs.get("fsdp_config") and not kwargs.get("fsdp"):
+        raise UserError(f"{job.source}: {BASE}.fsdp_config has no effect without {BASE}.fsdp: true (the Trainer "
+                        "reads it only then); set fsdp: true as well, or remove fsdp_config.")
+    if not on_cpu or not (kwargs.get("fsdp") or from_accelerate):
+        return
+    asked = (f"{BASE}.fsdp" if kwargs.get("fsdp") else
+             "accelerate's FSDP config (distributed_type: FSDP, ACCELERATE_USE_FSDP=true)")
+    raise UserError(
+        f"{job.source}: {asked}: FSDP needs CUDA GPUs, and this run trains on the CPU"
+        f"{' (use_cpu: true)' if cuda else ''}, where accelerate would silently train plain DDP "
+        "with every weight on every process. To shard the model on the CPU use DeepSpeed ZeRO-3 instead "
+        "(zero_optimization.stage 3 in ds.json): `deepspeed --num_gpus 2 llm_finetune.py run-ft --ft=F --deepspeed "
+        "ds.json`; for plain DDP remove fsdp/fsdp_config and run `llmfinetune run-ft --ft=F --nproc 2`.")
 
 
 def _plain_defaults(arguments_class) -> dict[str, Any]:

@@ -16,17 +16,36 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARK = "checkpoint_complete"
 _STEP = re.compile(r"^checkpoint-(\d+)$")
+RESUME_KEY = "ft_config.train_config.base_config.resume_from_checkpoint"
 
 
 class MarkCompleteCheckpoints(TrainerCallback):
-    """on_save runs after every file of the checkpoint is written (model, optimizer, scheduler, RNG, state)."""
+    """on_save runs in every process after its own files of the checkpoint are written (model, optimizer, scheduler,
+    RNG, ZeRO shards, state); the mark waits until every process is there, and is never put on a checkpoint saved
+    at or after the step where the loss became non-finite (its weights are NaN)."""
+
+    def __init__(self, nan_guard: Optional["StopOnNonFiniteLoss"] = None):
+        self.nan_guard = nan_guard
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                unpickle_training_arguments(folder, args)
-                (folder / COMPLETE_MARK).write_text(str(state.global_step), encoding="utf-8")
+        wait_for_every_process()
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.nan_guard is not None and self.nan_guard.poisoned(state.global_step):
+            if state.is_world_process_zero:
+                logger.warning("%s was saved after the loss became non-finite at step %d: not marked complete, "
+                               "never resumed from.", folder, self.nan_guard.bad_step)
+            return
+        if state.is_world_process_zero and folder.is_dir():
+            unpickle_training_arguments(folder, args)
+            (folder / COMPLETE_MARK).write_text(str(state.global_step), encoding="utf-8")
+
+
+def wait_for_every_process() -> None:
+    """Rank 0 writes the mark only once the other ranks have written their files (RNG state, ZeRO shards)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def unpickle_training_arguments(folder: Path, args) -> None:
@@ -39,18 +58,90 @@ def unpickle_training_arguments(folder: Path, args) -> None:
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """A NaN/inf loss poisons every later step and checkpoint: stop at once, keep the checkpoints already made."""
+    """A NaN/inf loss poisons the weights at the optimizer step it feeds, and every checkpoint after. The loss of
+    every micro-batch is checked (through the trainer's own `training_step`, so every Trainer subclass is covered,
+    and logging_steps does not matter); at the end of that optimizer step training stops, nothing more is saved or
+    evaluated, and `MarkCompleteCheckpoints` marks no checkpoint from that step on. Under DDP the processes agree
+    (one tiny all-reduce per step): the loss is per process, and a process that stops alone leaves the others
+    waiting in the next collective."""
 
     def __init__(self):
         self.bad_step: Optional[int] = None
         self.bad_value: Optional[float] = None
+        self._step_losses: list = []
+        self._watching = False
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.bad_step, self.bad_value = state.global_step, loss
-            control.should_training_stop = True
-            control.should_save = False
+    def watch(self, trainer) -> None:
+        """Wrap `trainer.training_step` on this instance: it returns the micro-batch's loss, which callbacks never
+        see (Trainer adds it to a running sum that it reads only at logging steps)."""
+        training_step = trainer.training_step
+
+        def checked_training_step(*args, **kwargs):
+            loss = training_step(*args, **kwargs)
+            self._step_losses.append(loss.detach().float().reshape(-1))  # on its device: no sync per micro-batch
+            return loss
+
+        trainer.training_step = checked_training_step
+        self._watching = True
+
+    def poisoned(self, step: int) -> bool:
+        return self.bad_step is not None and step >= self.bad_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self._watching:
+            raise RuntimeError("StopOnNonFiniteLoss.watch(trainer) was not called: no step's loss would be checked.")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        losses = torch.cat(self._step_losses) if self._step_losses else torch.zeros(1, device=args.device)
+        self._step_losses = []
+        local_bad = ~torch.isfinite(losses)
+        flag = local_bad.any().float().reshape(1).to(args.device)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.bad_step is None and flag.item() > 0:
+            self.bad_step = state.global_step
+            self.bad_value = float(losses[local_bad][0]) if bool(local_bad.any()) else None
+        if self.bad_step is not None:
+            self._stop(control)
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.bad_step is not None:  # save_strategy epoch would save the NaN weights after the loop
+            self._stop(control)
+        return control
+
+    @staticmethod
+    def _stop(control) -> None:
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+
+    def raise_if_diverged(self, output_dir: Path, train_loss: Optional[float], last_step: int) -> None:
+        """The run's end when the loss was non-finite: the first bad step and the newest checkpoint before it."""
+        if self.bad_step is None and (train_loss is None or math.isfinite(train_loss)):
+            return
+        step = self.bad_step if self.bad_step is not None else last_step
+        if self.bad_value is not None:
+            value = f"{self.bad_value}"
+        elif self.bad_step is not None:
+            value = "non-finite in another process"
+        else:
+            value = f"{train_loss}"
+        good = [folder for folder in complete_checkpoints(output_dir) if checkpoint_step(folder) < step]
+        raise UserError(
+            f"training diverged: the loss became {value} at step {step}; the model was not saved, and no checkpoint "
+            f"from step {step} on is marked complete. Last good checkpoint: {good[-1] if good else 'none'}. "
+            "Lower learning_rate, set max_grad_norm, or check the data."
+        )
+
+
+def checkpoint_step(folder: Path) -> int:
+    match = _STEP.match(folder.name)
+    return int(match.group(1)) if match else -1
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -87,6 +178,22 @@ def resume_point(setting: Union[bool, str, None], output_dir: Path) -> Optional[
         return str(complete[-1])
     path = Path(str(setting)).expanduser()
     if not path.is_dir():
-        raise UserError(f"ft_config.train_config.base_config.resume_from_checkpoint: checkpoint folder {path} "
-                        "does not exist.")
+        raise UserError(f"{RESUME_KEY}: checkpoint folder {path} does not exist.")
+    if not (path / COMPLETE_MARK).is_file():
+        raise UserError(_incomplete_message(path.resolve()))
     return str(path.resolve())
+
+
+def _incomplete_message(path: Path) -> str:
+    inside = complete_checkpoints(path)
+    if inside:
+        return (f"{RESUME_KEY}: {path} is a run directory, not a checkpoint; its newest complete checkpoint is "
+                f"{inside[-1]} (resume_from_checkpoint: true, or --resume, takes it).")
+    missing = [name for name in ("trainer_state.json",) if not (path / name).is_file()]
+    complete = complete_checkpoints(path.parent)
+    return (f"{RESUME_KEY}: {path} is not a complete checkpoint: it has no '{COMPLETE_MARK}' file, which is "
+            "written once every process has finished saving it, so it was killed or failed mid-save, or saved after "
+            "the loss became non-finite" + (f"; also missing: {', '.join(missing)}" if missing else "") +
+            f". Complete checkpoints in {path.parent}: {', '.join(c.name for c in complete) or 'none'} "
+            "(resume_from_checkpoint: true, or --resume, takes the newest). A checkpoint written by plain "
+            f"transformers has no mark: if you know it is complete, create {path / COMPLETE_MARK}.")

@@ -117,20 +117,29 @@ def _dispatch(args) -> int:
         from .ray_launch import run_on_ray  # Ray is imported by this command only
 
         return run_on_ray(args.ft, overrides, job)
-    from .launch import spawn_local_workers, under_launcher
+    from .launch import (USE_CPU_OVERRIDE, plan_local_workers, spawn_local_workers, under_launcher,
+                         warn_scaling_under_launcher)
+    from .workflow import run
 
-    nproc = args.nproc if args.nproc is not None else job.scaling_config.num_workers
-    if nproc < 1:
-        raise UserError(f"--nproc: expected at least 1, got {nproc}.")
-    if nproc > 1 and not under_launcher():
+    if under_launcher():  # torchrun, accelerate, deepspeed, or our own workers: the launcher chose the processes
+        warn_scaling_under_launcher(job)
+        run(job, deepspeed=args.deepspeed)
+        return 0
+    plan = plan_local_workers(job, args.nproc)
+    if plan.on_cpu:
+        overrides.append(USE_CPU_OVERRIDE)
+        job = load_job(args.ft, overrides)
+    if plan.processes > 1:
         worker_args = ["run-ft", f"--ft={args.ft}", *overrides]  # workers see LOCAL_RANK: no respawn
         if args.deepspeed:
             worker_args.append(f"--deepspeed={args.deepspeed}")
         if args.debug:
             worker_args.append("--debug")
-        return spawn_local_workers(nproc, worker_args)
-    from .workflow import run
+        return spawn_local_workers(plan.processes, worker_args, plan.threads, plan.on_cpu)
+    if plan.threads is not None:
+        import torch
 
+        torch.set_num_threads(plan.threads)
     run(job, deepspeed=args.deepspeed)
     return 0
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,23 +104,16 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
         **task.trainer_hooks(tokenizer, job, prepared.model_kwargs),
-        callbacks=[MarkCompleteCheckpoints(), nan_guard := StopOnNonFiniteLoss(),
-                   interrupt := faults.SaveOnInterrupt(job.base_config.get("save_on_interrupt", True))],
+        # The NaN guard comes last: its "do not save" wins over Ctrl-C's "save" when both happen at one step.
+        callbacks=[MarkCompleteCheckpoints(nan_guard := StopOnNonFiniteLoss()),
+                   interrupt := faults.SaveOnInterrupt(job.base_config.get("save_on_interrupt", True)), nan_guard],
     )
+    nan_guard.watch(trainer)
     resume = resume_point(job.base_config.get("resume_from_checkpoint"), output_dir)
     with faults.guarded("training", job, output_dir, training_args), faults.interruptible(interrupt):
         train_result = trainer.train(resume_from_checkpoint=resume)
+    nan_guard.raise_if_diverged(output_dir, train_result.metrics.get("train_loss"), trainer.state.global_step)
     interrupt.raise_if_stopped(job, output_dir)
-    train_loss = train_result.metrics.get("train_loss")
-    if nan_guard.bad_step is not None or (train_loss is not None and not math.isfinite(train_loss)):
-        from .checkpoints import complete_checkpoints
-
-        kept = complete_checkpoints(output_dir)
-        raise UserError(
-            f"training diverged: the loss became {nan_guard.bad_value or train_loss} at step "
-            f"{nan_guard.bad_step or trainer.state.global_step}; the model was not saved. Last good checkpoint: "
-            f"{kept[-1] if kept else 'none'}. Lower learning_rate, set max_grad_norm, or check the data."
-        )
     with faults.guarded("saving the model", job, output_dir, training_args):
         trainer.save_model(str(output_dir))
         if dist.is_main:

@@ -86,3 +86,50 @@ def test_resume_from_a_missing_path_is_an_error(tmp_path):
 
     with pytest.raises(UserError, match="resume_from_checkpoint: checkpoint folder .*nope does not exist"):
         resume_point(str(tmp_path / "nope"), tmp_path)
+
+
+def _run_dir_with_checkpoints(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARK).write_text(str(step))
+    (tmp_path / "checkpoint-6").mkdir()  # killed mid-save, or saved after the loss became NaN
+    return tmp_path
+
+
+def test_resume_from_an_explicit_incomplete_checkpoint_is_refused(tmp_path):
+    from llmfinetune.errors import UserError
+
+    run_dir = _run_dir_with_checkpoints(tmp_path)
+    with pytest.raises(UserError) as caught:
+        resume_point(str(run_dir / "checkpoint-6"), run_dir)
+    message = str(caught.value)
+    assert message.startswith("ft_config.train_config.base_config.resume_from_checkpoint: ")
+    assert f"{run_dir / 'checkpoint-6'} is not a complete checkpoint: it has no '{COMPLETE_MARK}' file" in message
+    assert "also missing: trainer_state.json" in message
+    assert f"Complete checkpoints in {run_dir}: checkpoint-2, checkpoint-4 " in message
+    assert resume_point(str(run_dir / "checkpoint-4"), run_dir) == str(run_dir / "checkpoint-4")
+
+
+def test_resume_from_a_run_directory_names_its_newest_complete_checkpoint(tmp_path):
+    from llmfinetune.errors import UserError
+
+    run_dir = _run_dir_with_checkpoints(tmp_path / "run")
+    with pytest.raises(UserError, match=r"resume_from_checkpoint: .*run is a run directory, not a checkpoint; its "
+                                        r"newest complete checkpoint is .*checkpoint-4"):
+        resume_point(str(run_dir), tmp_path / "elsewhere")
+
+
+def test_check_refuses_an_explicit_incomplete_checkpoint(tmp_path, tiny_models, capsys):
+    from llmfinetune.cli import main
+
+    out = tmp_path / "run"
+    _run_dir_with_checkpoints(out)
+    data = make_dataset(tmp_path / "data", "sequenceclassification", train_rows=16, eval_rows=8)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict("sequenceclassification", "lora", tiny_models["bert"], data, out)))
+    code = main(["check", f"--ft={job}",
+                 f"ft_config.train_config.base_config.resume_from_checkpoint={out / 'checkpoint-6'}"])
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert "resume_from_checkpoint: " in error and f"no '{COMPLETE_MARK}' file" in error

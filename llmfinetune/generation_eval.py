@@ -90,10 +90,10 @@ def score(references: list[str], generations: list[str]) -> tuple[dict[str, Any]
         rouge = scorer.score(reference, generated)
         rows.append({"exact_match": exact_match(reference, generated),
                      **{name: float(rouge[name].fmeasure) for name in ("rouge1", "rouge2", "rougeL")},
-                     "bleu4": float(sentence_bleu.sentence_score(gen_tokens, [ref_tokens]).score) / 100.0})
+                     "bleu4": min(float(sentence_bleu.sentence_score(gen_tokens, [ref_tokens]).score) / 100.0, 1.0)})
     corpus = BLEU(tokenize="none").corpus_score([g for _, g in joined], [[r for r, _ in joined]])
     totals = {name: sum(row[name] for row in rows) / len(rows) for name in SCORES if name != "bleu4"}
-    totals["bleu4"] = float(corpus.score) / 100.0
+    totals["bleu4"] = min(float(corpus.score) / 100.0, 1.0)  # sacrebleu's 100 can come out as 100.00000000000004
     totals["tokenization"] = tokenization(references)
     return totals, rows
 
@@ -290,8 +290,6 @@ class TrainingJudge:
 
     def at_end(self, model) -> dict[str, Any]:
         """After the final evaluation: every eval row, written to RUN_DIR/generations.jsonl; {} when not asked."""
-        for callback in self.callbacks:
-            callback.active = False  # the final evaluation has been scored; at_end covers every row
         if self.chosen is None or not self.chosen.at_end:
             return {}
         scores, _ = self.generate(model, self.found, self.run_dir / GENERATIONS_FILE, progress=True)
@@ -304,6 +302,9 @@ class TrainingJudge:
 
         class GenerationEvalCallback(TrainerCallback):
             active = True
+
+            def on_train_end(self, args, state, control, **kwargs):
+                self.active = False  # the evaluation after training is judged on every row by at_end
 
             def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
                 if not self.active or model is None:

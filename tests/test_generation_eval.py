@@ -108,3 +108,97 @@ def test_generation_eval_is_checked_with_the_job(tiny_models, tmp_path):
     arguments.translate(_job(tiny_models, tmp_path, generation_eval={"rows": 2}))
     with pytest.raises(UserError, match="base_config.generation_eval.max_new_tokens"):
         arguments.translate(_job(tiny_models, tmp_path, generation_eval={"max_new_tokens": -1}))
+
+
+# ---------------------------------------------------------------- proof that SFT teaches
+
+CAPITALS = {"France": "Paris", "Germany": "Berlin", "Japan": "Tokyo", "Brazil": "Brasilia", "Canada": "Ottawa",
+            "Kenya": "Nairobi", "India": "Delhi", "Spain": "Madrid", "Italy": "Rome", "Norway": "Oslo",
+            "Egypt": "Cairo", "Mexico": "Mexico City"}
+PHRASINGS = ["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}.",
+             "Tell me the capital of {c}."]
+
+
+def capital_rows() -> tuple[list[dict], list[dict]]:
+    """Every country asked four ways; one way per country is held out, so each held-out question pairs a phrasing
+    and a country the model saw only apart: it must answer from the country, not recall the row."""
+    train, held_out = [], []
+    for index, (country, capital) in enumerate(CAPITALS.items()):
+        for way, phrasing in enumerate(PHRASINGS):
+            row = {"prompt": phrasing.format(c=country), "response": f"The capital of {country} is {capital}."}
+            (held_out if way == index % len(PHRASINGS) else train).append(row)
+    return train, held_out
+
+
+@pytest.fixture(scope="module")
+def capitals(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """The tiny random qwen2 trained on the capitals task (with generation_eval at each evaluation and at the
+    end), and the same model saved untouched (learning rate 0)."""
+    from llmfinetune.workflow import run
+
+    root = tmp_path_factory.mktemp("capitals")
+    train, held_out = capital_rows()
+    write_jsonl(root / "data" / "train.jsonl", train)
+    write_jsonl(root / "data" / "validation.jsonl", held_out)
+    runs = {}
+    for name, base in {
+        "trained": {"max_steps": 150, "learning_rate": 3e-3, "eval_strategy": "steps", "eval_steps": 50,
+                    "generation_eval": {"every_eval": True, "rows": 4, "max_new_tokens": 24}},
+        "untrained": {"max_steps": 1, "learning_rate": 0.0},
+    }.items():
+        raw = job_dict("text-generation", "full", tiny_models["qwen2"], root / "data", root / name,
+                       per_device_train_batch_size=12, per_device_eval_batch_size=12, save_strategy="no",
+                       logging_steps=50, warmup_steps=10, lr_scheduler_type="cosine", weight_decay=0.0, **base)
+        run(parse_job(raw))
+        runs[name] = root / name
+    return runs
+
+
+def _eval_generate(capsys, run_dir: Path) -> dict:
+    from llmfinetune.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run_dir), "--generate", "--max-new-tokens", "24"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sft_teaches_a_templated_task(capitals, capsys):
+    trained = _eval_generate(capsys, capitals["trained"])
+    assert trained["eval_gen_exact_match"] >= 0.9, trained
+    assert trained["eval_gen_rows"] == len(CAPITALS) and trained["eval_gen_tokenization"] == "words"
+    before = _eval_generate(capsys, capitals["untrained"])
+    assert before["eval_gen_exact_match"] <= 0.1, before
+    assert before["eval_gen_rougeL"] < 0.3 < trained["eval_gen_rougeL"]
+    rows = [json.loads(line) for line in (capitals["trained"] / "generations.jsonl").read_text().splitlines()]
+    _, held_out = capital_rows()
+    assert [(r["prompt"], r["reference"]) for r in rows] == [(h["prompt"], h["response"]) for h in held_out]
+    for row in rows:
+        assert row["scores"]["exact_match"] == float(row["generated"] == row["reference"])
+        assert set(row["scores"]) == {"exact_match", "rouge1", "rouge2", "rougeL", "bleu4"}
+        assert row["finish_reason"] in ("eos", "length")
+
+
+def test_generation_eval_during_and_after_training(capitals):
+    run_dir = capitals["trained"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval_gen_exact_match"] >= 0.9 and metrics["eval_gen_rows"] == len(CAPITALS)
+    assert metrics["eval_gen_file"] == "generations.jsonl"
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    during = [e for e in state["log_history"] if "eval_gen_exact_match" in e]
+    # Each evaluation during training (steps 50, 100, 150) scored its first 4 rows; the one after did not.
+    assert [(e["step"], e["eval_gen_rows"]) for e in during] == [(50, 4), (100, 4), (150, 4)]
+    assert all("eval_loss" in e for e in during)
+    report = (run_dir / "report.md").read_text()
+    assert "## Generations" in report and "Scores on words" in report
+    first = json.loads((run_dir / "generations.jsonl").read_text().splitlines()[0])
+    assert report.count("**Example ") == 3
+    for part in ("prompt", "reference", "generated"):
+        assert f"{part}:\n\n~~~~text\n{first[part]}\n~~~~" in report
+    assert "| `eval_gen_exact_match` |" in report
+    from PIL import Image
+
+    with Image.open(run_dir / "report.png") as image, Image.open(capitals["untrained"] / "report.png") as plain:
+        assert image.size[1] > plain.size[1]  # a third row of panels: the generation scores
+    # The untrained run did not ask for it: no generation, no section.
+    assert "eval_gen_exact_match" not in json.loads((capitals["untrained"] / "metrics.json").read_text())
+    assert "## Generations" not in (capitals["untrained"] / "report.md").read_text()

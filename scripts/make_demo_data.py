@@ -35,6 +35,8 @@ SIZES: Dict[str, Tuple[int, int]] = {
     "wiki": (600, 100),
     "qa": (600, 100),
     "chat": (300, 50),
+    "prefs": (400, 100),
+    "kto": (400, 100),
 }
 
 
@@ -806,6 +808,35 @@ def make_chat(rng: random.Random, n_train: int, n_val: int) -> Tuple[List[dict],
     return rows[:n_train], rows[n_train:]
 
 
+REFUSALS = ["I don't know.", "I am not sure, sorry.", "No idea.", "Ask someone else."]
+
+
+def _preference_row(rng: random.Random) -> dict:
+    """A qa prompt, its right answer (chosen) and a worse one (rejected): a refusal or another prompt's answer."""
+    row = _qa_row(rng)
+    if rng.random() < 0.5:
+        rejected = rng.choice(REFUSALS)
+    else:
+        rejected = row["response"]
+        while rejected == row["response"]:
+            rejected = _qa_row(rng)["response"]
+    return {"prompt": row["prompt"], "chosen": row["response"], "rejected": rejected}
+
+
+def make_prefs(rng: random.Random, n_train: int, n_val: int) -> Tuple[List[dict], List[dict]]:
+    rows = _unique(_preference_row, lambda r: r["prompt"], n_train + n_val, rng)
+    return rows[:n_train], rows[n_train:]
+
+
+def make_kto(rng: random.Random, n_train: int, n_val: int) -> Tuple[List[dict], List[dict]]:
+    """Unpaired: each prompt with one answer, labelled desirable (true) or not (false), about half each."""
+    rows = []
+    for pair in _unique(_preference_row, lambda r: r["prompt"], n_train + n_val, rng):
+        good = rng.random() < 0.5
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good})
+    return rows[:n_train], rows[n_train:]
+
+
 # --------------------------------------------------------------------------- #
 # README + main
 # --------------------------------------------------------------------------- #
@@ -825,6 +856,8 @@ third-party data. Every dataset is a folder with two JSON-lines files,
 | `wiki/` | masked / causal language modelling | `text` (str, 2-5 sentence paragraph) | {wiki_train} | {wiki_val} |
 | `qa/` | text generation / SFT | `prompt` (str), `response` (str) | {qa_train} | {qa_val} |
 | `chat/` | text generation / chat SFT | `messages` (list of `{role, content}`, 1-3 user/assistant exchanges, some with a system turn) | {chat_train} | {chat_val} |
+| `prefs/` | preference tuning (DPO, ORPO, ...) and reward models | `prompt`, `chosen` (the right answer), `rejected` (a refusal or another question's answer) | {prefs_train} | {prefs_val} |
+| `kto/` | preference tuning with KTO (unpaired) | `prompt`, `completion`, `label` (true: the right answer) | {kto_train} | {kto_val} |
 
 Notes:
 
@@ -856,6 +889,8 @@ BUILDERS = {
     "wiki": make_wiki,
     "qa": make_qa,
     "chat": make_chat,
+    "prefs": make_prefs,
+    "kto": make_kto,
 }
 
 

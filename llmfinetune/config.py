@@ -7,6 +7,7 @@ so it runs after this module's cheap checks).
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import UserError
 
+logger = logging.getLogger(__name__)
 
 class _Strict(BaseModel):
     # Unknown keys are errors: the original silently dropped them and users trained with settings they never got.
@@ -35,19 +37,44 @@ class _Strict(BaseModel):
 
 
 class S3MirrorConfig(_Strict):
+    """Where the model is copied from before loading (s3_mirror.py): an s3:// prefix or a local folder."""
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint (MinIO, Ceph, ...); None: AWS
     bucket_uri: Optional[str] = None
+    s3_sync_args: Optional[list[str]] = None  # `aws s3 sync` arguments, honoured where they map (s3_mirror.py)
+
+
+class TorchCompile(_Strict):
+    """The original's initializer.torch_compile, given to Trainer's torch.compile (see ORIGINAL_KEYS)."""
+    backend: Optional[str] = "inductor"
+    mode: Optional[str] = None
+    fullgraph: bool = False
+    dynamic: bool = False
+    options: Optional[dict[str, Any]] = None
 
 
 class Initializer(_Strict):
     type: str = "Finetune"
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
     from_pretrained_kwargs: dict[str, Any] = Field(default_factory=dict)
+    use_bettertransformer: bool = False
+    torch_compile: Optional[TorchCompile] = None
 
 
 class Initialization(_Strict):
     s3_mirror_config: Optional[S3MirrorConfig] = None
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     initializer: Initializer = Field(default_factory=Initializer)
+    hf_model_id: Optional[str] = None  # the hub id to load when model_id is only a display name
+    pipeline: Optional[str] = None  # the original's serving pipeline; no effect on training
+
+
+class Generation(_Strict):
+    """The original's generation settings; `predict` takes its defaults from generate_kwargs (see ORIGINAL_KEYS)."""
+    prompt_format: Optional[str] = None
+    max_batch_size: Optional[int] = Field(default=None, ge=1)
+    batch_wait_timeout_s: Optional[float] = None
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict)
+    stopping_sequences: Optional[list[Any]] = None
 
 
 class ModelConfig(_Strict):
@@ -58,6 +85,9 @@ class ModelConfig(_Strict):
     quantization_bit: Optional[Literal[4, 8]] = None
     add_special_tokens: dict[str, str] = Field(default_factory=dict)
     initialization: Initialization = Field(default_factory=Initialization)
+    generation: Optional[Generation] = None
+    model_url: Optional[str] = None  # informational (the original's model card link)
+    model_description: Optional[str] = None  # informational
 
 
 class DataConfig(_Strict):
@@ -80,6 +110,11 @@ class DataConfig(_Strict):
     train_on_prompt: bool = False
     # Tokenized data is cached by content hash; false re-tokenizes every run.
     cache_tokenized: bool = True
+    # The original's tokenizer settings (see ORIGINAL_KEYS): max_length is base_config.max_length.
+    max_length: Optional[int] = Field(default=None, ge=1)
+    truncation: Optional[bool] = None
+    stride: Optional[int] = Field(default=None, ge=0)
+    return_overflowing_tokens: Optional[bool] = None
 
     @field_validator("input_columns", mode="before")
     @classmethod
@@ -96,6 +131,7 @@ class TrainConfig(_Strict):
 
 class FtConfig(_Strict):
     ft_task: str
+    ft_stage: Optional[str] = None  # informational in the original
     ft_method: Optional[str] = "full"
     data_config: DataConfig
     train_config: TrainConfig = Field(default_factory=TrainConfig)
@@ -111,6 +147,11 @@ class ScalingConfig(_Strict):
     num_gpus_per_worker: float = Field(default=0, ge=0)
     num_cpus_per_worker: float = Field(default=1, gt=0)
     use_gpu: Optional[bool] = None
+    # Ray placement, used by ray-ft (ray_launch.py):
+    placement_strategy: Optional[Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]] = None
+    resources_per_worker: Optional[dict[str, float]] = None
+    pg_timeout_s: Optional[float] = Field(default=None, gt=0)
+    ray_actor_options: Optional[dict[str, Any]] = None
 
 
 class Job(_Strict):
@@ -119,6 +160,7 @@ class Job(_Strict):
     scaling_config: ScalingConfig = Field(default_factory=ScalingConfig)
 
     _source: Optional[Path] = PrivateAttr(default=None)
+    _original_keys_warned: bool = PrivateAttr(default=False)
 
     @property
     def source(self) -> Optional[Path]:
@@ -190,6 +232,7 @@ def parse_job(raw: dict, source: Path | None = None) -> Job:
     except ValidationError as exc:
         raise UserError(describe_validation_error(exc, source)) from None
     job._source = source.resolve() if source else None
+    _map_original_keys(job)
     return job
 
 
@@ -310,3 +353,180 @@ def as_number(value: Any) -> Union[int, float, Any]:
         except ValueError:
             return value
     return value
+
+
+# ---------------------------------------------------------------- keys of the original's schema
+
+# Every key the original's schema declared loads. Those with a meaning here are mapped in `_map_original_keys`
+# (data_config.max_length, initializer.torch_compile), by resolve_model (initialization.hf_model_id, s3_mirror_config),
+# by ray-ft (the Ray placement keys) or by predict (generation.generate_kwargs); the rest are listed here with the
+# reason they change nothing, and `apply_original_keys` warns once for each one a job sets.
+NO_EFFECT = {
+    "model_config.model_url": "informational (the original's link to the model card)",
+    "model_config.model_description": "informational (the original's model card text)",
+    "model_config.initialization.pipeline": "the original's serving pipeline; training and predict use none",
+    "model_config.initialization.initializer.use_bettertransformer":
+        "transformers 5 runs PyTorch's fused attention (SDPA) natively; BetterTransformer no longer exists",
+    "model_config.initialization.initializer.torch_compile.options":
+        "Trainer's torch.compile takes backend, mode, fullgraph and dynamic only",
+    "model_config.generation.prompt_format": "predict renders prompts exactly as training did",
+    "model_config.generation.max_batch_size": "a serving setting; predict's batch size is --batch-size",
+    "model_config.generation.batch_wait_timeout_s": "a serving setting",
+    "model_config.generation.stopping_sequences": "predict stops at the tokenizer's EOS token or max_new_tokens",
+    "ft_config.ft_stage": "informational in the original",
+    "scaling_config.ray_actor_options":
+        "the original read it only for its serving replicas; ray-ft's training workers take num_cpus_per_worker, "
+        "num_gpus_per_worker and resources_per_worker, and Ray Train 2's controller reserves no resources",
+    "ft_config.data_config.truncation":
+        "inputs always fit max_length: classification and chat examples are cut, masked-LM text and raw text "
+        "(text-generation format text) are split into max_length blocks, so nothing is dropped",
+    "ft_config.data_config.stride":
+        "long masked-LM and raw texts are split into consecutive max_length blocks without overlap; classification "
+        "and chat examples are cut at max_length",
+    "ft_config.data_config.return_overflowing_tokens":
+        "long masked-LM and raw texts are always split into max_length blocks; classification and chat examples "
+        "are always cut at max_length",
+    "ft_config.train_config.base_config.pad_to_max_length":
+        "each batch is padded to its longest row; padding is masked out of attention and loss, so the result is "
+        "the same",
+}
+# The Ray placement keys: ray-ft hands them to Ray Train (ray_launch.py); run-ft and check start no Ray workers.
+RAY_ONLY = ("scaling_config.placement_strategy", "scaling_config.resources_per_worker", "scaling_config.pg_timeout_s")
+# generation.generate_kwargs that become predict's defaults (the command-line flags win).
+GENERATE_DEFAULTS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float}
+GENERATE_KWARGS = "model_config.generation.generate_kwargs"
+# Set by ray-ft for itself and its workers: the Ray keys then have their meaning, and the workers need not repeat
+# the warnings the driver printed.
+LAUNCHER_ENV = "LLMFINETUNE_LAUNCHER"
+WARNED_ENV = "LLMFINETUNE_ORIGINAL_KEYS_WARNED"
+_BASE = "ft_config.train_config.base_config"
+_COMPILE = "model_config.initialization.initializer.torch_compile"
+
+
+def given(job: Job, dotted: str) -> bool:
+    """Whether the job file (or an override) set this key, whatever its value."""
+    node: Any = job
+    parts = dotted.split(".")
+    if parts[0] == "model_config":
+        node, parts = job.model, parts[1:]
+    for part in parts:
+        if isinstance(node, dict):
+            if part not in node:
+                return False
+            node = node[part]
+        elif isinstance(node, BaseModel):
+            if part not in node.model_fields_set:
+                return False
+            node = getattr(node, part)
+        else:
+            return False
+    return True
+
+
+def _is_folder(job: Job, value: str) -> bool:
+    try:
+        return job.resolve_input_path(value, "model_config.model_id").is_dir()
+    except UserError:
+        return False
+
+
+def _map_original_keys(job: Job) -> None:
+    """The original's spellings of our settings, put where the rest of the code reads them; a job that gives both
+    spellings with different values is refused. Mapping the stored job is idempotent, so a run directory's
+    job.yaml (which holds both spellings) loads again."""
+    base = job.base_config
+    length = job.data.max_length
+    if length is not None:
+        if "max_length" in base and as_number(base["max_length"]) != length:
+            raise UserError(f"{job.source}: ft_config.data_config.max_length ({length}) and {_BASE}.max_length "
+                            f"({base['max_length']}) are the same setting with different values; keep one.")
+        base["max_length"] = length
+    compile_config = job.model.initialization.initializer.torch_compile
+    if compile_config is not None:
+        # Only what the file sets: the original's default backend (inductor) is TrainingArguments' default too.
+        wanted = {"torch_compile": True, **{f"torch_compile_{key}": getattr(compile_config, key)
+                                            for key in ("backend", "mode") if key in compile_config.model_fields_set}}
+        for name, value in wanted.items():
+            if name in base and base[name] != value:
+                ours = "torch_compile" if name == "torch_compile" else name.removeprefix("torch_compile_")
+                raise UserError(f"{job.source}: {_COMPILE}{'' if ours == 'torch_compile' else '.' + ours} and "
+                                f"{_BASE}.{name} disagree ({value!r} vs {base[name]!r}); keep one.")
+            base[name] = value
+    _generation_defaults(job)  # bad values are job-file mistakes: found at load, not first at predict
+
+
+def _generation_defaults(job: Job) -> dict[str, Any]:
+    generation = job.model.generation
+    kwargs = generation.generate_kwargs if generation is not None else {}
+    defaults = {}
+    for name, kind in GENERATE_DEFAULTS.items():
+        if name not in kwargs or kwargs[name] is None:
+            continue
+        value = as_number(kwargs[name]) if kind is not bool else kwargs[name]
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1,
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}[kind](value)
+        if ok and name == "top_p":
+            ok = value <= 1
+        if not ok:
+            expected = {"max_new_tokens": "a whole number of at least 1", "do_sample": "true or false",
+                        "temperature": "a number above 0", "top_p": "a number in (0, 1]"}[name]
+            raise UserError(f"{job.source}: {GENERATE_KWARGS}.{name}: expected {expected}, got {kwargs[name]!r}.")
+        defaults[name] = int(value) if kind is int else value
+    return defaults
+
+
+def generation_defaults(job: Job) -> dict[str, Any]:
+    """predict's defaults for text generation from model_config.generation.generate_kwargs (max_new_tokens,
+    do_sample, temperature, top_p); empty when the job sets none."""
+    return _generation_defaults(job) if job.task == "text-generation" else {}
+
+
+def original_key_warnings(job: Job, launcher: Optional[str] = None) -> list[str]:
+    """One line for each key of the original's schema that this job sets and that changes nothing here."""
+    launcher = launcher if launcher is not None else os.environ.get(LAUNCHER_ENV)
+    notes = [f"{key}: accepted, no effect here: {why}." for key, why in NO_EFFECT.items() if given(job, key)
+             and not (key.endswith("use_bettertransformer") and not job.model.initialization.initializer
+                      .use_bettertransformer)]
+    initialization = job.model.initialization
+    if initialization.hf_model_id and _is_folder(job, job.model.model_id):
+        notes.append("model_config.initialization.hf_model_id: accepted, no effect here: model_id is a local folder, "
+                     "and the model is loaded from it.")
+    mirror = initialization.s3_mirror_config
+    if mirror is not None and not (mirror.bucket_uri and "://" in mirror.bucket_uri):
+        notes += [f"model_config.initialization.s3_mirror_config.{key}: accepted, no effect here: bucket_uri is not "
+                  "an s3:// address, so nothing is copied." for key in ("endpoint_url", "s3_sync_args")
+                  if getattr(mirror, key)]
+    if launcher != "ray-ft":
+        notes += [f"{key}: used by `llmfinetune ray-ft` only; no effect on run-ft, which starts no Ray workers."
+                  for key in RAY_ONLY if given(job, key)]
+    generation = job.model.generation
+    if generation is not None and job.task != "text-generation" and generation.generate_kwargs:
+        notes.append(f"{GENERATE_KWARGS}: accepted, no effect here: predict generates text for text-generation "
+                     f"runs only; this job's task is {job.task}.")
+    elif generation is not None:
+        notes += [f"{GENERATE_KWARGS}.{name}: accepted, no effect here: predict takes max_new_tokens, do_sample, "
+                  "temperature and top_p from generate_kwargs." for name in generation.generate_kwargs
+                  if name not in GENERATE_DEFAULTS]
+        if not generation.generate_kwargs.get("do_sample"):
+            notes += [f"{GENERATE_KWARGS}.{name}: no effect unless do_sample is true (predict then decodes "
+                      "greedily)." for name in ("temperature", "top_p")
+                      if generation.generate_kwargs.get(name) is not None]
+    return notes
+
+
+def apply_original_keys(job: Job) -> None:
+    """Called once per command (check, run-ft, every worker): warns for the original's keys that have no effect,
+    and hands torch_compile's fullgraph/dynamic to accelerate, which reads them from the environment when the
+    Trainer builds its compile plugin. Only the main process warns, and ray-ft's workers leave it to the driver."""
+    compile_config = job.model.initialization.initializer.torch_compile
+    if compile_config is not None:
+        os.environ["ACCELERATE_DYNAMO_USE_FULLGRAPH"] = str(compile_config.fullgraph)
+        if given(job, f"{_COMPILE}.dynamic"):
+            os.environ["ACCELERATE_DYNAMO_USE_DYNAMIC"] = str(compile_config.dynamic)
+    if job._original_keys_warned or os.environ.get("RANK", "0") != "0" or os.environ.get(WARNED_ENV):
+        return
+    job._original_keys_warned = True
+    for note in original_key_warnings(job):
+        logger.warning(note)
+

@@ -603,7 +603,12 @@ def _options(args, job: "Job") -> Options:
             raise UserError(f"{', '.join(given)}: only for text-generation runs; this run is {job.task}.")
     if job.task != "maskedlm" and args.top_k is not None:
         raise UserError(f"--top-k: only for maskedlm runs; this run is {job.task}.")
-    if not args.do_sample and (args.temperature is not None or args.top_p is not None):
+    # model_config.generation.generate_kwargs of the job are the defaults; a flag given here wins.
+    from .config import generation_defaults
+
+    defaults = generation_defaults(job)
+    do_sample = args.do_sample or defaults.get("do_sample", False)
+    if not do_sample and (args.temperature is not None or args.top_p is not None):
         raise UserError("--temperature and --top-p shape sampling; add --do-sample (without it decoding is greedy).")
     batch_size = args.batch_size
     if batch_size is None:
@@ -617,8 +622,10 @@ def _options(args, job: "Job") -> Options:
     for name, value, ok, expected in checks:
         if not ok:
             raise UserError(f"{name}: must be {expected}, got {value}.")
-    return Options(batch_size=batch_size, top_k=args.top_k or 5, max_new_tokens=args.max_new_tokens or 64,
-                   temperature=args.temperature, top_p=args.top_p, do_sample=args.do_sample)
+    return Options(batch_size=batch_size, top_k=args.top_k or 5,
+                   max_new_tokens=args.max_new_tokens or defaults.get("max_new_tokens", 64),
+                   temperature=args.temperature if args.temperature is not None else defaults.get("temperature"),
+                   top_p=args.top_p if args.top_p is not None else defaults.get("top_p"), do_sample=do_sample)
 
 
 def predict_file(predictor: Predictor, path: Path, out, batch_size: int) -> int:

@@ -33,13 +33,20 @@ def packaged_model_dir(model_id: str) -> Path | None:
 
 
 def resolve_model(job: Job) -> str:
-    """A local folder when one exists, else the hub id (checked against the cache or the hub)."""
+    """A local folder when one exists; else the snapshot an s3:// bucket_uri was copied to (s3_mirror.py); else the
+    hub id, initialization.hf_model_id when set (checked against the cache or the hub)."""
+    from .s3_mirror import is_remote, mirror_model
+
     model = job.model
     tried = []
     for key, value in (("model_config.model_id", model.model_id),
                        ("model_config.initialization.s3_mirror_config.bucket_uri",
                         model.initialization.s3_mirror_config and model.initialization.s3_mirror_config.bucket_uri)):
-        if not value or "://" in value:
+        if not value:
+            continue
+        if is_remote(value):
+            if key.endswith("bucket_uri"):
+                return str(mirror_model(job))
             continue
         try:
             folder = job.resolve_input_path(value, key)
@@ -50,13 +57,14 @@ def resolve_model(job: Job) -> str:
             raise UserError(f"{key}: folder {folder} has no config.json; expected a Hugging Face model folder "
                             "(config.json, weights, tokenizer files).")
         return str(folder)
-    packaged = packaged_model_dir(model.model_id)
+    hub_id = model.initialization.hf_model_id or model.model_id
+    packaged = packaged_model_dir(hub_id)
     if packaged is not None:
         return str(packaged)
-    if model.model_id in PACKAGED_MODELS:
-        tried.append(f"the pip package {PACKAGED_MODELS[model.model_id][0]} (not installed)")
-    _check_hub_model(model.model_id, tried, job)
-    return model.model_id
+    if hub_id in PACKAGED_MODELS:
+        tried.append(f"the pip package {PACKAGED_MODELS[hub_id][0]} (not installed)")
+    _check_hub_model(hub_id, tried, job)
+    return hub_id
 
 
 def _check_hub_model(model_id: str, tried: list[str], job: Job) -> None:

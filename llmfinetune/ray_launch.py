@@ -31,17 +31,54 @@ INSTALL_HINT = "pip install 'llmfinetune[ray]'"
 
 
 def resources(job: "Job") -> dict[str, Any]:
-    """scaling_config -> what each Ray worker asks for; contradictions and impossible requests are errors."""
+    """scaling_config -> what each Ray worker asks for and how the workers are placed; contradictions and impossible
+    requests are errors."""
     scaling = job.scaling_config
-    gpus = scaling.num_gpus_per_worker
+    given = scaling.model_fields_set
+    extra = dict(scaling.resources_per_worker or {})
+    # As in the original, resources_per_worker's CPU/GPU stand for num_cpus/num_gpus_per_worker; both differing is
+    # a contradiction.
+    amounts = {}
+    for resource, key in (("CPU", "num_cpus_per_worker"), ("GPU", "num_gpus_per_worker")):
+        amounts[resource] = getattr(scaling, key)
+        if resource in extra:
+            value = float(extra.pop(resource))
+            if key in given and value != amounts[resource]:
+                raise UserError(f"{job.source}: scaling_config.resources_per_worker.{resource} ({value:g}) and "
+                                f"scaling_config.{key} ({amounts[resource]:g}) disagree; keep one.")
+            amounts[resource] = value
+    if amounts["CPU"] <= 0:
+        raise UserError(f"{job.source}: scaling_config.resources_per_worker.CPU: must be above 0, got "
+                        f"{amounts['CPU']:g}.")
+    gpus = amounts["GPU"]
     use_gpu = scaling.use_gpu if scaling.use_gpu is not None else gpus > 0
     if scaling.use_gpu is False and gpus > 0:
         raise UserError(f"{job.source}: scaling_config sets use_gpu: false but num_gpus_per_worker: {gpus:g}; "
                         "set use_gpu: true, or num_gpus_per_worker: 0 to train on the CPU.")
     if use_gpu and gpus == 0:
         gpus = 1  # Ray Train's own default for use_gpu
-    return {"num_workers": scaling.num_workers, "use_gpu": use_gpu, "cpus": scaling.num_cpus_per_worker,
-            "gpus": gpus}
+    strategy = scaling.placement_strategy or "PACK"
+    if strategy == "STRICT_SPREAD" and scaling.num_workers > 1:
+        raise UserError(f"{job.source}: scaling_config.placement_strategy: STRICT_SPREAD puts every worker on a node "
+                        f"of its own, but ray-ft's local cluster is one node ({scaling.num_workers} workers); use "
+                        "PACK, SPREAD or STRICT_PACK.")
+    return {"num_workers": scaling.num_workers, "use_gpu": use_gpu, "cpus": amounts["CPU"], "gpus": gpus,
+            "custom": extra, "placement_strategy": strategy, "pg_timeout_s": scaling.pg_timeout_s}
+
+
+def scaling_arguments(wanted: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's ScalingConfig arguments for `resources`' answer."""
+    per_worker = {"CPU": wanted["cpus"], **({"GPU": wanted["gpus"]} if wanted["use_gpu"] else {}), **wanted["custom"]}
+    return {"num_workers": wanted["num_workers"], "use_gpu": wanted["use_gpu"], "resources_per_worker": per_worker,
+            "placement_strategy": wanted["placement_strategy"]}
+
+
+def cluster_resources(wanted: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """ray.init arguments of the one-node local cluster: the CPUs and GPUs the workers take, and the custom
+    resources of resources_per_worker, which only this node can offer (otherwise the workers would never start)."""
+    workers = wanted["num_workers"]
+    return {"num_cpus": math.ceil(wanted["cpus"] * workers), "num_gpus": gpus,
+            "resources": {name: amount * workers for name, amount in wanted["custom"].items()}}
 
 
 def _check_gpus(job: "Job", wanted: dict[str, Any]) -> int:
@@ -74,9 +111,16 @@ def run_on_ray(job_file: str, overrides: list[str], job: "Job") -> int:
     """Train `job` with scaling_config's workers on a local Ray cluster started (and shut down) here."""
     from .workflow import check_job
 
+    from .config import LAUNCHER_ENV, WARNED_ENV
+
     wanted = resources(job)
+    os.environ[LAUNCHER_ENV] = "ray-ft"  # the Ray keys mean something here: no "ray-ft only" warnings
     check_job(job, load_data=False)  # job-file mistakes end here, before a cluster starts
+    os.environ[WARNED_ENV] = "1"  # the workers inherit it: the warnings above are not repeated by each of them
     gpus = _check_gpus(job, wanted)
+    if wanted["pg_timeout_s"] is not None:
+        # Ray Train's controller waits this long for the workers' placement group, then fails with its cause.
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(wanted["pg_timeout_s"])
     # Before Ray is imported (it reads these once): a local cluster on loopback only. Otherwise Ray advertises the
     # machine's network address and the workers' process group listens there. Ray Train's print patch also
     # swallows `print(..., file=...)` and floods the log with datasets' code disassembly: off.
@@ -93,12 +137,13 @@ def run_on_ray(job_file: str, overrides: list[str], job: "Job") -> int:
     # Workers import this package by name: make a checkout that is not installed importable for them.
     package_root = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-    cpus = math.ceil(wanted["cpus"] * wanted["num_workers"])
+    cluster = cluster_resources(wanted, gpus)
     runtime_env = job.model.initialization.runtime_env or None
-    print(f"Starting a local Ray cluster ({cpus} CPU(s), {gpus} GPU(s)) for {wanted['num_workers']} worker(s)",
-          flush=True)
+    custom = "".join(f", {amount:g} {name}" for name, amount in cluster["resources"].items())
+    print(f"Starting a local Ray cluster ({cluster['num_cpus']} CPU(s), {gpus} GPU(s){custom}) for "
+          f"{wanted['num_workers']} worker(s), placement {wanted['placement_strategy']}", flush=True)
     storage = Path(tempfile.mkdtemp(prefix="llmfinetune-ray-"))
-    ray.init(address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+    ray.init(address="local", **cluster, include_dashboard=False,
              _node_ip_address="127.0.0.1", runtime_env=runtime_env, log_to_driver=True)
     try:
         trainer = TorchTrainer(
@@ -106,9 +151,7 @@ def run_on_ray(job_file: str, overrides: list[str], job: "Job") -> int:
             train_loop_config={"job_file": str(Path(job_file).resolve()), "overrides": list(overrides),
                                "cwd": os.getcwd()},
             torch_config=TorchConfig(backend="nccl" if wanted["use_gpu"] else "gloo"),
-            scaling_config=ScalingConfig(num_workers=wanted["num_workers"], use_gpu=wanted["use_gpu"],
-                                         resources_per_worker={"CPU": wanted["cpus"],
-                                                               **({"GPU": wanted["gpus"]} if wanted["use_gpu"] else {})}),
+            scaling_config=ScalingConfig(**scaling_arguments(wanted)),
             run_config=RunConfig(name="llmfinetune", storage_path=str(storage)),
         )
         try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import Job, dump_job, redact_arguments
+from .config import Job, apply_original_keys, dump_job, redact_arguments
 from .errors import UserError
 from .registry import METHODS, TASKS
 
@@ -24,6 +24,7 @@ def _checked(job: Job):
     task.check(job)
     method.check(job)
     arguments.translate(job)
+    apply_original_keys(job)
     return task, method, models.resolve_model(job)
 
 

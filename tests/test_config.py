@@ -26,7 +26,9 @@ model_config:
     pad_token: "<pad>"
   initialization:
     s3_mirror_config:
+      endpoint_url: null
       bucket_uri: /data/models/distilbert-base-uncased/
+      s3_sync_args: ["--no-sign-request"]
     runtime_env: {}
     initializer:
       type: Finetune
@@ -106,6 +108,8 @@ def test_seed_example_loads_every_key(tmp_path):
     assert model.quantization_bit == 4
     assert model.add_special_tokens == {"pad_token": "<pad>"}
     assert model.initialization.s3_mirror_config.bucket_uri == "/data/models/distilbert-base-uncased/"
+    assert model.initialization.s3_mirror_config.endpoint_url is None
+    assert model.initialization.s3_mirror_config.s3_sync_args == ["--no-sign-request"]
     assert model.initialization.runtime_env == {}
     assert model.initialization.initializer.type == "Finetune"
     assert model.initialization.initializer.dtype == "float32"
@@ -133,6 +137,73 @@ def test_seed_example_loads_every_key(tmp_path):
     scaling = job.scaling_config
     assert (scaling.num_workers, scaling.num_gpus_per_worker, scaling.num_cpus_per_worker) == (2, 0, 1)
     assert job.source == (tmp_path / "job.yaml").resolve()
+
+
+# Every field the original's schema declared beyond the seed example, with a value of its kind.
+ORIGINAL_SCHEMA_FIELDS = {
+    "scaling_config.ray_actor_options": {"num_cpus": 0.1},
+    "scaling_config.placement_strategy": "SPREAD",
+    "scaling_config.resources_per_worker": {"accelerator_type_cpu": 0.01},
+    "scaling_config.pg_timeout_s": 600,
+    "model_config.generation": {"prompt_format": "{instruction}", "max_batch_size": 2, "batch_wait_timeout_s": 1,
+                                "generate_kwargs": {"max_new_tokens": 16, "do_sample": False},
+                                "stopping_sequences": ["###", 2]},
+    "model_config.model_url": "https://huggingface.co/bert-base-uncased",
+    "model_config.model_description": "BERT.",
+    "model_config.initialization.hf_model_id": "bert-base-uncased",
+    "model_config.initialization.pipeline": "default",
+    "model_config.initialization.initializer.use_bettertransformer": False,
+    "model_config.initialization.initializer.torch_compile": {"backend": "inductor", "mode": "max-autotune",
+                                                              "fullgraph": True, "dynamic": False, "options": {}},
+    "ft_config.data_config.max_length": 128,
+    "ft_config.data_config.truncation": True,
+    "ft_config.data_config.stride": 50,
+    "ft_config.data_config.return_overflowing_tokens": True,
+    "ft_config.train_config.base_config.pad_to_max_length": True,
+    "ft_config.ft_stage": "sft",
+    "model_config.initialization.s3_mirror_config.endpoint_url": "http://127.0.0.1:9000",
+    "model_config.initialization.s3_mirror_config.s3_sync_args": ["--no-sign-request"],
+}
+
+
+@pytest.mark.parametrize("dotted", sorted(ORIGINAL_SCHEMA_FIELDS))
+def test_every_field_of_the_original_schema_is_accepted(tmp_path, dotted):
+    raw = yaml.safe_load(SEED_EXAMPLE)
+    job = load_job(write_job(tmp_path, set_at(raw, dotted, ORIGINAL_SCHEMA_FIELDS[dotted])))
+    assert job.to_dict()  # and nothing is dropped from what the run directory's job.yaml records
+    node = job.to_dict()
+    for part in dotted.split("."):
+        node = node[part]
+    assert node == ORIGINAL_SCHEMA_FIELDS[dotted]
+
+
+def test_a_job_with_every_original_field_round_trips_through_its_dumped_job_yaml(tmp_path):
+    raw = yaml.safe_load(SEED_EXAMPLE)
+    for dotted, value in ORIGINAL_SCHEMA_FIELDS.items():
+        set_at(raw, dotted, value)
+    job = load_job(write_job(tmp_path, raw))
+    # The original's spellings are mapped onto ours in the loaded job, so the dumped job.yaml holds both, agreeing.
+    assert job.base_config["max_length"] == 128
+    assert (job.base_config["torch_compile"], job.base_config["torch_compile_backend"],
+            job.base_config["torch_compile_mode"]) == (True, "inductor", "max-autotune")
+    dump_job(job, tmp_path / "dumped.yaml")
+    again = load_job(tmp_path / "dumped.yaml")
+    assert again.base_config == job.base_config and again.model == job.model
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("scaling_config.placement_strategy", "DIAGONAL"),
+    ("scaling_config.pg_timeout_s", 0),
+    ("scaling_config.resources_per_worker", {"accelerator_type_cpu": "many"}),
+    ("model_config.generation.max_batch_size", 0),
+    ("model_config.initialization.initializer.torch_compile.fullgraph", "sometimes"),
+    ("ft_config.data_config.max_length", 0),
+    ("ft_config.data_config.stride", -1),
+    ("model_config.initialization.s3_mirror_config.s3_sync_args", "--no-sign-request"),
+])
+def test_wrong_values_of_the_original_fields_name_their_key(tmp_path, dotted, value):
+    raw = yaml.safe_load(SEED_EXAMPLE)
+    assert f"'{dotted}" in load_error(write_job(tmp_path, set_at(raw, dotted, value)))
 
 
 def test_seed_example_round_trips_through_to_dict(tmp_path):

@@ -4,7 +4,12 @@ A plain causal-LM step multiplies every position's hidden state by the vocabular
 logits of prompt and padding positions (their labels are -100). Here a pre-hook on the output layer keeps only the
 positions whose next token is a target, so prompt tokens cost no LM-head work in either direction and the logits
 tensor shrinks to (targets x vocabulary). The loss is the same sum over targets divided by the same count Trainer
-passes (tested equal to the standard loss).
+passes (tested equal to the standard loss), label smoothing included.
+
+Settings whose loss needs the full logits or the model's own loss step aside to Trainer's standard loss, each with
+one info line (standard_loss_reason): a compute_loss_func, MoE router logits (their aux loss is added by the model
+only when it gets the labels) and nn.DataParallel (several GPUs without a launcher: the pre-hook would index each
+replica's slice with the whole batch's mask).
 """
 from __future__ import annotations
 
@@ -17,11 +22,21 @@ IGNORE = -100
 logger = logging.getLogger(__name__)
 
 
-class TargetsOnlyTrainer(Trainer):
+class CausalLMTrainer(Trainer):
+    """The SFT Trainer: a packing collator learns the layout the model's attention needs once the model is known."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .packing import bind_packed_collator
+
+        bind_packed_collator(self)
+
+
+class TargetsOnlyTrainer(CausalLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         head = _output_layer(self.accelerator.unwrap_model(model))
         labels = inputs.get("labels")
-        if head is None or labels is None or getattr(self, "_targets_only_off", False):
+        if head is None or labels is None or self._steps_aside(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         targets = labels[:, 1:]
         # Position t predicts the token at t + 1: keep the positions whose next token is learned.
@@ -39,16 +54,43 @@ class TargetsOnlyTrainer(Trainer):
             self._targets_only_off = True
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         chosen = targets[targets != IGNORE]
+        # LabelSmoother's (1 - e) * nll + e * mean over the vocabulary of -log p, summed over the targets: the same
+        # per-target term as cross_entropy's label_smoothing (tested equal).
+        smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
         if num_items_in_batch is None:
-            loss = torch.nn.functional.cross_entropy(logits.float(), chosen) if count else logits.sum() * 0.0
+            loss = (torch.nn.functional.cross_entropy(logits.float(), chosen, label_smoothing=smoothing) if count
+                    else logits.sum() * 0.0)
         else:
-            loss = torch.nn.functional.cross_entropy(logits.float(), chosen, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(logits.float(), chosen, reduction="sum",
+                                                     label_smoothing=smoothing)
             loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
                 # As Trainer.compute_loss: num_items_in_batch counts every process's targets, and DDP averages
                 # gradients over processes, so the sum is scaled back up by the process count.
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
+
+    def _steps_aside(self, model) -> bool:
+        if not hasattr(self, "_targets_only_off"):
+            reason = standard_loss_reason(self, self.accelerator.unwrap_model(model))
+            if reason:
+                logger.info("lm_head_on_targets_only steps aside (%s): using the standard loss.", reason)
+            self._targets_only_off = reason is not None
+        return self._targets_only_off
+
+
+def standard_loss_reason(trainer, model):
+    """Why this run needs Trainer's standard loss instead of logits at learned positions only; None when it does
+    not."""
+    if trainer.compute_loss_func is not None:
+        return "compute_loss_func reads the full logits"
+    config = getattr(model, "config", None)
+    configs = [config, config.get_text_config()] if hasattr(config, "get_text_config") else [config]
+    if any(getattr(c, "output_router_logits", False) for c in configs):
+        return "output_router_logits: the model adds its router aux loss only when it computes the loss itself"
+    if trainer.args.n_gpu > 1:
+        return f"nn.DataParallel over {trainer.args.n_gpu} GPUs splits the batch after the learned positions are chosen"
+    return None
 
 
 def _output_layer(model):

@@ -1,17 +1,84 @@
 """Packing for causal-LM training: several examples share one row of at most max_length tokens, and still each
 example sees only itself.
 
-Positions restart at 0 for every example, and no attention mask is passed: transformers then reads the example
-boundaries from the position ids and builds a block-diagonal causal mask (its padding-free path), so attention
-never crosses an example. The first label of every example is ignored, as it is when the example is alone: there
-it would be predicted from the end of the previous example.
+Positions restart at 0 for every example, and no attention mask is passed. How the examples then travel depends on
+the attention implementation (packed_layout, the one decision):
+- eager / SDPA / flex: a batch of rows. transformers' masking_utils reads the example boundaries from the position
+  ids of every row and builds a block-diagonal causal mask (its padding-free path).
+- flash-attention (and hub flash kernels): one flattened row holding every example of the step, with the
+  cu_seq_lens_q/k and max_length_q/k kwargs that DataCollatorWithFlattening produces. Flash attention builds no mask;
+  it runs variable-length sequences from those kwargs, and reads boundaries from position ids only in a batch of one
+  row (_is_packed_sequence), so rows would leak into each other.
+The first label of every example is ignored, as it is when the example is alone: there it would be predicted from
+the end of the previous example.
+
+Only architectures whose isolation is tested (ISOLATING_MODEL_TYPES) may pack: others, remote code above all, may
+never read the boundaries.
 """
 from __future__ import annotations
 
 import bisect
-from typing import Any
+from typing import Any, Optional
+
+from .errors import UserError
 
 IGNORE = -100
+PACKING_KEY = "ft_config.train_config.base_config.packing"
+ROWS, FLATTENED = "rows", "flattened"
+
+# Attention implementations whose masks come from masking_utils, which turns the per-row position ids into a
+# block-diagonal mask (tests/test_packing_attention.py runs each of them).
+MASKED_FROM_POSITIONS = ("eager", "sdpa", "flex_attention")
+
+# transformers architectures (config.json model_type) whose packed examples are proven isolated: every one is built
+# tiny and random in tests/test_packing_attention.py, and its packed logits must equal each example's logits alone,
+# in both layouts. An allowlist, not a source scan for masking_utils: hybrid models (qwen3_next, jamba) build their
+# attention masks there too, yet their recurrent/convolution layers carry state from one example into the next.
+ISOLATING_MODEL_TYPES = frozenset({
+    "cohere", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox", "granite", "llama", "mistral", "mixtral",
+    "olmo2", "olmoe", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "stablelm", "starcoder2",
+})
+
+
+def packed_layout(attn_implementation: Optional[str]) -> str:
+    """ROWS or FLATTENED: how packed examples must reach a model with this attention implementation (the model's
+    config._attn_implementation) so that none attends to another."""
+    if attn_implementation in MASKED_FROM_POSITIONS:
+        return ROWS
+    if attn_implementation and "flash" in attn_implementation:
+        return FLATTENED
+    raise UserError(
+        f"{PACKING_KEY}: attention implementation '{attn_implementation}' is not known to keep packed examples apart "
+        f"(known: {', '.join(MASKED_FROM_POSITIONS)}, or any flash-attention kind); set "
+        "from_pretrained_kwargs.attn_implementation to one of them, or set packing: false."
+    )
+
+
+def check_packing_isolates(job, model_path: str) -> None:
+    """Refuse packing before anything trains when the model could let examples attend to each other. Reads
+    config.json only (no weights, no remote code), so `llmfinetune check` sees the same refusal."""
+    from transformers import PretrainedConfig
+
+    from .models import trust_remote_code
+
+    config, _ = PretrainedConfig.get_config_dict(model_path)
+    model_type = config.get("model_type")
+    if trust_remote_code(job) and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+        raise UserError(
+            f"{PACKING_KEY}: {job.model.model_id} runs its own modeling code (trust_remote_code with an auto_map in "
+            "config.json), which never reads the example boundaries of a packed row: its examples would attend to "
+            "each other. Set packing: false, or use a transformers-native copy of the model without "
+            "trust_remote_code."
+        )
+    if model_type not in ISOLATING_MODEL_TYPES:
+        raise UserError(
+            f"{PACKING_KEY}: architecture '{model_type}' of {job.model.model_id} is not among those whose packed "
+            f"examples are proven isolated ({', '.join(sorted(ISOLATING_MODEL_TYPES))}); hybrid and recurrent "
+            "layers, for one, carry state across examples. Set packing: false."
+        )
+    requested = job.model.initialization.initializer.from_pretrained_kwargs.get("attn_implementation")
+    if requested is not None:
+        packed_layout(requested)
 
 
 def pack_lengths(lengths: list[int], limit: int) -> list[list[int]]:
@@ -59,14 +126,40 @@ def pack_dataset(dataset, limit: int, seed: int = 0):
 
 
 class PackedCollator:
-    """Pads packed rows to the longest in the batch. The padding is one more 'example' (positions from 0, labels
-    ignored) that nothing attends to, so no attention mask is needed."""
+    """Packed rows in the layout the model's attention needs (packed_layout): a batch of rows padded to the longest,
+    or one flattened row. Which one is known only once the model is loaded, so the Trainer binds it (bind_to)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8, layout: Optional[str] = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.layout = layout
+
+    def bind_to(self, model, n_gpu: int = 1) -> None:
+        self.layout = packed_layout(getattr(model.config, "_attn_implementation", None))
+        if self.layout == FLATTENED and n_gpu > 1:
+            # nn.DataParallel would hand the single row to one GPU and split the cu_seq_lens tensors across all.
+            raise UserError(
+                f"{PACKING_KEY}: with flash attention the step's examples travel as one flattened row, which "
+                f"nn.DataParallel over {n_gpu} GPUs cannot split; start one process per GPU instead "
+                f"(llmfinetune run-ft --ft=... --nproc {n_gpu})."
+            )
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.layout == ROWS:
+            tensors = self._rows(features)
+        elif self.layout == FLATTENED:
+            tensors = self._flattened(features)
+        else:
+            raise RuntimeError("PackedCollator used before bind_to(model): the attention implementation decides "
+                               "the layout.")
+        # With a KV cache the models skip reading example boundaries from the position ids (that path is meant for
+        # generation), and every example would attend to the ones before it.
+        tensors["use_cache"] = False
+        return tensors
+
+    def _rows(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        """The padding is one more 'example' (positions from 0, labels ignored) that nothing attends to, so no
+        attention mask is needed."""
         import torch
 
         longest = max(len(f["input_ids"]) for f in features)
@@ -78,8 +171,32 @@ class PackedCollator:
             batch["input_ids"].append(list(feature["input_ids"]) + [self.pad_token_id] * missing)
             batch["labels"].append(list(feature["labels"]) + [IGNORE] * missing)
             batch["position_ids"].append(list(feature["position_ids"]) + list(range(missing)))
-        tensors: dict[str, Any] = {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
-        # With a KV cache the models skip reading example boundaries from the position ids (that path is meant for
-        # generation), and every example would attend to the ones before it.
-        tensors["use_cache"] = False
-        return tensors
+        return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+    @staticmethod
+    def _flattened(features: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every example of every row, end to end in one row, no padding; the kwargs and dtypes are those of
+        transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True)."""
+        import torch
+
+        ids, labels, positions = [], [], []
+        for feature in features:
+            ids += feature["input_ids"]
+            labels += feature["labels"]
+            positions += feature["position_ids"]
+        starts = [i for i, position in enumerate(positions) if position == 0]
+        for start in starts:
+            labels[start] = IGNORE
+        bounds = starts + [len(ids)]
+        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+        cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
+        return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long),
+                "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+
+def bind_packed_collator(trainer) -> None:
+    """Give a PackedCollator the layout of the model this Trainer trains or evaluates."""
+    if isinstance(trainer.data_collator, PackedCollator):
+        trainer.data_collator.bind_to(trainer.model, trainer.args.n_gpu)

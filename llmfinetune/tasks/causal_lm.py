@@ -24,6 +24,11 @@ class CausalLM(Task):
         if job.data.template is not None and job.data.template not in ("tokenizer", *TEMPLATES):
             raise UserError(f"ft_config.data_config.template: unknown template '{job.data.template}'; choose "
                             f"tokenizer (the model's own chat template), {', '.join(TEMPLATES)}.")
+        if packs(job):
+            from ..models import resolve_model
+            from ..packing import check_packing_isolates
+
+            check_packing_isolates(job, resolve_model(job))
 
     def prepare(self, splits, eval_split, tokenizer, job):
         if tokenizer.eos_token_id is None:
@@ -62,16 +67,15 @@ class CausalLM(Task):
         return Prepared(tokenized["train"], tokenized[eval_split], {})
 
     def trainer_class(self, job):
-        if not job.base_config.get("lm_head_on_targets_only", True):
-            return super().trainer_class(job)
-        from ..lm_head import TargetsOnlyTrainer
+        from ..lm_head import CausalLMTrainer, TargetsOnlyTrainer
 
-        return TargetsOnlyTrainer
+        return TargetsOnlyTrainer if job.base_config.get("lm_head_on_targets_only", True) else CausalLMTrainer
 
     def collator(self, tokenizer, job):
         if packs(job):
             from ..packing import PackedCollator
 
+            # Its layout (rows or one flattened row) follows the model's attention: the Trainer binds it.
             return PackedCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                   else tokenizer.eos_token_id)
         from transformers import DataCollatorForSeq2Seq

@@ -1,0 +1,151 @@
+"""The LM head on learned positions only (lm_head_on_targets_only): every loss setting is either honoured (the loss
+equals Trainer's standard loss with that setting) or the fast path steps aside to the standard loss, with one info
+line."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+IGNORE = -100
+INPUTS = [[1, 2, 3, 5, 6, 7, 9, 4], [1, 2, 8, 9, 4, 3, 0, 0]]
+LABELS = [[IGNORE, IGNORE, IGNORE, 5, 6, 7, 9, 4], [IGNORE, IGNORE, 8, 9, 4, IGNORE, IGNORE, IGNORE]]
+LEARNED = 8  # positions whose next token is a target
+
+
+def _trainers(model, tmp_path, **arguments):
+    """The fast Trainer and the standard one, on the same model and settings."""
+    from transformers import Trainer, TrainingArguments
+
+    from llmfinetune.lm_head import TargetsOnlyTrainer
+
+    extra = {"compute_loss_func": arguments.pop("compute_loss_func")} if "compute_loss_func" in arguments else {}
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", **arguments)
+    return TargetsOnlyTrainer(model=model, args=args, **extra), Trainer(model=model, args=args, **extra)
+
+
+def _batch():
+    import torch
+
+    return {"input_ids": torch.tensor(INPUTS), "labels": torch.tensor(LABELS)}
+
+
+def _logit_rows(model):
+    """How many positions the output layer projects, per forward."""
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: seen.append(
+        output.shape[0] if output.dim() == 2 else output.shape[0] * output.shape[1]))
+    return seen
+
+
+def _qwen2(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"]).eval()
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 6])
+def test_label_smoothing_is_honoured_on_the_learned_positions(num_items_in_batch, tiny_models, tmp_path):
+    """LabelSmoother (shifted labels, smoothing over the whole vocabulary, divided by the same item count) equals
+    cross_entropy's label_smoothing over the targets; the fast path keeps computing only the learned logits."""
+    import torch
+
+    model = _qwen2(tiny_models)
+    fast, standard = _trainers(model, tmp_path, label_smoothing_factor=0.2)
+    seen = _logit_rows(model)
+    with torch.no_grad():
+        got = fast.compute_loss(model, _batch(), num_items_in_batch=num_items_in_batch)
+        want = standard.compute_loss(model, _batch(), num_items_in_batch=num_items_in_batch)
+        unsmoothed = _trainers(model, tmp_path / "plain")[0].compute_loss(model, _batch(),
+                                                                            num_items_in_batch=num_items_in_batch)
+    assert seen[0] == LEARNED
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert not torch.allclose(got, unsmoothed, rtol=1e-3)  # the smoothing is not a no-op here
+
+
+def test_compute_loss_func_gets_the_full_outputs(tiny_models, tmp_path, caplog):
+    import torch
+
+    def squared_logits(outputs, labels, num_items_in_batch=None):
+        return outputs["logits"].float().pow(2).mean() + (labels != IGNORE).sum() * 0.0
+
+    model = _qwen2(tiny_models)
+    fast, standard = _trainers(model, tmp_path, compute_loss_func=squared_logits)
+    seen = _logit_rows(model)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="llmfinetune.lm_head"):
+        got = fast.compute_loss(model, _batch())
+        fast.compute_loss(model, _batch())
+        want = standard.compute_loss(model, _batch())
+    assert seen[0] == 2 * len(INPUTS[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    stepped_aside = [r.getMessage() for r in caplog.records if "steps aside" in r.getMessage()]
+    assert stepped_aside == ["lm_head_on_targets_only steps aside (compute_loss_func reads the full logits): using "
+                             "the standard loss."]  # once, not every step
+
+
+def _tiny_moe(model_type: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=32,
+                                  num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                  output_router_logits=True, router_aux_loss_coef=0.5, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
+def test_moe_router_aux_loss_is_kept(model_type, tmp_path):
+    import torch
+
+    model = _tiny_moe(model_type)
+    fast, standard = _trainers(model, tmp_path)
+    with torch.no_grad():
+        got = fast.compute_loss(model, _batch(), num_items_in_batch=7)
+        want = standard.compute_loss(model, _batch(), num_items_in_batch=7)
+        outputs = model(**_batch(), num_items_in_batch=7)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    # The aux loss is really in there: the cross-entropy alone is clearly lower.
+    assert outputs.aux_loss is not None
+    assert float(want) > float(outputs.loss - 0.5 * outputs.aux_loss) + 1e-3
+
+
+def test_several_gpus_without_a_launcher_use_the_standard_loss(tiny_models, tmp_path, monkeypatch):
+    """Trainer wraps the model in nn.DataParallel when args.n_gpu > 1: the pre-hook would index each replica's slice
+    with the whole batch's mask. Faked here through n_gpu, the condition Trainer wraps on."""
+    import torch
+    from transformers import TrainingArguments
+
+    model = _qwen2(tiny_models)
+    fast, standard = _trainers(model, tmp_path)
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    seen = _logit_rows(model)
+    with torch.no_grad():
+        got = fast.compute_loss(model, _batch())
+        want = standard.compute_loss(model, _batch())
+    assert seen[0] == 2 * len(INPUTS[0])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_flattened_row_gives_the_standard_loss(tiny_models, tmp_path):
+    """The one-row layout flash attention gets: an example's last position predicts the next example's first token,
+    whose label the collator ignores, so the learned mask skips it as the standard loss does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.packing import FLATTENED, PackedCollator
+
+    # Every token learned (train_on_prompt): the collator must ignore each example's first label.
+    rows = [{"input_ids": ids, "labels": ids, "position_ids": list(range(len(ids)))} for ids in INPUTS]
+    batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], attn_implementation="sdpa").eval()
+    fast, standard = _trainers(model, tmp_path)
+    seen = _logit_rows(model)
+    count = int((batch["labels"][:, 1:] != IGNORE).sum())
+    with torch.no_grad():
+        got = fast.compute_loss(model, dict(batch), num_items_in_batch=count)
+        want = standard.compute_loss(model, dict(batch), num_items_in_batch=count)
+    assert seen[0] == count == sum(len(ids) - 1 for ids in INPUTS)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

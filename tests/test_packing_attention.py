@@ -1,0 +1,241 @@
+"""Packing under every attention implementation: the layout each one gets, the architectures allowed to pack (each
+proven isolated here), and the refusals for the rest."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import job_dict, make_dataset
+from llmfinetune.config import parse_job
+from llmfinetune.errors import UserError
+from llmfinetune.packing import (FLATTENED, ISOLATING_MODEL_TYPES, MASKED_FROM_POSITIONS, ROWS, PackedCollator,
+                                 packed_layout)
+
+LENGTHS = [[5, 9, 7], [11, 4]]  # two packed rows, the second shorter (so padded in the rows layout)
+
+
+def _tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=128,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 shared_expert_intermediate_size=32)
+    config = AutoConfig.for_model(model_type, **sizes)
+    if getattr(config, "sliding_window", None):
+        config.sliding_window = 6  # shorter than some examples, so the windowed mask is exercised too
+    return config
+
+
+def _packed_rows(seed: int = 0):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    examples, rows = [], []
+    for lengths in LENGTHS:
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for length in lengths:
+            ids = torch.randint(3, 96, (length,), generator=generator).tolist()
+            examples.append(ids)
+            row["input_ids"] += ids
+            row["labels"] += [-100] + ids[1:]
+            row["position_ids"] += list(range(length))
+        rows.append(row)
+    return examples, rows
+
+
+def _spans(batch):
+    """(row, start, end) of every example in the collated batch, in packing order (a row's padding comes last)."""
+    flat = [length for lengths in LENGTHS for length in lengths]
+    groups = [flat] if batch["input_ids"].shape[0] == 1 else LENGTHS
+    spans = []
+    for row, lengths in enumerate(groups):
+        start = 0
+        for length in lengths:
+            spans.append((row, start, start + length))
+            start += length
+    return spans
+
+
+def _load(model_type: str, attention: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    try:
+        return AutoModelForCausalLM.from_config(_tiny_config(model_type), attn_implementation=attention).eval()
+    except ValueError as exc:
+        if "does not support" in str(exc):
+            pytest.skip(f"{model_type} refuses {attention} at load time, so nobody trains it that way")
+        raise
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("model_type", sorted(ISOLATING_MODEL_TYPES))
+def test_every_architecture_allowed_to_pack_keeps_its_examples_apart(model_type, attention):
+    """The allowlist's proof: for each architecture, tiny and random, every example's logits in a packed batch equal
+    its logits alone (fp32, 1e-5), in both layouts the collator makes (rows with padding, one flattened row with
+    cu_seq_lens), and one causal mask over a row (no per-example positions) differs."""
+    import torch
+
+    model = _load(model_type, attention)
+    examples, rows = _packed_rows()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0] for ids in examples]
+        for layout in (ROWS, FLATTENED):
+            batch = PackedCollator(pad_token_id=0, layout=layout)(rows)
+            inputs = {key: value for key, value in batch.items() if key != "labels"}
+            logits = model(**inputs).logits
+            for (row, start, end), expected in zip(_spans(batch), alone):
+                torch.testing.assert_close(logits[row, start:end], expected, atol=1e-5, rtol=0)
+        naive = model(input_ids=batch["input_ids"], use_cache=False).logits
+    row, start, end = _spans(batch)[1]
+    assert not torch.allclose(naive[row, start:end], alone[1], atol=1e-3)
+
+
+def test_flex_attention_keeps_packed_examples_apart_too():
+    import torch
+
+    model = _load("qwen2", "flex_attention")
+    examples, rows = _packed_rows()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0] for ids in examples]
+        batch = PackedCollator(pad_token_id=0, layout=packed_layout("flex_attention"))(rows)
+        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    for (row, start, end), expected in zip(_spans(batch), alone):
+        torch.testing.assert_close(logits[row, start:end], expected, atol=1e-5, rtol=0)
+
+
+def test_a_hybrid_architecture_leaks_through_its_recurrent_layers():
+    """Why the allowlist is not 'builds its mask with masking_utils': jamba does, and its Mamba layers still carry
+    state from one packed example into the next."""
+    import torch
+
+    model_type = "jamba"
+    model = _load(model_type, "sdpa")
+    examples, rows = _packed_rows()
+    with torch.no_grad():
+        batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        second = model(input_ids=torch.tensor([examples[1]]), use_cache=False).logits[0]
+    row, start, end = _spans(batch)[1]
+    assert not torch.allclose(logits[row, start:end], second, atol=1e-5)
+    assert model_type not in ISOLATING_MODEL_TYPES
+
+
+def test_layout_follows_the_attention_implementation():
+    assert [packed_layout(name) for name in MASKED_FROM_POSITIONS] == [ROWS] * len(MASKED_FROM_POSITIONS)
+    for name in ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2",
+                 "paged|flash_attention_2"):
+        assert packed_layout(name) == FLATTENED
+    for name in ("paged|sdpa", "kernels-community/sage-attention", None):
+        with pytest.raises(UserError, match=r"ft_config.train_config.base_config.packing: attention implementation"):
+            packed_layout(name)
+
+
+def _flash_trainer(tiny_models, tmp_path, **base):
+    """The Trainer of a packed SFT job for a model configured for flash attention (the config attribute only: no
+    flash kernel runs on CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmfinetune.arguments import build_training_arguments
+    from llmfinetune.registry import TASKS
+    from llmfinetune.workflow import _prepare
+
+    data = make_dataset(tmp_path / "data", "text-generation", train_rows=24, eval_rows=8)
+    job = parse_job(job_dict("text-generation", "full", tiny_models["qwen2"], data, tmp_path / "run", packing=True,
+                             max_length=64, per_device_train_batch_size=3, **base))
+    task = TASKS.get("text-generation")
+    task.check(job)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
+    from llmfinetune import data as data_module
+
+    splits = data_module.load_raw_splits(job)
+    prepared = _prepare(task, splits, data_module.eval_split_name(job), tokenizer, job)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
+    model.config._attn_implementation = "flash_attention_2"
+    args = build_training_arguments(job, task, tmp_path / "run")
+    trainer = task.trainer_class(job)(model=model, args=args, train_dataset=prepared.train,
+                                      eval_dataset=prepared.eval, processing_class=tokenizer,
+                                      **task.trainer_hooks(tokenizer, job, prepared.model_kwargs))
+    return trainer, prepared
+
+
+def test_a_flash_attention_model_gets_one_flattened_row_as_transformers_flattens_it(tiny_models, tmp_path):
+    import torch
+    from transformers import DataCollatorWithFlattening
+
+    trainer, prepared = _flash_trainer(tiny_models, tmp_path)
+    assert trainer.data_collator.layout == FLATTENED
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and batch["use_cache"] is False
+    # The same tensors transformers' own padding-free collator makes from the examples one by one.
+    rows = [prepared.train[i] for i in range(3)]
+    examples = []
+    for row in rows:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        examples += [{"input_ids": row["input_ids"][a:b], "labels": row["labels"][a:b]}
+                     for a, b in zip(starts, starts[1:])]
+    assert len(examples) > 3  # several examples per packed row
+    expected = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples)
+    ours = trainer.data_collator(rows)
+    assert set(expected) <= set(ours)
+    for key, value in expected.items():
+        if torch.is_tensor(value):
+            assert ours[key].dtype == value.dtype, key
+            assert torch.equal(ours[key], value), key
+        else:
+            assert ours[key] == value, key
+    assert ours["cu_seq_lens_q"].tolist()[-1] == ours["input_ids"].shape[1]
+
+
+def test_the_flattened_row_is_refused_under_data_parallel(tiny_models, tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(UserError, match=r"packing: with flash attention .* nn.DataParallel over 2 GPUs .*--nproc 2"):
+        _flash_trainer(tiny_models, tmp_path)
+
+
+def _model_folder(tiny_models, tmp_path, **config_changes):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(config_changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _check(tmp_path, model, **kwargs):
+    from llmfinetune.workflow import check_job
+
+    data = make_dataset(tmp_path / "data", "text-generation", train_rows=8, eval_rows=4)
+    config = job_dict("text-generation", "lora", model, data, tmp_path / "run", packing=True)
+    config["model_config"]["initialization"] = {"initializer": {"from_pretrained_kwargs": kwargs}}
+    return check_job(parse_job(config), load_data=False)
+
+
+def test_check_refuses_packing_for_remote_code_models(tiny_models, tmp_path):
+    folder = _model_folder(tiny_models, tmp_path, auto_map={"AutoConfig": "configuration_qwen.QWenConfig",
+                                                            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"})
+    with pytest.raises(UserError, match=r"^ft_config.train_config.base_config.packing: .* runs its own modeling code "
+                                        r"\(trust_remote_code .*\).*Set packing: false"):
+        _check(tmp_path, folder, trust_remote_code=True)
+    # Without trust_remote_code transformers loads its own qwen2 class, which is proven: accepted.
+    _check(tmp_path, folder)
+
+
+def test_check_refuses_packing_for_architectures_not_proven_isolated(tiny_models, tmp_path):
+    folder = _model_folder(tiny_models, tmp_path, model_type="jamba")
+    with pytest.raises(UserError, match=r"^ft_config.train_config.base_config.packing: architecture 'jamba' .* not "
+                                        r"among those whose packed examples are proven isolated"):
+        _check(tmp_path, folder)
+
+
+def test_check_refuses_packing_with_an_attention_implementation_not_known_to_isolate(tiny_models, tmp_path):
+    with pytest.raises(UserError, match=r"packing: attention implementation 'paged\|sdpa' is not known"):
+        _check(tmp_path, tiny_models["qwen2"], attn_implementation="paged|sdpa")
+    assert _check(tmp_path, tiny_models["qwen2"], attn_implementation="flash_attention_2")["task"] == "text-generation"

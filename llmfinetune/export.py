@@ -2,8 +2,9 @@
 `AutoModelFor....from_pretrained(DIR)` loads.
 
 LoRA runs need --merge: the adapter is merged into the base weights (`merge_and_unload`) and saved with the tokenizer
-and a config holding id2label/label2id. Full runs are copied as they are (model, tokenizer, config). Either way the
-folder also gets a job.yaml (ft_method: full) and labels.json, so `llmfinetune predict/eval --model DIR` work on it.
+and a config holding id2label/label2id; a QLoRA run merges into the base loaded unquantized. Full runs are copied as
+they are (model, tokenizer, config). Either way the folder also gets a job.yaml (ft_method: full) and labels.json, so
+`llmfinetune predict/eval --model DIR` work on it.
 """
 from __future__ import annotations
 
@@ -88,7 +89,16 @@ def _merge_lora(model, located, device: str, scratch: Path) -> None:
     from .config import dump_job, parse_job
     from .inference import load_run
 
-    run = load_run(model, device=device, located=located)
+    run_dir, job, kind = located
+    if job.model.quantization_bit:
+        # Merging into 4/8-bit weights would round the adapter away (and needs a GPU): a QLoRA run merges into the
+        # base loaded unquantized, in the job's dtype, so the export is a full-precision model.
+        logger.info("%s is a QLoRA run (model_config.quantization_bit %s): merging into the base model loaded "
+                    "without quantization, in %s. The adapter was trained against the quantized weights, so the "
+                    "merged model's outputs differ slightly from the quantized one's.", run_dir,
+                    job.model.quantization_bit, job.model.initialization.initializer.dtype)
+        job = job.model_copy(update={"model": job.model.model_copy(update={"quantization_bit": None})})
+    run = load_run(model, device=device, located=(run_dir, job, kind))
     merged = run.model.merge_and_unload()
     merged.save_pretrained(str(scratch), safe_serialization=True)
     run.tokenizer.save_pretrained(str(scratch))

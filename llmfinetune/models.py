@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,9 +107,16 @@ def load_tokenizer(model_path: str, job: Job):
     return tokenizer
 
 
+@dataclass
+class NewWeights:
+    """What the checkpoint did not provide for this run: weights at their initial values, which must train even under
+    LoRA (freezing them would train on noise)."""
+    parameters: list[str] = field(default_factory=list)  # missing from the checkpoint: a new classifier, an MLM head
+    token_ids: list[int] = field(default_factory=list)  # embedding rows of tokens added for this run
+
+
 def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[str, Any], tokenizer):
-    """Load weights with the task's Auto class; also report which modules the checkpoint did not have, because
-    those are random and must be trained even under LoRA (e.g. a classifier or an MLM head)."""
+    """Load weights with the task's Auto class; also report (NewWeights) what the checkpoint did not have."""
     import torch
     import transformers
 
@@ -117,24 +125,51 @@ def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[s
     if kwargs.get("trust_remote_code"):
         logger.warning("trust_remote_code is on for %s: its own Python code from the model folder will run.",
                        job.model.model_id)
-    kwargs.setdefault("dtype", init.dtype if init.dtype == "auto" else getattr(torch, init.dtype))
     if job.model.quantization_bit:
-        kwargs["quantization_config"] = _quantization_config(job.model.quantization_bit)
+        kwargs["quantization_config"], compute_dtype = _quantization_config(job.model.quantization_bit, job)
+        # The layers left unquantized (norms, embeddings, heads) in the dtype the quantized ones compute in.
+        kwargs.setdefault("dtype", compute_dtype)
+    kwargs.setdefault("dtype", init.dtype if init.dtype == "auto" else getattr(torch, init.dtype))
     auto_class = getattr(transformers, model_class)
     try:
         model, info = auto_class.from_pretrained(model_path, output_loading_info=True, **model_kwargs, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"model_config.model_id: could not load {model_path} as {model_class}: "
                         f"{str(exc).splitlines()[0][:300]}") from exc
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+    checkpoint_rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > checkpoint_rows:
         model.resize_token_embeddings(len(tokenizer))
     if tokenizer.pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    fresh = sorted({key.rsplit(".", 1)[0] for key in info.get("missing_keys", [])})
-    return model, fresh
+    return model, NewWeights(sorted(info.get("missing_keys", [])), _new_token_rows(tokenizer, checkpoint_rows))
 
 
-def _quantization_config(bits: int):
+def _new_token_rows(tokenizer, checkpoint_rows: int) -> list[int]:
+    """Rows the resize created, and tokens added after the tokenizer was loaded (add_special_tokens): a model whose
+    vocabulary is padded (Qwen's is) gives a new token one of its spare rows, which no training ever touched."""
+    loaded_with = set(tokenizer.init_kwargs.get("added_tokens_decoder") or {})
+    added_now = {index for index in tokenizer.added_tokens_decoder if index not in loaded_with}
+    return sorted(added_now | set(range(checkpoint_rows, len(tokenizer))))
+
+
+def quantization_compute_dtype(job: Job):
+    """The dtype 4-bit layers compute in: the job's initializer dtype, except that bfloat16 needs a GPU that has it
+    (V100, T4 and older do not: they get float16), and 'auto' takes the best the GPU has."""
+    import torch
+
+    wanted = job.model.initialization.initializer.dtype
+    if wanted in ("float32", "float16"):
+        return getattr(torch, wanted)
+    if torch.cuda.is_bf16_supported(including_emulation=False):  # emulated bf16 is slow, not a choice
+        return torch.bfloat16
+    if wanted == "bfloat16":
+        logger.warning("model_config.initialization.initializer.dtype is bfloat16, which this GPU does not support: "
+                       "quantized layers compute in float16 instead.")
+    return torch.float16
+
+
+def _quantization_config(bits: int, job: Job):
+    """bitsandbytes' settings and the compute dtype, after checking that this machine can run them."""
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
@@ -144,7 +179,8 @@ def _quantization_config(bits: int):
         )
     from transformers import BitsAndBytesConfig
 
+    compute_dtype = quantization_compute_dtype(job)
     if bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
+                                  bnb_4bit_compute_dtype=compute_dtype), compute_dtype
+    return BitsAndBytesConfig(load_in_8bit=True), compute_dtype

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..config import Job
+    from ..models import NewWeights
     from ..tasks.base import Task
 
 
@@ -14,6 +15,7 @@ class Method:
     def check(self, job: "Job") -> None:
         """Validate the method's own settings before anything is loaded."""
 
-    def wrap(self, model, job: "Job", task: "Task", fresh_modules: list[str]):
-        """Return the model to train. `fresh_modules` were not in the checkpoint (random heads)."""
+    def wrap(self, model, job: "Job", task: "Task", new_weights: "NewWeights"):
+        """Return the model to train. `new_weights`: what the checkpoint did not have (random heads, added tokens'
+        embedding rows), which must train whatever the method freezes."""
         return model

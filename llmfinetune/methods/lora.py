@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
+from typing import TYPE_CHECKING
 
 from ..config import as_number
 from ..errors import UserError
 from .base import Method
+
+if TYPE_CHECKING:
+    from ..models import NewWeights
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ class LoRA(Method):
         _check_values(settings)
         self.config(job, task_type=settings.get("task_type") or "CAUSAL_LM")  # surface peft's own errors early
 
-    def config(self, job, task_type: str, fresh_modules: list[str] | None = None, model=None):
+    def config(self, job, task_type: str, new_weights: "NewWeights | None" = None, model=None):
         from peft import LoraConfig
 
         settings = {**LORA_DEFAULTS, **{k: as_number(v) for k, v in (job.ft_config.train_config.lora_config or {}).items()}}
@@ -46,28 +51,126 @@ class LoRA(Method):
         if model is not None and "target_modules" not in settings and not _peft_knows(model):
             # peft ships defaults for common architectures only; elsewhere adapt every linear layer.
             settings["target_modules"] = "all-linear"
-        if fresh_modules:
-            # Weights the checkpoint did not have are random: freezing them would train on noise.
-            # Full dotted paths: peft matches by suffix, and a bare 'dense' would catch every layer.
-            settings["modules_to_save"] = sorted(set(settings.get("modules_to_save") or []) | set(fresh_modules))
+        if model is not None and new_weights is not None:
+            own = list(settings.get("modules_to_save") or [])
+            fresh, stranded = fresh_modules_to_save(model, new_weights.parameters,
+                                                    own + _added_by_peft(settings["task_type"]))
+            if fresh:
+                settings["modules_to_save"] = sorted(set(own) | set(fresh))
+            if stranded:
+                _warn_stranded(model, stranded)
+            if new_weights.token_ids:
+                settings["trainable_token_indices"] = token_rows_to_train(
+                    model, settings.get("trainable_token_indices"), new_weights.token_ids, own)
         try:
             return LoraConfig(**settings)
         except (TypeError, ValueError) as exc:
             raise UserError(f"ft_config.train_config.lora_config: {exc}") from None
 
-    def wrap(self, model, job, task, fresh_modules):
+    def wrap(self, model, job, task, new_weights):
         from peft import get_peft_model
 
-        config = self.config(job, task.peft_task_type, fresh_modules, model)
+        if job.model.quantization_bit:
+            from peft import prepare_model_for_kbit_training
+
+            # QLoRA: norms and the unquantized layers in float32, everything frozen, and the input embeddings'
+            # output made to require grad when gradient checkpointing is on (else no gradient reaches the adapters).
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(job.base_config.get("gradient_checkpointing", False)),
+                gradient_checkpointing_kwargs=job.base_config.get("gradient_checkpointing_kwargs"))
+        config = self.config(job, task.peft_task_type, new_weights, model)
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise UserError(f"ft_config.train_config.lora_config: {exc}") from None
+        if new_weights is not None and new_weights.token_ids:
+            # A resized vocabulary makes peft save both whole embedding matrices in every checkpoint and in the run
+            # directory (gigabytes for an 8B model), though every row the resize added is trained and saved above
+            # (trainable_token_indices, or modules_to_save) and the other rows are the base model's.
+            peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
         trainable, total = peft_model.get_nb_trainable_parameters()
-        logger.info("LoRA r=%s on %s; also trained in full: %s; trainable %d of %d parameters (%.2f%%)",
-                    config.r, sorted(config.target_modules) if isinstance(config.target_modules, set)
-                    else config.target_modules, config.modules_to_save, trainable, total, 100 * trainable / total)
+        logger.info("LoRA r=%s on %s; also trained in full: %s; embedding rows trained: %s; trainable %d of %d "
+                    "parameters (%.2f%%)", config.r, sorted(config.target_modules)
+                    if isinstance(config.target_modules, set) else config.target_modules, config.modules_to_save,
+                    config.trainable_token_indices, trainable, total, 100 * trainable / total)
         return peft_model
+
+
+def fresh_modules_to_save(model, fresh_parameters: list[str], claimed: list[str]) -> tuple[list[str], list[str]]:
+    """The modules to train in full because the checkpoint had none of their weights: for each new weight, the
+    outermost module whose parameters (tied ones counted) are all new. Never a module that also holds a pretrained
+    weight: an MLM head's decoder weight is the word embedding, and wrapping the head would copy, untie and train
+    the whole embedding. Never a module inside or around one that `claimed` (modules_to_save entries, matched by
+    suffix as peft does) already trains: peft cannot load nested ones back (KeyError in set_peft_model_state_dict).
+    Returns those modules' full paths, and the new parameters that none of them covers."""
+    fresh: dict[int, str] = {}
+    for name in fresh_parameters:
+        try:
+            fresh.setdefault(id(model.get_parameter(name)), name)
+        except AttributeError:  # a buffer, not a weight
+            continue
+    if not fresh:
+        return [], []
+    claimed_paths = [name for name, _ in model.named_modules() if name and any(name.endswith(c) for c in claimed)]
+    chosen: list[str] = []
+    covered: set[int] = set()
+
+    def visit(path: str, module) -> None:
+        ids = {id(p) for _, p in module.named_parameters(remove_duplicate=False)}
+        if not ids & fresh.keys():
+            return
+        if path in claimed_paths:
+            covered.update(ids)
+            return
+        if path and ids <= fresh.keys() and not any(c.startswith(path + ".") for c in claimed_paths):
+            chosen.append(path)
+            covered.update(ids)
+            return
+        for child_name, child in module.named_children():
+            visit(f"{path}.{child_name}" if path else child_name, child)
+
+    visit("", model)
+    return chosen, [name for key, name in fresh.items() if key not in covered]
+
+
+def token_rows_to_train(model, configured, token_ids: list[int], trained_in_full: list[str]):
+    """peft's trainable_token_indices with the new tokens' rows added: only those rows train, so the adapter stays
+    small. On the input embedding and, where it has its own weight, the output embedding; where the model ties the
+    two, peft ties the trained rows as well. An embedding already in modules_to_save trains every row anyway."""
+    paths = {id(module): name for name, module in model.named_modules()}
+    embeddings = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not embeddings[0].weight:
+        embeddings.append(output)
+    rows = dict(configured) if isinstance(configured, dict) else {}
+    if configured and not isinstance(configured, dict):
+        rows[paths[id(embeddings[0])]] = list(configured)
+    for layer in embeddings:
+        path = paths[id(layer)]
+        if any(path.endswith(name) for name in trained_in_full):
+            continue
+        key = next((name for name in rows if path.endswith(name)), path)
+        rows[key] = sorted(set(rows.get(key, [])) | set(token_ids))
+    return rows or configured
+
+
+def _added_by_peft(task_type) -> list[str]:
+    """Heads that peft itself puts in modules_to_save for classification task types."""
+    return ["classifier", "score"] if str(getattr(task_type, "value", task_type)).upper() in ("SEQ_CLS", "TOKEN_CLS") \
+        else []
+
+
+def _warn_stranded(model, names: list[str]) -> None:
+    random = [name for name in names if model.get_parameter(name).detach().abs().max().item() != 0]
+    why = (f"Not trained under LoRA: {', '.join(names)}. New (not in the checkpoint), but in a module whose other "
+           "weights come from it (an MLM decoder's weight is the word embedding), so training that module in full "
+           "would copy and untie them.")
+    if not random:
+        logger.info("%s They start at zero, as a new bias does, and stay there.", why)
+    else:
+        logger.warning("%s %s start(s) at random values: add the module to "
+                       "ft_config.train_config.lora_config.modules_to_save to train it in full, or use ft_method: full.",
+                       why, ", ".join(random))
 
 
 def _check_values(settings: dict) -> None:

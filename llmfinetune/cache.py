@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_LAYOUT = 1  # bump when the saved layout changes
-# base_config keys that change what tokenizing produces; every other training setting does not.
-TOKENIZATION_KEYS = ("max_length", "packing")
+# Our own base_config keys (arguments.OWN_KEYS) that do not change what tokenizing produces. Every other own key is
+# part of the cache key (max_length, packing, whole_word_mask's offsets, and any key added later): a needless miss
+# costs a re-tokenization, a wrong hit trains on the wrong data. TrainingArguments fields never reach tokenization.
+NOT_TOKENIZATION_KEYS = ("checkpoints_output_dir", "resume_from_checkpoint", "save_on_interrupt",
+                         "mlm_probability", "lm_head_on_targets_only")
+# Libraries whose version can change the tokens made from the same text, or how the saved datasets read back.
+VERSIONED = ("transformers", "tokenizers", "datasets")
 DONE = "complete.json"
 
 
@@ -59,23 +64,34 @@ def prepare_cached(task: "Task", splits: "DatasetDict", eval_split: str, tokeniz
 
 def cache_key(task: "Task", splits: "DatasetDict", eval_split: str, tokenizer, job: "Job") -> str:
     digest = hashlib.sha256()
-
-    def add(label: str, value) -> None:
+    for label, value in key_material(task, eval_split, tokenizer, job):
         digest.update(label.encode())
-        digest.update(value if isinstance(value, bytes) else json.dumps(value, sort_keys=True, default=str).encode())
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode())
+    for name in sorted(splits):
+        digest.update(f"split:{name}".encode())
+        digest.update(_content_fingerprint(splits[name]).encode())
+    return digest.hexdigest()[:32]
+
+
+def key_material(task: "Task", eval_split: str, tokenizer, job: "Job") -> list[tuple[str, Any]]:
+    """Everything but the data's content that the cache key covers: what tokenizes, with which settings, by which
+    code and library versions."""
+    import importlib
 
     from . import __version__
+    from .arguments import OWN_KEYS
 
-    add("layout", [CACHE_LAYOUT, __version__, task.name, eval_split])
-    add("code", _code_fingerprint())
     data = {k: v for k, v in job.data.model_dump().items() if k != "cache_tokenized"}
-    add("settings", {"data": data, "model": {"max_input_words": job.model.max_input_words,
-                                             "add_special_tokens": job.model.add_special_tokens},
-                     "base": {k: job.base_config.get(k) for k in TOKENIZATION_KEYS}})
-    add("tokenizer", _tokenizer_fingerprint(tokenizer))
-    for name in sorted(splits):
-        add(f"split:{name}", _content_fingerprint(splits[name]))
-    return digest.hexdigest()[:32]
+    base = {k: job.base_config.get(k) for k in sorted(OWN_KEYS) if k not in NOT_TOKENIZATION_KEYS}
+    return [
+        ("layout", [CACHE_LAYOUT, __version__, task.name, eval_split]),
+        ("versions", {name: importlib.import_module(name).__version__ for name in VERSIONED}),
+        ("code", _code_fingerprint()),
+        ("settings", {"data": data, "model": {"max_input_words": job.model.max_input_words,
+                                              "add_special_tokens": job.model.add_special_tokens},
+                      "base": base}),
+        ("tokenizer", _tokenizer_fingerprint(tokenizer)),
+    ]
 
 
 def _code_fingerprint() -> str:

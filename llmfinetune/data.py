@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from .errors import UserError
 
@@ -19,13 +19,22 @@ SPLIT_FILE_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", 
 TRAIN_SPLIT = "train"
 
 
-def eval_split_name(job: Job) -> str:
-    """`validation_column` names the eval split, except in the seed's text-generation files, where it named the
-    response column; there the eval split is `validation`."""
+def response_from_validation_column(job: Job, split_names: Iterable[str] = ()) -> str | None:
+    """The response column that `validation_column` names, if it names one. The seed's text-generation files put the
+    response column there (when no response_column is given); a value that names an existing split names the eval
+    split instead, as it does for every other task."""
     data = job.data
-    if job.task == "text-generation" and not data.response_column:
-        return "validation"
-    return data.validation_column or "validation"
+    if job.task != "text-generation" or data.response_column or not data.validation_column:
+        return None
+    return None if data.validation_column in split_names else data.validation_column
+
+
+def eval_split_name(job: Job, split_names: Iterable[str] = ()) -> str:
+    """The eval split: the one `validation_column` names, unless that names the response column (see above)."""
+    named = job.data.validation_column
+    if named and response_from_validation_column(job, split_names) is None:
+        return named
+    return "validation"
 
 
 def split_files(job: Job) -> dict[str, Path]:
@@ -41,8 +50,8 @@ def split_files(job: Job) -> dict[str, Path]:
     folder_key, folder = ("local_path", data.local_path) if data.local_path else ("data_path", data.data_path)
     if folder is None:
         raise UserError(
-            f"{job.source}: ft_config.data_config needs one of local_path (a folder of split files), "
-            "train_file/validation_file, or data_path (a hub dataset name)."
+            f"{job.source}: ft_config.data_config needs a data source: ft_config.data_config.local_path (a folder of "
+            "split files), train_file/validation_file, or data_path (a hub dataset name)."
         )
     if folder_key == "data_path":
         local = _existing_path(job, folder)
@@ -94,11 +103,16 @@ def load_raw_splits(job: Job) -> DatasetDict:
 
 
 def _ensure_eval_split(job: Job, splits: DatasetDict) -> DatasetDict:
-    name = eval_split_name(job)
+    name = eval_split_name(job, splits)
+    named = job.data.validation_column
+    if job.task == "text-generation" and not job.data.response_column and named in splits \
+            and named in splits[TRAIN_SPLIT].column_names:
+        logger.warning("ft_config.data_config.validation_column: '%s' is both a split and a column of the train "
+                       "split; taken as the eval split. To read the column as the response instead, set "
+                       "response_column: %s.", named, named)
     if name in splits:
         return splits
-    explicit = job.data.validation_column and not (job.task == "text-generation" and not job.data.response_column)
-    if explicit and name != "validation":
+    if named and name == named and name != "validation":
         raise UserError(
             f"ft_config.data_config.validation_column: eval split '{name}' not found; splits found: {', '.join(splits)}."
         )

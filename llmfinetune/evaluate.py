@@ -43,10 +43,12 @@ def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Opt
     run = load_run(model, device=device, located=located)
     task, tokenizer = run.task, run.tokenizer
     splits = data.load_raw_splits(job)
-    name = split or data.eval_split_name(job)
+    name = split or data.eval_split_name(job, splits)
     if name not in splits:
         raise UserError(f"--split: no split '{name}' in the job's data; splits found: {', '.join(splits)}.")
-    prepared = task.prepare(splits, name, tokenizer, job)
+    # The data read as training read it (SFT: the run directory's trained format), whatever the job file says now.
+    as_trained = task.as_trained(run.run_dir, job, tokenizer)
+    prepared = task.prepare(splits, name, tokenizer, as_trained)
     trained_labels = prepared.model_kwargs.get("id2label")
     if trained_labels is not None and run.id2label is not None and \
             {int(k): v for k, v in trained_labels.items()} != run.id2label:

@@ -141,7 +141,7 @@ def load_run(model: str | Path, ft: str | Path | None = None, overrides: Optiona
     run_dir, job, kind = located or locate_run(model, ft, overrides)
     task = TASKS.get(job.task)
     device = resolve_device(device)
-    tokenizer = models.load_tokenizer(str(run_dir), job)
+    tokenizer = models.load_tokenizer(str(run_dir), job, base_model=False)
     labelled = PREDICTORS[job.task].labelled
     id2label = read_labels(run_dir, job, task, tokenizer) if labelled and kind == "lora" else None
     base = None
@@ -204,7 +204,7 @@ def read_labels(run_dir: Path, job: "Job", task: "Task", tokenizer) -> dict[int,
                    run_dir, LABELS_FILE)
     try:
         splits = data.load_raw_splits(job)
-        prepared = task.prepare(splits, data.eval_split_name(job), tokenizer, job)
+        prepared = task.prepare(splits, data.eval_split_name(job, splits), tokenizer, job)
     except UserError as exc:
         raise UserError(f"--model: {run_dir} has no {LABELS_FILE} and the label names cannot be recomputed from "
                         f"the train data ({exc}). Pass --ft=the job file you trained with, or override the data "
@@ -466,51 +466,74 @@ class MaskedLMPredictor(Predictor):
 
 
 class TextGenerationPredictor(Predictor):
+    """Prompts are the token ids training put before an answer: the run directory's trained format (chat.FORMAT_FILE:
+    raw text or a conversation format, with the chat template training used) decides how an input row is read and
+    rendered, not the job file's data_config, whose `format: auto` training resolved from the data."""
+
     default_columns = ["prompt", "instruction", "question", "content"]
 
-    def read(self, row, where):
-        from .tasks.chat import as_text
+    def __init__(self, run: LoadedRun, options: Options):
+        from .tasks.chat import Renderer, trained_format
 
+        super().__init__(run, options)
+        self.trained = trained_format(run.run_dir, run.job, run.tokenizer)
+        self.job = self.trained.apply(run.job)  # data settings as training resolved them
+        self.renderer = None if self.trained.format == "text" else Renderer(run.tokenizer, self.job)
+
+    def columns(self) -> list[str]:
+        named = [self.trained.prompt] if self.trained.prompt else self.default_columns
+        return list(dict.fromkeys([*named, *self.default_columns, "text"]))
+
+    def read(self, row, where):
+        """A row as the trained format reads it: the conversation column for chat data (its last assistant turn, if
+        any, is the answer to generate), else the prompt column (or `text`) with the row's other columns that format
+        reads (alpaca's input/system/history, a system column)."""
+        from .tasks.base import clip_words
+        from .tasks.chat import as_text, prompt_messages
+
+        trained, job = self.trained, self.job
+        clip = lambda text: clip_words(text, job)  # noqa: E731
+        if trained.conversation and row.get(trained.conversation) is not None:
+            return prompt_messages(row, trained, job, where, clip)
         key = next((c for c in self.columns() if row.get(c) is not None), None)
         if key is not None and isinstance(row[key], list):  # AdvertiseGen-style attribute lists, as in training
             row = {**row, key: as_text(row[key])}
-        return super().read(row, where)
+        text = super().read(row, where)
+        if trained.format == "text":
+            return clip(text)
+        return prompt_messages({**row, key: text}, trained, job, where, clip, fallback=key)
 
-    def prompts(self, inputs: list[str]) -> tuple[list[str], bool, list[int]]:
-        """The training-time prompt format: the job's chat template with its assistant opening (raw-text runs
-        continue the text as it is); also whether the text still needs the tokenizer's special tokens, and the
-        token ids that end an answer."""
-        from .tasks.base import clip_words
-        from .tasks.chat import Renderer
+    def prompts(self, inputs: list) -> tuple[list[list[int]], list[int]]:
+        """Token ids of the prompts `read` made, as training tokenized the same text, and the ids that end an
+        answer."""
+        from .tasks.chat import text_ids
 
-        job, tokenizer = self.run.job, self.tokenizer
-        texts = [clip_words(t, job) for t in inputs]
-        if job.data.format == "text":
-            return texts, True, [tokenizer.eos_token_id]
-        renderer = Renderer(tokenizer, job)
-        system = [{"role": "system", "content": job.data.system_prompt}] if job.data.system_prompt else []
-        rendered = [renderer.prompt([*system, {"role": "user", "content": t}]) for t in texts]
-        return rendered, False, renderer.stop_token_ids()
+        if self.renderer is None:
+            return text_ids(self.tokenizer, inputs), [self.tokenizer.eos_token_id]
+        return self.conversation_prompts(inputs)
 
-    def conversation_prompts(self, conversations: list[list[dict]]) -> tuple[list[str], bool, list[int]]:
+    def conversation_prompts(self, conversations: list[list[dict]]) -> tuple[list[list[int]], list[int]]:
         """As `prompts`, for conversations that stop before an assistant turn (`eval --generate` on the eval
         split's rows, rendered as training rendered them up to the answer it learned)."""
-        from .tasks.chat import Renderer
+        from .tasks.chat import encode_prompts
 
-        renderer = Renderer(self.tokenizer, self.run.job)
-        return [renderer.prompt(messages) for messages in conversations], False, renderer.stop_token_ids()
+        if self.renderer is None:
+            raise UserError(f"{self.run.run_dir} was trained on raw text (data format 'text'); it continues a text "
+                            "and has no conversations to answer.")
+        wheres = [f"conversation {i}" for i in range(len(conversations))]
+        return encode_prompts(self.renderer, conversations, wheres), self.renderer.stop_token_ids()
 
     def predict(self, inputs):
         return self.generate(*self.prompts(inputs))
 
-    def generate(self, texts: list[str], special_tokens: bool, stops: list[int]) -> list[dict]:
-        """Continue rendered prompts in one batch: left padding, the KV cache, each row cut at its first stop token."""
+    def generate(self, prompt_ids: list[list[int]], stops: list[int]) -> list[dict]:
+        """Continue prompts in one batch: left padding, the KV cache, each row cut at its first stop token."""
         import torch
 
         tokenizer, options = self.tokenizer, self.options
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow each prompt directly
         try:
-            encoded = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special_tokens)
+            encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
         finally:  # the tokenizer may be the training collator's, which pads on its own side
             tokenizer.padding_side = side
         settings: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,

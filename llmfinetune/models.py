@@ -72,7 +72,7 @@ def _check_hub_model(model_id: str, tried: list[str], job: Job) -> None:
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code(job))
+        AutoConfig.from_pretrained(model_id, **hub_location_kwargs(job))
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         tried.append(f"the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})")
@@ -90,10 +90,30 @@ def trust_remote_code(job: Job) -> bool:
     return bool(job.model.initialization.initializer.from_pretrained_kwargs.get("trust_remote_code", False))
 
 
-def load_tokenizer(model_path: str, job: Job):
+# from_pretrained_kwargs that say where the model's files come from (repo revision, credentials, cache, folder inside
+# the repo, offline, proxies) and whether its code may run. The config check and the tokenizer need them as much as
+# the weights do: without `token` a gated model fails `check`, without `revision` the tokenizer can come from another
+# commit than the weights. The other keys (dtype, device_map, attn_implementation, quantization_config,
+# low_cpu_mem_usage, ...) shape the loaded weights only: AutoConfig would store them as config attributes and
+# AutoTokenizer would hand them to the tokenizer's __init__, so they go to the weights alone.
+HUB_LOCATION_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download", "proxies",
+                       "code_revision", "trust_remote_code")
+
+
+def hub_location_kwargs(job: Job) -> dict[str, Any]:
+    given = job.model.initialization.initializer.from_pretrained_kwargs
+    return {"trust_remote_code": trust_remote_code(job),
+            **{key: given[key] for key in HUB_LOCATION_KWARGS if key in given and key != "trust_remote_code"}}
+
+
+def load_tokenizer(model_path: str, job: Job, base_model: bool = True):
+    """The tokenizer of the job's base model (from where from_pretrained_kwargs say, as the weights are), or with
+    `base_model=False` the one a run directory holds: a flat folder this project wrote, so a revision or subfolder
+    of the base model's repo does not apply to it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code(job))
+    location = hub_location_kwargs(job) if base_model else {"trust_remote_code": trust_remote_code(job)}
+    tokenizer = AutoTokenizer.from_pretrained(model_path, **location)
     if job.model.add_special_tokens:
         tokenizer.add_special_tokens(dict(job.model.add_special_tokens))
     if tokenizer.pad_token is None:

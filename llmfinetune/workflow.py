@@ -46,7 +46,8 @@ def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:
         splits = data.load_raw_splits(job)
         summary["splits"] = {name: len(split) for name, split in splits.items()}
         # Through the cache: the run-ft that follows a successful check starts training without tokenizing again.
-        prepared = _prepare(task, splits, data.eval_split_name(job), models.load_tokenizer(model_path, job), job)
+        prepared = _prepare(task, splits, data.eval_split_name(job, splits), models.load_tokenizer(model_path, job),
+                            job)
         _require_one_batch(prepared, job, training_args.per_device_train_batch_size, job.scaling_config.num_workers)
     summary["task_class"] = type(task).__name__
     return summary
@@ -79,7 +80,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
 
     tokenizer = models.load_tokenizer(model_path, job)
     splits = data.load_raw_splits(job)
-    eval_split = data.eval_split_name(job)
+    eval_split = data.eval_split_name(job, splits)
     prepared = _prepare(task, splits, eval_split, tokenizer, job, training_args)
     _require_one_batch(prepared, job, training_args.per_device_train_batch_size, dist.world_size)
     logger.info("Data: %d train and %d eval examples (eval split '%s').", len(prepared.train), len(prepared.eval),
@@ -111,6 +112,8 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     )
     nan_guard.watch(trainer)
     resume = resume_point(job.base_config.get("resume_from_checkpoint"), output_dir)
+    # How training read the data (SFT: format and chat template), for `eval` and `predict`; checked on resume.
+    task.record_run_files(output_dir, splits, tokenizer, job, resuming=resume is not None, write=dist.is_main)
     with faults.guarded("training", job, output_dir, training_args), faults.interruptible(interrupt):
         train_result = trainer.train(resume_from_checkpoint=resume)
     nan_guard.raise_if_diverged(output_dir, train_result.metrics.get("train_loss"), trainer.state.global_step)

@@ -417,3 +417,50 @@ def test_help_does_not_import_torch(command):
     assert result.returncode == 0 and "--model RUN_DIR" in result.stdout and "--device" in result.stdout
     imported = {m.group(1).split(".")[0] for m in re.finditer(r"import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", result.stderr)}
     assert "argparse" in imported and not imported & {"torch", "transformers", "peft", "datasets"}
+
+
+# ---------------------------------------------------------------- text generation: the prompt training saw, the answer it learned
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_text_generation_predict_prompts_with_the_training_rendering(method, runs):
+    """The run directory records the trained format (sft_format.json, written by run-ft); the ids predict feeds the
+    model for a validation row are those training put before its answer."""
+    from llmfinetune import data
+    from llmfinetune.inference import PREDICTORS, Options, load_run
+    from llmfinetune.tasks.chat import FORMAT_FILE, IGNORE
+
+    run_dir = runs[("text-generation", method)]
+    assert json.loads((run_dir / FORMAT_FILE).read_text()) == {
+        "format": "prompt_response", "prompt": "prompt", "response": "response", "conversation": None,
+        "template": "tokenizer", "system_prompt": None}
+    run = load_run(run_dir, device="cpu")
+    splits = data.load_raw_splits(run.job)
+    example = run.task.prepare(splits, "validation", run.tokenizer, run.job).eval[0]
+    answer_at = next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
+    predictor = PREDICTORS["text-generation"](run, Options())
+    row = splits["validation"][0]
+    for given in (row, {"text": row["prompt"]}):  # a data row, and what --text makes
+        (ids,), _ = predictor.prompts([predictor.read(given, "row 0")])
+        assert ids == example["input_ids"][:answer_at]
+    assert run.tokenizer.decode(ids) == f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_one_reply_predicts_it(tiny_models, tmp_path, capsys, monkeypatch):
+    """Greedy predict after training on one fixed prompt -> reply pair gives back that reply, and stops at EOS."""
+    from llmfinetune.workflow import run
+
+    monkeypatch.setattr("llmfinetune.workflow._write_report", lambda *args, **kwargs: None, raising=False)
+    prompt, reply = "What is the capital of France?", "Paris is the capital."
+    rows = [{"prompt": prompt, "response": reply}] * 8
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "validation.jsonl", rows[:2])
+    raw = job_dict("text-generation", "full", tiny_models["qwen2"], tmp_path / "data", tmp_path / "run",
+                   max_steps=120, per_device_train_batch_size=2, learning_rate=3e-3, save_strategy="no",
+                   logging_steps=50)
+    run(parse_job(raw))
+    code, out, err = cli(capsys, "predict", "--model", tmp_path / "run", "--text", prompt, "--max-new-tokens", "24",
+                         "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["prediction"] == {"generated_text": reply, "finish_reason": "eos"}

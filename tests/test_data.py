@@ -147,7 +147,8 @@ def test_local_path_pointing_at_one_file_is_the_train_split(tmp_path):
 
 def test_no_data_source_at_all(tmp_path):
     job = make_job(tmp_path, {"num_row": 5})
-    with pytest.raises(UserError, match="needs one of local_path .*train_file/validation_file, or data_path"):
+    with pytest.raises(UserError, match=r"job\.yaml: ft_config\.data_config needs a data source: "
+                                         r"ft_config\.data_config\.local_path .*train_file/validation_file, or data_path"):
         split_files(job)
 
 
@@ -205,6 +206,55 @@ def test_validation_column_naming_a_missing_split(tmp_path, mixed):
     message = load_error(make_job(tmp_path, {"local_path": str(mixed), "validation_column": "dev"}))
     assert message == ("ft_config.data_config.validation_column: eval split 'dev' not found; "
                        "splits found: train, validation.")
+
+
+def _sft_folder(folder: Path, splits: dict[str, int], extra_column: str | None = None) -> Path:
+    for name, count in splits.items():
+        write_jsonl(folder / f"{name}.jsonl", [{"prompt": f"{name}{i}", "response": f"r{i}",
+                                                 **({extra_column: f"s{i}"} if extra_column else {})}
+                                                for i in range(count)])
+    return folder
+
+
+def test_text_generation_validation_column_naming_a_split_is_the_eval_split(tmp_path, caplog):
+    """The seed's text-generation files name the response column in validation_column; a value naming an existing
+    split is the eval split instead (not 10% of train held out)."""
+    from llmfinetune.data import response_from_validation_column
+    from llmfinetune.tasks.chat import format_columns
+
+    folder = _sft_folder(tmp_path / "d", {"train": 10, "test": 3})
+    job = make_job(tmp_path, {"local_path": str(folder), "validation_column": "test"}, task="text-generation")
+    splits = load_raw_splits(job)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 10, "test": 3}
+    assert eval_split_name(job, splits) == "test" and response_from_validation_column(job, splits) is None
+    # The response column is then found as usual, not taken from validation_column.
+    assert format_columns(job, splits["train"].column_names, splits).response == "response"
+    assert "validation_column" not in caplog.text  # not ambiguous: nothing to say
+
+
+def test_text_generation_validation_column_naming_a_column_is_the_response(tmp_path):
+    from llmfinetune.data import response_from_validation_column
+    from llmfinetune.tasks.chat import format_columns
+
+    folder = _sft_folder(tmp_path / "d", {"train": 10}, extra_column="summary")
+    job = make_job(tmp_path, {"local_path": str(folder), "validation_column": "summary"}, task="text-generation")
+    splits = load_raw_splits(job)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 9, "validation": 1}  # held out, as in the seed
+    assert eval_split_name(job, splits) == "validation"
+    assert response_from_validation_column(job, splits) == "summary"
+    assert format_columns(job, splits["train"].column_names, splits).response == "summary"
+
+
+def test_text_generation_validation_column_naming_a_split_and_a_column_says_which(tmp_path, caplog):
+    folder = _sft_folder(tmp_path / "d", {"train": 6, "summary": 2}, extra_column="summary")
+    job = make_job(tmp_path, {"local_path": str(folder), "validation_column": "summary"}, task="text-generation")
+    with caplog.at_level("WARNING"):
+        splits = load_raw_splits(job)
+    assert eval_split_name(job, splits) == "summary" and sorted(splits) == ["summary", "train"]
+    lines = [r.getMessage() for r in caplog.records if "validation_column" in r.getMessage()]
+    assert lines == ["ft_config.data_config.validation_column: 'summary' is both a split and a column of the train "
+                     "split; taken as the eval split. To read the column as the response instead, set "
+                     "response_column: summary."]
 
 
 def test_validation_column_naming_an_existing_split(tmp_path):
@@ -301,18 +351,12 @@ def test_non_utf8_json_lines(tmp_path):
     assert "at byte 13" in message
 
 
-def test_non_utf8_csv_is_a_user_error(tmp_path):
+def test_non_utf8_csv_names_the_file_and_the_byte(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes("text,label\ncaf\u00e9,0\nbar,1\n".encode("latin-1"))
-    message = load_error(make_job(tmp_path, {"train_file": str(path)}))
-    assert message.startswith(f"{path}: ")  # a UserError naming the file (not a crash)
-    assert "Traceback" not in message
-
-
-def test_non_utf8_csv_says_utf8(tmp_path):
-    path = tmp_path / "train.csv"
-    path.write_bytes("text,label\ncaf\u00e9,0\nbar,1\n".encode("latin-1"))
-    assert "UTF-8" in load_error(make_job(tmp_path, {"train_file": str(path)}))
+    # The é (0xe9) is byte 14: the header is 11 bytes, then "caf".
+    assert load_error(make_job(tmp_path, {"train_file": str(path)})) == (
+        f"{path}: not UTF-8 text (invalid continuation byte at byte 14).")
 
 
 def test_corrupt_parquet(tmp_path):

@@ -92,3 +92,113 @@ def test_a_train_split_smaller_than_one_batch_is_refused_at_check(tiny_models, t
     assert ("split 'train': 3 examples after tokenizing, fewer than one batch across all processes "
             "(per_device_train_batch_size 4 x 2 processes = 8)") in message
     assert "Traceback" not in message
+
+
+# ---------------------------------------------------------------- keys only another task reads
+
+DATA, BASE = "ft_config.data_config", "ft_config.train_config.base_config"
+
+
+def _job(task, tiny_models, tmp_path, key=None, value=None):
+    from conftest import set_at
+
+    model = tiny_models["qwen2" if task == "text-generation" else "bert"]
+    config = job_dict(task, "full", model, tmp_path, tmp_path / "run")
+    if key is not None:
+        set_at(config, key, value)
+    return parse_job(config)
+
+
+@pytest.mark.parametrize("task, key, value", [
+    ("sequenceclassification", f"{BASE}.mlm_probability", 0.3),
+    ("text-generation", f"{BASE}.mlm_probability", 0.3),
+    ("tokenclassification", f"{BASE}.whole_word_mask", True),
+    ("text-generation", f"{BASE}.whole_word_mask", True),
+    ("maskedlm", f"{BASE}.lm_head_on_targets_only", False),
+    ("sequenceclassification", f"{BASE}.lm_head_on_targets_only", False),
+    ("maskedlm", f"{DATA}.label_column", "label"),
+    ("text-generation", f"{DATA}.label_column", "label"),
+    ("sequenceclassification", f"{DATA}.response_column", "answer"),
+    ("tokenclassification", f"{DATA}.response_column", "answer"),
+    ("maskedlm", f"{DATA}.response_column", "answer"),
+    ("maskedlm", f"{DATA}.system_prompt", "Be brief."),
+    ("tokenclassification", "model_config.max_input_words", 100),
+])
+def test_a_key_only_another_task_reads_is_refused_by_its_full_name(task, key, value, tiny_models, tmp_path):
+    from llmfinetune.tasks.base import READ_BY
+
+    readers = " and ".join(READ_BY[key][0])
+    with pytest.raises(UserError) as info:
+        TASKS.get(task).check(_job(task, tiny_models, tmp_path, key, value))
+    assert str(info.value) == f"{key}: only for ft_task {readers}; this job's task is {task}. Remove it."
+
+
+def test_keys_of_several_other_tasks_are_named_together(tiny_models, tmp_path):
+    config = job_dict("sequenceclassification", "full", tiny_models["bert"], tmp_path, tmp_path / "run",
+                      whole_word_mask=True, packing=True)
+    config["ft_config"]["data_config"]["response_column"] = "answer"
+    with pytest.raises(UserError) as info:
+        TASKS.get("sequenceclassification").check(parse_job(config))
+    assert str(info.value) == (f"{DATA}.response_column, {BASE}.packing: only for ft_task text-generation; "
+                               f"{BASE}.whole_word_mask: only for ft_task maskedlm; this job's task is "
+                               "sequenceclassification. Remove them.")
+
+
+def test_a_base_config_key_of_another_task_at_its_default_is_a_warning(tiny_models, tmp_path, caplog):
+    job = _job("sequenceclassification", tiny_models, tmp_path, f"{BASE}.mlm_probability", 0.15)
+    with caplog.at_level("WARNING"):
+        TASKS.get("sequenceclassification").check(job)
+    assert f"{BASE}.mlm_probability: only read by ft_task maskedlm; at its default here" in caplog.text
+
+
+def test_the_tasks_that_read_a_key_take_it(tiny_models, tmp_path):
+    for task, key, value in [("maskedlm", f"{BASE}.whole_word_mask", True), ("maskedlm", f"{BASE}.mlm_probability", 0.3),
+                             ("text-generation", f"{BASE}.lm_head_on_targets_only", False),
+                             ("text-generation", f"{DATA}.response_column", "answer"),
+                             ("tokenclassification", f"{DATA}.label_column", "ner_tags"),
+                             ("text-generation", "model_config.max_input_words", 100)]:
+        TASKS.get(task).check(_job(task, tiny_models, tmp_path, key, value))
+
+
+@pytest.mark.parametrize("task, columns, readable", [
+    ("text-generation", ["prompt", "context"], 1), ("maskedlm", ["text", "title"], 1),
+    ("tokenclassification", ["tokens", "pos"], 1), ("sequenceclassification", ["a", "b", "c"], 2)])
+def test_more_input_columns_than_the_task_reads_are_refused(task, columns, readable, tiny_models, tmp_path):
+    with pytest.raises(UserError, match=rf"^{DATA}\.input_columns: ft_task {task} reads {readable} text columns? "
+                                        rf", got {len(columns)} \({', '.join(columns)}\); the others would be "
+                                        "ignored".replace(" ,", ",")):
+        TASKS.get(task).check(_job(task, tiny_models, tmp_path, f"{DATA}.input_columns", columns))
+    TASKS.get(task).check(_job(task, tiny_models, tmp_path, f"{DATA}.input_columns", columns[:readable]))
+
+
+def test_subset_beside_local_path_is_refused(tiny_models, tmp_path):
+    job = _job("sequenceclassification", tiny_models, tmp_path, f"{DATA}.subset", "mrpc")
+    with pytest.raises(UserError, match=rf"^{DATA}\.subset: only read with data_path .*; this job reads local_path\. "
+                                        "Point local_path at the subset's own folder"):
+        TASKS.get("sequenceclassification").check(job)
+
+
+def test_input_columns_beside_a_conversation_column_are_refused(tiny_models, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+             "prompt": "hi"}]
+    with pytest.raises(UserError, match=rf"{DATA}\.input_columns: not read by the messages format \(the 'messages' "
+                                        r"column holds the prompts\)"):
+        _prepare("text-generation", rows, rows, tiny_models, tmp_path, input_columns=["prompt"])
+
+
+def test_max_input_words_cuts_every_user_turn_of_a_conversation_and_no_answer(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    long = " ".join(f"w{i}" for i in range(12))
+    rows = [{"messages": [{"role": "system", "content": long}, {"role": "user", "content": long},
+                          {"role": "assistant", "content": long}, {"role": "user", "content": long},
+                          {"role": "assistant", "content": long}]}]
+    config = job_dict("text-generation", "full", tiny_models["qwen2"], tmp_path, tmp_path / "run", max_length=256)
+    config["model_config"]["max_input_words"] = 3
+    job = parse_job(config)
+    splits = DatasetDict({"train": Dataset.from_list(rows), "validation": Dataset.from_list(rows)})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
+    text = tokenizer.decode(TASKS.get("text-generation").prepare(splits, "validation", tokenizer, job).train[0]
+                            ["input_ids"])
+    assert text.count("<|im_start|>user\nw0 w1 w2<|im_end|>") == 2
+    assert text.count(f"<|im_start|>assistant\n{long}<|im_end|>") == 2 and f"system\n{long}<|im_end|>" in text

@@ -1,11 +1,14 @@
 """What every task provides to the workflow, and the preprocessing pieces tasks share."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from ..errors import UserError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -22,15 +25,48 @@ class Prepared:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+DATA = "ft_config.data_config"
+BASE = "ft_config.train_config.base_config"
+# Keys that only some tasks read: full key -> (the tasks that read it, its default). On any other task the setting
+# would be silently ignored, so `check` refuses a value other than the default, naming the key (the user meant
+# something this job will not do); a base_config key written out at its default changes nothing and gets a warning.
+# Preference tuning checks its own (it reads template and system_prompt, not the other SFT keys).
+READ_BY = {
+    f"{DATA}.label_column": (("sequenceclassification", "tokenclassification"), None),
+    f"{DATA}.response_column": (("text-generation",), None),
+    f"{DATA}.format": (("text-generation",), "auto"),
+    f"{DATA}.messages_column": (("text-generation",), None),
+    f"{DATA}.template": (("text-generation",), None),
+    f"{DATA}.system_prompt": (("text-generation",), None),
+    f"{DATA}.train_on_prompt": (("text-generation",), False),
+    f"{BASE}.packing": (("text-generation",), False),
+    f"{BASE}.lm_head_on_targets_only": (("text-generation",), True),
+    f"{BASE}.mlm_probability": (("maskedlm",), 0.15),
+    f"{BASE}.whole_word_mask": (("maskedlm",), False),
+    # Token classification tags given words one by one; cutting them would need cutting the tags too.
+    "model_config.max_input_words": (("sequenceclassification", "maskedlm", "text-generation"), None),
+}
 # data_config keys that only text-generation reads, with their defaults.
-SFT_DATA_KEYS = {"format": "auto", "messages_column": None, "template": None, "system_prompt": None,
-                 "train_on_prompt": False}
+SFT_DATA_KEYS = {key.rsplit(".", 1)[1]: default for key, (tasks, default) in READ_BY.items()
+                 if key.startswith(DATA) and tasks == ("text-generation",)}
+
+
+def _setting(job: "Job", key: str) -> tuple[bool, Any]:
+    """(given, value) of a key of READ_BY."""
+    section, name = key.rsplit(".", 1)
+    if section == BASE:
+        return name in job.base_config, job.base_config.get(name)
+    owner = job.data if section == DATA else job.model
+    return name in owner.model_fields_set, getattr(owner, name)
 
 
 class Task:
     name: ClassVar[str]
     model_class: ClassVar[str]  # the transformers Auto class that loads the model for this task
     peft_task_type: ClassVar[str]
+    # How many data_config.input_columns the task reads (the rest would be ignored).
+    input_columns_read: ClassVar[int] = 1
+    input_columns_hint: ClassVar[str] = "Keep one."
     # Language-model evals only need the loss; collecting vocabulary-sized logits would exhaust memory.
     loss_only_eval: ClassVar[bool] = False
     reports_perplexity: ClassVar[bool] = False
@@ -41,20 +77,52 @@ class Task:
     model_init_kwargs: ClassVar[dict[str, Any]] = {}
 
     def check(self, job: "Job") -> None:
-        """Settings this task cannot honour, found before anything loads. Most tasks take no SFT settings."""
+        """Settings this task cannot honour, found before anything loads: keys only other tasks read (READ_BY),
+        more input columns than the task reads, a subset beside a data source that has none."""
+        from ..config import as_number
+
+        refused: dict[tuple[str, ...], list[str]] = {}
+        for key, (tasks, default) in READ_BY.items():
+            given, value = _setting(job, key)
+            if job.task in tasks or not given:
+                continue
+            if as_number(value) != default:
+                refused.setdefault(tasks, []).append(key)
+            else:
+                logger.warning("%s: only read by ft_task %s; at its default here, it has no effect on %s.", key,
+                               " and ".join(tasks), job.task)
+        if refused:
+            count = sum(len(keys) for keys in refused.values())
+            raise UserError("; ".join(f"{', '.join(keys)}: only for ft_task {' and '.join(tasks)}"
+                                      for tasks, keys in refused.items())
+                            + f"; this job's task is {job.task}. Remove {'it' if count == 1 else 'them'}.")
         data = job.data
-        given = [f"ft_config.data_config.{key}" for key in SFT_DATA_KEYS if getattr(data, key) != SFT_DATA_KEYS[key]]
-        if job.base_config.get("packing"):
-            given.append("ft_config.train_config.base_config.packing")
-        if given:
-            raise UserError(f"{', '.join(given)}: only for ft_task text-generation; this job's task is "
-                            f"{job.task}. Remove {'it' if len(given) == 1 else 'them'}.")
+        columns = data.input_columns or []
+        if len(columns) > self.input_columns_read:
+            raise UserError(f"{DATA}.input_columns: ft_task {job.task} reads {self.input_columns_read} text "
+                            f"column{'s' if self.input_columns_read > 1 else ''}, got {len(columns)} "
+                            f"({', '.join(columns)}); the others would be ignored. {self.input_columns_hint}")
+        elsewhere = [k for k in ("local_path", "train_file", "validation_file") if getattr(data, k)]
+        if data.subset and (elsewhere or not data.data_path):
+            source = f"this job reads {' and '.join(elsewhere)}" if elsewhere else "this job sets no data_path"
+            raise UserError(f"{DATA}.subset: only read with data_path (a hub dataset's subset, or a subfolder of a "
+                            f"local data_path folder); {source}. Point local_path at the subset's own folder and "
+                            "remove subset.")
 
     def prepare(self, splits: "DatasetDict", eval_split: str, tokenizer, job: "Job") -> Prepared:
         raise NotImplementedError
 
     def collator(self, tokenizer, job: "Job"):
         raise NotImplementedError
+
+    def record_run_files(self, run_dir, splits: "DatasetDict", tokenizer, job: "Job", resuming: bool,
+                         write: bool) -> None:
+        """Record in the run directory what `eval` and `predict` must know of how training read the data (`write`:
+        this process writes the run directory); a resumed run checks it still reads the data that way."""
+
+    def as_trained(self, run_dir, job: "Job", tokenizer) -> "Job":
+        """The job with its data settings as the run in `run_dir` resolved them at train time."""
+        return job
 
     def compute_metrics(self, model_kwargs: dict[str, Any]) -> Optional[Callable]:
         return None

@@ -5,8 +5,8 @@ from __future__ import annotations
 from ..data import require_columns
 from ..errors import UserError
 from .base import Prepared, Task, clip_words, max_length, tokenize_split
-from .chat import (IGNORE, TEMPLATES, Renderer, encode_conversations, encode_texts, format_columns, row_text,
-                   to_messages)
+from .chat import (IGNORE, TEMPLATES, Renderer, decide_format, encode_conversations, encode_texts,
+                   record_trained_format, row_text, to_messages, trained_format)
 
 __all__ = ["CausalLM", "IGNORE"]
 
@@ -19,7 +19,11 @@ class CausalLM(Task):
     reports_perplexity = True
     loss_sums_over_items = True
 
+    input_columns_hint = ("The first is the prompt column: join the texts into one column, or for an instruction "
+                          "with an input use the alpaca format (instruction, input, output columns).")
+
     def check(self, job):
+        super().check(job)
         # packing / lm_head_on_targets_only are typed with the other own base_config keys (arguments.OWN_TYPES).
         if job.data.template is not None and job.data.template not in ("tokenizer", *TEMPLATES):
             raise UserError(f"ft_config.data_config.template: unknown template '{job.data.template}'; choose "
@@ -35,7 +39,8 @@ class CausalLM(Task):
             raise UserError(f"text-generation: the tokenizer of {job.model.model_id} has no EOS token, so the model "
                             "could never learn to stop; set model_config.add_special_tokens.eos_token.")
         train = splits["train"]
-        columns = format_columns(job, train.column_names)
+        columns = decide_format(job, tokenizer, splits)
+        job = columns.apply(job)  # rendered exactly as decided (and as the run directory records it)
         used = {"train": train, eval_split: splits[eval_split]}
         for name, split in used.items():
             require_columns(split, columns.required(), _column_key(columns), name)
@@ -65,6 +70,12 @@ class CausalLM(Task):
 
             tokenized = {name: pack_dataset(split, limit) for name, split in tokenized.items()}
         return Prepared(tokenized["train"], tokenized[eval_split], {})
+
+    def record_run_files(self, run_dir, splits, tokenizer, job, resuming, write):
+        record_trained_format(run_dir, decide_format(job, tokenizer, splits), resuming, write)
+
+    def as_trained(self, run_dir, job, tokenizer):
+        return trained_format(run_dir, job, tokenizer).apply(job)
 
     def trainer_class(self, job):
         from ..lm_head import CausalLMTrainer, TargetsOnlyTrainer

@@ -13,6 +13,8 @@ class SequenceClassification(Task):
     name = "sequenceclassification"
     model_class = "AutoModelForSequenceClassification"
     peft_task_type = "SEQ_CLS"
+    input_columns_read = 2
+    input_columns_hint = "Sequence classification takes one text column or a pair."
 
     def prepare(self, splits, eval_split, tokenizer, job):
         train = splits["train"]

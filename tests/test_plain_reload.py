@@ -86,6 +86,9 @@ def trained_runs(tiny_models, encoder_only_bert, tmp_path_factory):
     cases = [(task, method, None) for task in TASK_DATA for method in ("full", "lora")]
     cases += [(task, "lora", NEW_TOKEN[task]) for task in NEW_TOKEN]
     runs = {}
+    patch = pytest.MonkeyPatch()
+    # report.png/report.md (test_report.py) are not what this test reads; skip drawing them.
+    patch.setattr("llmfinetune.workflow._write_report", lambda *args, **kwargs: None, raising=False)
     for task, method, new_token in cases:
         name = f"{task}-{method}" + ("-new-token" if new_token else "")
         base = encoder_only_bert if TASK_DATA[task][1] == "bert" else tiny_models["qwen2"]
@@ -94,6 +97,7 @@ def trained_runs(tiny_models, encoder_only_bert, tmp_path_factory):
         if new_token:
             raw["model_config"]["add_special_tokens"] = dict([new_token])
         runs[name] = (task, method, base, new_token, run(parse_job(raw)))
+    patch.undo()
     return runs
 
 

@@ -39,6 +39,8 @@ OWN_KEYS = {
     "save_on_interrupt": "Ctrl-C during training saves a checkpoint before exiting (default true)",
     "packing": "text-generation: several examples per row of max_length tokens, each attending only to itself",
     "lm_head_on_targets_only": "text-generation: vocabulary logits only where a token is learned (default true)",
+    "generation_eval": "text-generation: generate for the eval rows and score the answers (exact match, ROUGE, "
+                       "BLEU) at the end of training and optionally at each evaluation (generation_eval.SETTINGS)",
     "pad_to_max_length": "the original's padding switch; accepted, no effect (config.NO_EFFECT says why)",
 }
 BASE = "ft_config.train_config.base_config"
@@ -47,7 +49,7 @@ NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epoc
 # Types of our own keys, and ranges of fields whose type alone lets nonsense through (checked in `translate`).
 OWN_TYPES = {"checkpoints_output_dir": str, "max_length": int, "mlm_probability": float, "whole_word_mask": bool,
              "resume_from_checkpoint": Optional[Union[bool, str]], "save_on_interrupt": bool, "packing": bool,
-             "lm_head_on_targets_only": bool, "pad_to_max_length": bool}
+             "lm_head_on_targets_only": bool, "generation_eval": Optional[Union[bool, dict]], "pad_to_max_length": bool}
 # Our defaults where transformers' would surprise a user of a small job: logs every 500 steps, wandb if installed.
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
             "include_num_input_tokens_seen": "non_padding",
@@ -171,6 +173,10 @@ def _check_ranges(job: "Job", kwargs: dict[str, Any], spelled: dict[str, str]) -
     if "mlm_probability" in own:
         validate.check_range(f"{BASE}.mlm_probability", own["mlm_probability"],
                              validate.between(0, 1, low_open=True, high_open=True))
+    if "generation_eval" in own:
+        from .generation_eval import settings
+
+        settings(job)  # its own keys, types and task
 
 
 def _check_report_to(value: Any) -> None:

@@ -1,7 +1,9 @@
-"""`llmfinetune eval --model RUN_DIR [--ft=FILE] [--split NAME]`: the task's metrics on a split, printed as JSON.
+"""`llmfinetune eval --model RUN_DIR [--ft=FILE] [--split NAME] [--generate]`: the task's metrics on a split, as JSON.
 
 The numbers are the ones the training run's final eval reported for that split: the same data preparation, collator,
-metrics and `transformers.Trainer(...).evaluate()`, with the job's eval batch size and seed.
+metrics and `transformers.Trainer(...).evaluate()`, with the job's eval batch size and seed. Classification adds
+per-class precision, recall, F1 and support and the confusion matrix. `--generate` (text-generation) also generates
+for every row of the split and scores the answers (generation_eval.py), writing them to RUN_DIR/generations.jsonl.
 """
 from __future__ import annotations
 
@@ -9,10 +11,13 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import UserError
 from .inference import add_run_arguments
+
+if TYPE_CHECKING:
+    from .inference import Options
 
 logger = logging.getLogger("llmfinetune")
 
@@ -24,19 +29,36 @@ def add_command(commands) -> None:
     add_run_arguments(parser)
     parser.add_argument("--split", default=None, metavar="NAME",
                         help="the split to evaluate (default: the job's eval split, as in training)")
+    parser.add_argument("--generate", action="store_true",
+                        help="text generation: also generate for every row and score it against the reference "
+                             "answer (exact match, ROUGE-1/2/L, BLEU-4); rows go to RUN_DIR/generations.jsonl")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="with --generate: rows per generate call (default: the job's per_device_eval_batch_size,"
+                             " else 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                        help="with --generate: most tokens to generate per row (default 64)")
+    parser.add_argument("--temperature", type=float, default=None, help="with --generate --do-sample")
+    parser.add_argument("--top-p", type=float, default=None, help="with --generate --do-sample")
+    parser.add_argument("--do-sample", action="store_true",
+                        help="with --generate: sample instead of greedy decoding")
     parser.set_defaults(handler=main)
 
 
 def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Optional[list[str]] = None,
-                 split: Optional[str] = None, device: str = "auto") -> dict[str, Any]:
-    """The eval metrics of RUN_DIR on `split` (default: the job's eval split), keyed `eval_*` as in metrics.json."""
+                 split: Optional[str] = None, device: str = "auto", generate: Optional["Options"] = None,
+                 located: Optional[tuple] = None) -> dict[str, Any]:
+    """The eval metrics of RUN_DIR on `split` (default: the job's eval split), keyed `eval_*` as in metrics.json.
+    With `generate` (text-generation), also the generation scores (eval_gen_*), the rows written beside the run's
+    metrics.json. `located`: what inference.locate_run returned, when the caller already has it."""
     from transformers import set_seed
 
     from . import arguments, data
     from .inference import load_run, locate_run
 
-    located = locate_run(model, ft, overrides)
+    located = located or locate_run(model, ft, overrides)
     job = located[1]
+    if generate is not None and job.task != "text-generation":
+        raise UserError(f"--generate: only for text-generation runs; this run is {job.task}.")
     if device == "cpu":
         # Evaluate where asked even when a GPU is visible (the Trainer otherwise moves the model to it).
         job.ft_config.train_config.base_config["use_cpu"] = True
@@ -67,16 +89,53 @@ def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Opt
         # Seeded right before evaluating: masked-LM evaluation masks tokens at random.
         set_seed(training_args.seed)
         metrics = trainer.evaluate()
+        metrics.update(last_eval_details(trainer))
     for counter in ("epoch", "num_input_tokens_seen"):  # a fresh Trainer's training counters (0) mean nothing here
         metrics.pop(counter, None)
     metrics.update(task.derived_metrics(metrics, "eval"))
+    if generate is not None:
+        from . import generation_eval
+        from .inference import TextGenerationPredictor
+
+        found = generation_eval.cases(as_trained, splits, name)
+        output = generation_eval.generations_path(run.run_dir, name, data.eval_split_name(job, splits))
+        scores, _ = generation_eval.generate_and_score(TextGenerationPredictor(run, generate), found, output)
+        metrics.update(scores)
+        logger.info("Generations written to %s", output)
     return {"split": name, "eval_examples": len(prepared.eval), **metrics}
 
 
-def main(args) -> int:
-    from .inference import library_output_to_stderr
+def last_eval_details(trainer) -> dict[str, Any]:
+    """What the last evaluation's metrics function kept beside its numbers (classification: eval_per_class and
+    eval_confusion_matrix). They are not scalars, so they stay out of the Trainer's log and its integrations; the
+    run's metrics.json and this command's output carry them."""
+    return dict(getattr(trainer.compute_metrics, "details", None) or {})
 
+
+def generation_options(args, job) -> Optional["Options"]:
+    """--generate's decoding flags, checked as `predict` checks them; None without --generate."""
+    import argparse
+
+    from .inference import _options
+
+    if not args.generate:
+        given = [flag for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--temperature",
+                 args.temperature), ("--top-p", args.top_p), ("--do-sample", args.do_sample or None),
+                 ("--batch-size", args.batch_size)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: only with --generate.")
+        return None
+    if job.task != "text-generation":
+        raise UserError(f"--generate: only for text-generation runs; this run is {job.task}.")
+    return _options(argparse.Namespace(**vars(args), top_k=None), job)  # eval has no --top-k
+
+
+def main(args) -> int:
+    from .inference import library_output_to_stderr, locate_run
+
+    located = locate_run(args.model, args.ft, args.overrides)
+    generate = generation_options(args, located[1])
     with library_output_to_stderr():  # stdout carries the metrics JSON only
-        metrics = evaluate_run(args.model, args.ft, args.overrides, args.split, args.device)
-    print(json.dumps(metrics, indent=2), flush=True)
+        metrics = evaluate_run(args.model, args.ft, args.overrides, args.split, args.device, generate, located)
+    print(json.dumps(metrics, indent=2, ensure_ascii=False), flush=True)
     return 0

@@ -111,8 +111,9 @@ class Case:
         return next(m["content"] for m in reversed(self.conversation) if m["role"] == "user")
 
 
-def cases(job: "Job", splits, split_name: str, limit: Optional[int] = None) -> list[Case]:
-    """The rows of `split_name` as training reads them (format detected on the train split's columns)."""
+def cases(job: "Job", splits, split_name: str) -> list[Case]:
+    """The rows of `split_name` as training reads them (format detected on the train split's columns, as training
+    detects it; `eval` passes the job with the run's trained format applied)."""
     from .tasks.base import clip_words
     from .tasks.chat import format_columns, to_messages
 
@@ -122,9 +123,8 @@ def cases(job: "Job", splits, split_name: str, limit: Optional[int] = None) -> l
                         "which has no reference answers to compare with; it needs prompt/response, alpaca, "
                         "messages or ShareGPT data.")
     split = splits[split_name]
-    count = len(split) if limit is None else min(limit, len(split))
     found = []
-    for index in range(count):
+    for index in range(len(split)):
         messages = to_messages(split[index], columns, job, f"split '{split_name}', row {index}",
                                clip=lambda text: clip_words(text, job))
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -168,21 +168,6 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write {path} ({exc.strerror}).") from None
-
-
-def read_rows(path: Path, count: int) -> list[dict[str, Any]]:
-    """The first `count` rows of a generations.jsonl (for report.md); none when it is missing or unreadable."""
-    rows: list[dict[str, Any]] = []
-    try:
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if len(rows) == count:
-                    break
-                if line.strip():
-                    rows.append(json.loads(line))
-    except (OSError, ValueError):
-        return []
-    return rows
 
 
 def generations_path(run_dir: Path, split: str, default_split: str) -> Path:

@@ -98,6 +98,9 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
         model.accepts_loss_kwargs = False
     model = method.wrap(model, job, task, fresh_modules)
+    from .generation_eval import TrainingJudge
+
+    judge = TrainingJudge(job, task, tokenizer, splits, eval_split, output_dir, dist.world_size)
 
     trainer = task.trainer_class(job)(
         model=model,
@@ -108,7 +111,8 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         **task.trainer_hooks(tokenizer, job, prepared.model_kwargs),
         # The NaN guard comes last: its "do not save" wins over Ctrl-C's "save" when both happen at one step.
         callbacks=[MarkCompleteCheckpoints(nan_guard := StopOnNonFiniteLoss()),
-                   interrupt := faults.SaveOnInterrupt(job.base_config.get("save_on_interrupt", True)), nan_guard],
+                   interrupt := faults.SaveOnInterrupt(job.base_config.get("save_on_interrupt", True)), nan_guard,
+                   *judge.callbacks],
     )
     nan_guard.watch(trainer)
     resume = resume_point(job.base_config.get("resume_from_checkpoint"), output_dir)
@@ -127,7 +131,12 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     set_seed(training_args.seed)  # random masks (maskedlm) must not depend on where training left the RNG
     with faults.guarded("evaluating", job, output_dir, training_args):
         eval_metrics = trainer.evaluate()
+    from .evaluate import last_eval_details
+
+    eval_metrics.update(last_eval_details(trainer))
     eval_metrics.update(task.derived_metrics(eval_metrics, "eval"))
+    with faults.guarded("generating for the eval rows", job, output_dir, training_args):
+        eval_metrics.update(judge.at_end(trainer.model))
     metrics = {
         **train_result.metrics,
         **eval_metrics,
@@ -207,7 +216,8 @@ def _write_report(output_dir: Path, trainer) -> None:
 
 def _log_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
-             if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+             if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second", "_file"))
+             and not isinstance(v, (dict, list))}  # per-class tables and the confusion matrix are in metrics.json
     logger.info("Final eval: %s", ", ".join(f"{k}={v}" for k, v in shown.items()))
     logger.info("Model saved to %s", output_dir)
     print(f"\nDone. Model, checkpoints, job.yaml and metrics.json are in: {output_dir}", flush=True)

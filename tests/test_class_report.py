@@ -111,3 +111,11 @@ def test_report_shows_the_per_class_table_and_the_confusion_image(classifier):
 
     with Image.open(classifier / "confusion.png") as image:
         assert image.size[0] > 200 and image.size[1] > 200
+
+
+def test_generate_is_refused_for_classification(classifier, capsys):
+    from llmfinetune.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--model", str(classifier), "--generate"]) == 2
+    assert "--generate: only for text-generation runs; this run is sequenceclassification." in capsys.readouterr().err

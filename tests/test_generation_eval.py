@@ -110,6 +110,45 @@ def test_generation_eval_is_checked_with_the_job(tiny_models, tmp_path):
         arguments.translate(_job(tiny_models, tmp_path, generation_eval={"max_new_tokens": -1}))
 
 
+# ---------------------------------------------------------------- the eval rows, as training reads them
+
+def test_the_reference_is_the_last_assistant_turn_of_each_format(tiny_models, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from llmfinetune.generation_eval import cases
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2 plus 2?"},
+                    {"role": "assistant", "content": "4."}]
+    rows = {"messages": {"messages": conversation},
+            "alpaca": {"instruction": "Add.", "input": "2 and 2", "output": "4."},
+            "prompt_response": {"question": "2 plus 2?", "answer": "4."}}
+    for name, row in rows.items():
+        split = Dataset.from_list([row])
+        [case] = cases(_job(tiny_models, tmp_path), DatasetDict({"train": split, "validation": split}), "validation")
+        assert case.reference == "4.", name
+        assert case.conversation[-1]["role"] == "user" and "4." not in [m["content"] for m in case.conversation]
+    assert case.prompt == "2 plus 2?"
+    split = Dataset.from_list([{"messages": conversation}])
+    [case] = cases(_job(tiny_models, tmp_path), DatasetDict({"train": split, "validation": split}), "validation")
+    assert case.conversation == conversation[:4] and case.prompt == "2 plus 2?"
+    text = Dataset.from_list([{"text": "just text"}])
+    with pytest.raises(UserError, match="raw text"):
+        cases(_job(tiny_models, tmp_path), DatasetDict({"train": text, "validation": text}), "validation")
+
+
+def test_generation_eval_is_skipped_with_a_warning_under_several_processes(tiny_models, tmp_path, caplog):
+    import logging
+
+    from llmfinetune.generation_eval import TrainingJudge
+
+    job = _job(tiny_models, tmp_path, generation_eval={"every_eval": True})
+    with caplog.at_level(logging.WARNING, logger="llmfinetune"):
+        judge = TrainingJudge(job, None, None, {}, "validation", tmp_path / "run", world_size=2)
+    assert judge.callbacks == [] and judge.at_end(model=None) == {}
+    assert f"llmfinetune eval --model {tmp_path / 'run'} --generate" in caplog.text
+
+
 # ---------------------------------------------------------------- proof that SFT teaches
 
 CAPITALS = {"France": "Paris", "Germany": "Berlin", "Japan": "Tokyo", "Brazil": "Brasilia", "Canada": "Ottawa",
@@ -202,3 +241,16 @@ def test_generation_eval_during_and_after_training(capitals):
     # The untrained run did not ask for it: no generation, no section.
     assert "eval_gen_exact_match" not in json.loads((capitals["untrained"] / "metrics.json").read_text())
     assert "## Generations" not in (capitals["untrained"] / "report.md").read_text()
+
+
+def test_eval_generate_flag_mistakes(capitals, capsys):
+    from llmfinetune.cli import main
+
+    mistakes = [(["--max-new-tokens", "5"], "--max-new-tokens: only with --generate"),
+                (["--do-sample"], "--do-sample: only with --generate"),
+                (["--generate", "--temperature", "0.5"], "add --do-sample"),
+                (["--generate", "--max-new-tokens", "0"], "--max-new-tokens: must be at least 1")]
+    for extra, message in mistakes:
+        capsys.readouterr()
+        assert main(["eval", "--model", str(capitals["trained"]), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra

@@ -52,10 +52,12 @@ class SequenceClassification(Task):
 
     def compute_metrics(self, model_kwargs):
         num_labels = model_kwargs["num_labels"]
+        names = label_list(model_kwargs)
 
         def metrics(prediction):
             predicted = np.asarray(prediction.predictions).reshape(-1)
             labels = np.asarray(prediction.label_ids).reshape(-1)
+            metrics.details = class_report(labels, predicted, names)
             result = {"accuracy": float((predicted == labels).mean())}
             classes = [1] if num_labels == 2 else range(num_labels)
             f1s = []
@@ -68,3 +70,29 @@ class SequenceClassification(Task):
             return result
 
         return metrics
+
+
+def label_list(model_kwargs) -> list[str]:
+    """The label names in class-id order (id2label's keys are strings after a round trip through JSON)."""
+    id2label = {int(k): v for k, v in model_kwargs["id2label"].items()}
+    return [id2label[i] for i in range(len(id2label))]
+
+
+def class_report(true_ids, predicted_ids, names: list[str]) -> dict:
+    """Per-class precision, recall, F1 and support, and the confusion matrix (rows: true label, columns: predicted),
+    with the label names; keyed as they appear in metrics.json and `eval`'s output."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    ids = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(true_ids, predicted_ids, labels=ids,
+                                                                     zero_division=0)
+    per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                        "support": int(support[i])} for i, name in enumerate(names)}
+    return {"eval_per_class": per_class, "eval_confusion_matrix": confusion(true_ids, predicted_ids, names)}
+
+
+def confusion(true_ids, predicted_ids, names: list[str]) -> dict:
+    from sklearn.metrics import confusion_matrix
+
+    counts = confusion_matrix(true_ids, predicted_ids, labels=list(range(len(names))))
+    return {"labels": list(names), "rows": "true label", "columns": "predicted label", "counts": counts.tolist()}

@@ -8,6 +8,7 @@ from ..data import require_columns
 from ..errors import UserError
 from .base import Task, max_length, text_columns
 from .labels import encode_label, label_lookup, label_names, prepare_classification
+from .seq_cls import confusion, label_list
 
 TAG_COLUMN_GUESSES = ["label", "ner_tags", "tags", "labels"]
 
@@ -64,7 +65,7 @@ class TokenClassification(Task):
         return DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
 
     def compute_metrics(self, model_kwargs):
-        id2label = model_kwargs["id2label"]
+        names = label_list(model_kwargs)
 
         def metrics(prediction):
             from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
@@ -74,8 +75,10 @@ class TokenClassification(Task):
             true_tags, predicted_tags = [], []
             for pred_row, label_row in zip(predicted, labels):
                 keep = label_row != -100
-                true_tags.append([id2label[int(i)] for i in label_row[keep]])
-                predicted_tags.append([id2label[int(i)] for i in pred_row[keep]])
+                true_tags.append([names[int(i)] for i in label_row[keep]])
+                predicted_tags.append([names[int(i)] for i in pred_row[keep]])
+            keep = labels != -100
+            metrics.details = entity_report(true_tags, predicted_tags, labels[keep], predicted[keep], names)
             return {
                 "precision": float(precision_score(true_tags, predicted_tags, zero_division=0)),
                 "recall": float(recall_score(true_tags, predicted_tags, zero_division=0)),
@@ -84,3 +87,16 @@ class TokenClassification(Task):
             }
 
         return metrics
+
+
+def entity_report(true_tags: list[list[str]], predicted_tags: list[list[str]], true_ids, predicted_ids,
+                  names: list[str]) -> dict:
+    """Per entity type (seqeval: an entity counts when its type and every word of its span are right) precision,
+    recall, F1 and support; and the confusion matrix of the word tags (each word's first sub-token)."""
+    from seqeval.metrics import classification_report
+
+    report = classification_report(true_tags, predicted_tags, output_dict=True, zero_division=0)
+    per_type = {kind: {"precision": float(row["precision"]), "recall": float(row["recall"]),
+                       "f1": float(row["f1-score"]), "support": int(row["support"])}
+                for kind, row in report.items() if not kind.endswith(" avg")}
+    return {"eval_per_class": per_type, "eval_confusion_matrix": confusion(true_ids, predicted_ids, names)}

@@ -197,6 +197,8 @@ class PackedCollator:
 
 
 def bind_packed_collator(trainer) -> None:
-    """Give a PackedCollator the layout of the model this Trainer trains or evaluates."""
-    if isinstance(trainer.data_collator, PackedCollator):
-        trainer.data_collator.bind_to(trainer.model, trainer.args.n_gpu)
+    """Give a PackedCollator (or a wrapper of one that forwards bind_to) the layout of the model this Trainer trains
+    or evaluates."""
+    bind_to = getattr(trainer.data_collator, "bind_to", None)
+    if bind_to is not None:
+        bind_to(trainer.model, trainer.args.n_gpu)

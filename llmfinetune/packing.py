@@ -59,9 +59,11 @@ def check_packing_isolates(job, model_path: str) -> None:
     config.json only (no weights, no remote code), so `llmfinetune check` sees the same refusal."""
     from transformers import PretrainedConfig
 
-    from .models import trust_remote_code
+    from .models import hub_location_kwargs, trust_remote_code
 
-    config, _ = PretrainedConfig.get_config_dict(model_path)
+    location = {key: value for key, value in hub_location_kwargs(job).items()
+                if key not in ("trust_remote_code", "code_revision")}  # config.json as a dict: no code runs
+    config, _ = PretrainedConfig.get_config_dict(model_path, **location)
     model_type = config.get("model_type")
     if trust_remote_code(job) and "AutoModelForCausalLM" in (config.get("auto_map") or {}):
         raise UserError(

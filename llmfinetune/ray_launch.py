@@ -75,10 +75,11 @@ def scaling_arguments(wanted: dict[str, Any]) -> dict[str, Any]:
 
 def cluster_resources(wanted: dict[str, Any], gpus: int) -> dict[str, Any]:
     """ray.init arguments of the one-node local cluster: the CPUs and GPUs the workers take, and the custom
-    resources of resources_per_worker, which only this node can offer (otherwise the workers would never start)."""
+    resources of resources_per_worker, which only this node can offer (otherwise the workers would never start).
+    A node's amounts are whole numbers for Ray: rounded up."""
     workers = wanted["num_workers"]
     return {"num_cpus": math.ceil(wanted["cpus"] * workers), "num_gpus": gpus,
-            "resources": {name: amount * workers for name, amount in wanted["custom"].items()}}
+            "resources": {name: math.ceil(amount * workers) for name, amount in wanted["custom"].items()}}
 
 
 def _check_gpus(job: "Job", wanted: dict[str, Any]) -> int:

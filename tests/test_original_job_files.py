@@ -404,7 +404,8 @@ def test_ray_placement_keys_become_ray_trains_scaling_config():
     assert scaling_arguments(wanted) == {"num_workers": 2, "use_gpu": False, "placement_strategy": "SPREAD",
                                          "resources_per_worker": {"CPU": 2.0, "accelerator_type_cpu": 0.01}}
     # The local one-node cluster offers what the workers ask for, custom resources included.
-    assert cluster_resources(wanted, 0) == {"num_cpus": 4, "num_gpus": 0, "resources": {"accelerator_type_cpu": 0.02}}
+    # (whole amounts: Ray refuses fractions of a node's resource)
+    assert cluster_resources(wanted, 0) == {"num_cpus": 4, "num_gpus": 0, "resources": {"accelerator_type_cpu": 1}}
     assert wanted["pg_timeout_s"] == 30
     from ray.train import ScalingConfig
 

@@ -103,7 +103,11 @@ class Task:
                             f"column{'s' if self.input_columns_read > 1 else ''}, got {len(columns)} "
                             f"({', '.join(columns)}); the others would be ignored. {self.input_columns_hint}")
         elsewhere = [k for k in ("local_path", "train_file", "validation_file") if getattr(data, k)]
-        if data.subset and (elsewhere or not data.data_path):
+        if data.subset and data.data_path and elsewhere:
+            # The original's own job files: data_path and subset name the hub dataset that local_path is a copy of.
+            logger.warning("%s.subset: no effect: %s is read; data_path and subset only name the dataset it holds.",
+                           DATA, " and ".join(elsewhere))
+        elif data.subset and (elsewhere or not data.data_path):
             source = f"this job reads {' and '.join(elsewhere)}" if elsewhere else "this job sets no data_path"
             raise UserError(f"{DATA}.subset: only read with data_path (a hub dataset's subset, or a subfolder of a "
                             f"local data_path folder); {source}. Point local_path at the subset's own folder and "

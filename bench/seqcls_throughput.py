@@ -1,12 +1,13 @@
 """Training throughput of the default job vs a plain transformers + peft script doing the same work, in one run.
 
-    python bench/seqcls_throughput.py [--steps 30] [--data data/demo/reviews] [--columns text]
+    python bench/seqcls_throughput.py [--steps 30] [--data data/demo/reviews] [--columns text] [--device auto]
     python bench/seqcls_throughput.py --data ../shared/datasets/glue/mrpc --columns sentence1 sentence2
 
 Both sides train all-MiniLM-L6-v2 with the same LoRA settings, batch size, learning rate, max_length, step count and
 training rows. Baseline A is what a user writes from the transformers examples (run_glue.py pads every example to
 max_length by default) with Trainer + peft; baseline B is the same with dynamic padding; ours is
 `llmfinetune.workflow.run` on the default job file (dynamic padding to a multiple of 8, length-grouped batches).
+Every side trains on the same device: --device auto (the default) picks CUDA when present, else the CPU.
 The last lines printed are samples/s of each and the ratios ours / baseline.
 """
 from __future__ import annotations
@@ -24,6 +25,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_JOB = REPO / "models" / "ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml"
 
 
+def choose_device(wanted: str) -> str:
+    """One device for every contender: comparing a GPU run with a CPU run would measure the hardware."""
+    import torch
+
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible.")
+    return wanted
+
+
 def ours(args, out: Path) -> tuple[float, float]:
     from llmfinetune.config import load_job
     from llmfinetune.workflow import run
@@ -33,7 +45,7 @@ def ours(args, out: Path) -> tuple[float, float]:
         f"ft_config.data_config.local_path={args.data}",
         f"ft_config.data_config.input_columns=[{', '.join(args.columns)}]",
         f"{base}.max_steps={args.steps}", f"{base}.output_dir={out}",
-        f"{base}.eval_strategy=no", f"{base}.save_strategy=no",
+        f"{base}.eval_strategy=no", f"{base}.save_strategy=no", f"{base}.use_cpu={args.device == 'cpu'}",
     ])
     result = run(job)
     return result.metrics["train_samples_per_second"], result.metrics["train_loss"]
@@ -72,7 +84,7 @@ def baseline(args, out: Path, dynamic_padding: bool) -> tuple[float, float]:
         output_dir=str(out), per_device_train_batch_size=base["per_device_train_batch_size"],
         learning_rate=float(base["learning_rate"]), max_steps=args.steps, weight_decay=base["weight_decay"],
         warmup_steps=base["warmup_steps"], save_strategy="no", eval_strategy="no", report_to="none",
-        use_cpu=True, logging_steps=10, seed=base["seed"],
+        use_cpu=args.device == "cpu", logging_steps=10, seed=base["seed"],
     )
     collator = DataCollatorWithPadding(tokenizer) if dynamic_padding else None
     result = Trainer(model=model, args=training_args, train_dataset=train, data_collator=collator).train()
@@ -84,14 +96,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--data", default=str(REPO / "data" / "demo" / "reviews"))
     parser.add_argument("--columns", nargs="+", default=["text"])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = parser.parse_args()
+    args.device = choose_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
         padded_sps, padded_loss = baseline(args, Path(tmp) / "padded", dynamic_padding=False)
         dynamic_sps, dynamic_loss = baseline(args, Path(tmp) / "dynamic", dynamic_padding=True)
         ours_sps, ours_loss = ours(args, Path(tmp) / "ours")
         elapsed = time.time() - started
-    print(f"\nseqcls throughput, {args.steps} steps on {args.data} ({elapsed:.0f} s in all)")
+    print(f"\nseqcls throughput, {args.steps} steps on {args.data}, every side on {args.device} "
+          f"({elapsed:.0f} s in all)")
     print(f"baseline A (transformers + peft, padding=max_length as run_glue.py): {padded_sps:.2f} samples/s, "
           f"mean train loss {padded_loss:.4f}")
     print(f"baseline B (transformers + peft, dynamic padding):                  {dynamic_sps:.2f} samples/s, "

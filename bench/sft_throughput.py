@@ -1,6 +1,7 @@
 """Causal-LM SFT throughput: llmfinetune vs a plain transformers Trainer + peft script on the same job, in one run.
 
     python bench/sft_throughput.py [--steps 50] [--data ../shared/datasets/AdvertiseGen] [--bf16-steps N]
+                                   [--device auto|cpu|cuda]
 
 The job (issue #4): a random-init Qwen2-shaped model of ~27M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads,
 intermediate 1408, byte-level BPE vocabulary of ~8000 trained here on the data), AdvertiseGen as prompt -> response
@@ -11,6 +12,7 @@ last-10-step train loss and the loss of the trained model on the same 128 held-o
 Contenders: the plain baseline in fp32 and in bf16 (autocast); ours (packing without cross-example attention, LM head
 on learned positions only) with 8 packed rows per step, and ours-accum2 with the same 8 rows per optimizer step as
 2 micro-batches of 4 (half the activation memory).
+Every contender trains on the same device: --device auto (the default) picks CUDA when present, else the CPU.
 On a CPU without native bf16 (no avx512_bf16/AMX) a bf16 step is ~100x slower; the bf16 baseline then runs
 --bf16-steps steps only (a rate, not a final loss). The last lines printed are the ratios ours / each baseline.
 """
@@ -127,11 +129,12 @@ def held_out_loss(model, tokenizer, workdir: Path) -> float:
     rows = [json.loads(line) for line in (workdir / "data" / "validation.jsonl").read_text().splitlines()]
     total, count = 0.0, 0
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for row in rows:
             example = encode_plain(tokenizer, row)
-            labels = torch.tensor([example["labels"]])
-            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits.float()
+            labels = torch.tensor([example["labels"]], device=device)
+            logits = model(input_ids=torch.tensor([example["input_ids"]], device=device)).logits.float()
             losses = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100,
                                                        reduction="sum")
             total += float(losses)
@@ -139,7 +142,28 @@ def held_out_loss(model, tokenizer, workdir: Path) -> float:
     return total / count
 
 
-def baseline(workdir: Path, steps: int, bf16: bool) -> dict:
+def choose_device(wanted: str) -> str:
+    """One device for every contender, decided once by the driver: a GPU run against a CPU run measures hardware."""
+    import torch
+
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible.")
+    return wanted
+
+
+def native_bf16(device: str) -> bool:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from llmfinetune.arguments import cpu_supports_bf16
+
+    return cpu_supports_bf16()
+
+
+def baseline(workdir: Path, steps: int, bf16: bool, device: str) -> dict:
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
@@ -154,7 +178,7 @@ def baseline(workdir: Path, steps: int, bf16: bool) -> dict:
     collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
     args = TrainingArguments(output_dir=str(workdir / f"baseline-{'bf16' if bf16 else 'fp32'}"), max_steps=steps,
                              per_device_train_batch_size=BATCH, learning_rate=LEARNING_RATE, logging_steps=1,
-                             save_strategy="no", report_to="none", use_cpu=True, bf16=bf16, seed=42,
+                             save_strategy="no", report_to="none", use_cpu=device == "cpu", bf16=bf16, seed=42,
                              remove_unused_columns=False, dataloader_drop_last=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     result = trainer.train()
@@ -162,7 +186,8 @@ def baseline(workdir: Path, steps: int, bf16: bool) -> dict:
                     held_out_loss(trainer.model, tokenizer, workdir) if not bf16 or steps >= 10 else None)
 
 
-def ours(workdir: Path, steps: int, rows: int = BATCH, accumulation: int = 1, bf16: bool = False) -> dict:
+def ours(workdir: Path, steps: int, device: str, rows: int = BATCH, accumulation: int = 1,
+         bf16: bool = False) -> dict:
     from llmfinetune.config import parse_job
     from llmfinetune.tasks.causal_lm import CausalLM
     from llmfinetune.workflow import run
@@ -188,7 +213,7 @@ def ours(workdir: Path, steps: int, rows: int = BATCH, accumulation: int = 1, bf
                                 "learning_rate": LEARNING_RATE,
                                 "max_length": MAX_LENGTH, "packing": True, "logging_steps": 1,
                                 "save_strategy": "no", "eval_strategy": "no", "seed": 42, "bf16": bf16,
-                                "dataloader_drop_last": True},
+                                "dataloader_drop_last": True, "use_cpu": device == "cpu"},
             },
         },
     })
@@ -219,36 +244,38 @@ def main() -> None:
     parser.add_argument("--bf16-steps", type=int, default=None,
                         help="steps of the bf16 baseline (default: --steps with native bf16, else 3)")
     parser.add_argument("--only", choices=CONTENDERS, action="append")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where every contender trains (auto: CUDA when present, else the CPU)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.contender:  # a child process: run one contender, print its JSON summary last
-        steps = args.steps
+        steps, device = args.steps, args.device  # the driver's decision, passed to every contender
         if args.contender == "ours":
-            summary = ours(args.workdir, steps)
+            summary = ours(args.workdir, steps, device)
         elif args.contender == "ours-bf16":
-            summary = ours(args.workdir, steps, bf16=True)
+            summary = ours(args.workdir, steps, device, bf16=True)
         elif args.contender == "ours-accum2":
-            summary = ours(args.workdir, steps, rows=BATCH // 2, accumulation=2)
+            summary = ours(args.workdir, steps, device, rows=BATCH // 2, accumulation=2)
         else:
-            summary = baseline(args.workdir, steps, bf16=args.contender == "baseline-bf16")
+            summary = baseline(args.workdir, steps, bf16=args.contender == "baseline-bf16", device=device)
         print("RESULT " + json.dumps(summary), flush=True)
         return
 
-    from llmfinetune.arguments import cpu_supports_bf16
-
-    bf16_steps = args.bf16_steps or (args.steps if cpu_supports_bf16() else 3)
+    device = choose_device(args.device)
+    bf16_steps = args.bf16_steps or (args.steps if native_bf16(device) else 3)
     with tempfile.TemporaryDirectory(prefix="sft-bench-") as tmp:
         workdir = Path(tmp)
         build(workdir, args.data)
-        print(f"data: {args.data or 'generated text'}; model and tokenizer built in {workdir}", flush=True)
+        print(f"data: {args.data or 'generated text'}; model and tokenizer built in {workdir}; every contender "
+              f"on {device}", flush=True)
         results = {}
-        default = [n for n in CONTENDERS if n != "ours-bf16" or cpu_supports_bf16()]
+        default = [n for n in CONTENDERS if n != "ours-bf16" or native_bf16(device)]
         for name in args.only or default:
             steps = bf16_steps if name.endswith("bf16") else args.steps
             output = subprocess.run([sys.executable, __file__, "--contender", name, "--workdir", str(workdir),
-                                     "--steps", str(steps)], capture_output=True, text=True, env={**os.environ,
-                                     "LLMFINETUNE_CACHE": str(workdir / "cache")})
+                                     "--steps", str(steps), "--device", device], capture_output=True, text=True,
+                                    env={**os.environ, "LLMFINETUNE_CACHE": str(workdir / "cache")})
             line = next((l for l in output.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{name} failed:\n{output.stdout[-3000:]}\n{output.stderr[-3000:]}")

@@ -88,6 +88,21 @@ def test_lora_trains_an_untied_heads_row_of_a_new_token(tiny_models):
     assert embedding.grad is not None and embedding.grad.abs().sum() > 0
 
 
+def test_lora_on_the_embedding_with_added_tokens_is_refused_by_key(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.models import NewWeights
+    from llmfinetune.registry import TASKS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
+    new_id = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(new_id + 1)
+    raw = job_dict("text-generation", "lora", tiny_models["qwen2"], tiny_models["qwen2"], "unused")
+    raw["ft_config"]["train_config"]["lora_config"]["target_modules"] = ["embed_tokens", "q_proj"]
+    with pytest.raises(UserError, match=r"lora_config.target_modules: adapts an embedding .*add_special_tokens"):
+        LoRA().wrap(model, parse_job(raw), TASKS.get("text-generation"), NewWeights([], [new_id]))
+
+
 # ----------------------------------------------------------------------------------------------- QLoRA
 
 

@@ -81,6 +81,14 @@ class LoRA(Method):
         config = self.config(job, task.peft_task_type, new_weights, model)
         try:
             peft_model = get_peft_model(model, config)
+        except TypeError as exc:
+            if not (new_weights and new_weights.token_ids and "trainable_token_indices" in str(exc)):
+                raise
+            raise UserError(
+                "ft_config.train_config.lora_config.target_modules: adapts an embedding with LoRA, but "
+                f"model_config.add_special_tokens added tokens (ids {new_weights.token_ids}) whose new rows must "
+                "train on their own (trainable_token_indices). Remove the embedding from target_modules, or move it to "
+                "lora_config.modules_to_save to train every row in full.") from None
         except ValueError as exc:
             raise UserError(f"ft_config.train_config.lora_config: {exc}") from None
         if new_weights is not None and new_weights.token_ids:
@@ -161,7 +169,8 @@ def _added_by_peft(task_type) -> list[str]:
 
 
 def _warn_stranded(model, names: list[str]) -> None:
-    random = [name for name in names if model.get_parameter(name).detach().abs().max().item() != 0]
+    # (A ZeRO-3 partitioned parameter has no values here: numel 0.)
+    random = [name for name in names if model.get_parameter(name).detach().count_nonzero().item()]
     why = (f"Not trained under LoRA: {', '.join(names)}. New (not in the checkpoint), but in a module whose other "
            "weights come from it (an MLM decoder's weight is the word embedding), so training that module in full "
            "would copy and untie them.")

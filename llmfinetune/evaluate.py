@@ -139,3 +139,83 @@ def main(args) -> int:
         metrics = evaluate_run(args.model, args.ft, args.overrides, args.split, args.device, generate, located)
     print(json.dumps(metrics, indent=2, ensure_ascii=False), flush=True)
     return 0
+
+
+class LabelledPredictions:
+    """`predict --input` on a file whose rows carry their labels (the job's label column): the predictions scored
+    as `eval` scores them, printed as the per-class table. A file where some row has no label gets no table."""
+
+    def __init__(self, run):
+        from .tasks.labels import label_lookup
+
+        self.job, self.task = run.job, run.job.task
+        self.names = [run.id2label[i] for i in range(len(run.id2label))]
+        self.lookup = label_lookup(self.names, None)
+        self.true: list = []
+        self.predicted: list = []
+        self.unlabelled = 0
+
+    @classmethod
+    def for_run(cls, run) -> Optional["LabelledPredictions"]:
+        return cls(run) if run.job.task in ("sequenceclassification", "tokenclassification") and run.id2label \
+            else None
+
+    def add(self, row: dict, prediction: dict) -> None:
+        if self.task == "sequenceclassification":
+            value = row.get(self.job.data.label_column or "label")
+            truth = self._label_id(value)
+            if truth is None:
+                self.unlabelled += 1
+                return
+            self.true.append(truth)
+            self.predicted.append(self.names.index(prediction["label"]))
+            return
+        from .tasks.token_cls import TAG_COLUMN_GUESSES
+
+        column = self.job.data.label_column or next((c for c in TAG_COLUMN_GUESSES if c in row), None)
+        tags = row.get(column) if column else None
+        words = prediction["words"]
+        ids = [self._label_id(tag) for tag in tags] if isinstance(tags, list) and len(tags) == len(words) else None
+        if ids is None or None in ids:
+            self.unlabelled += 1
+            return
+        self.true.append([self.names[i] for i in ids])
+        self.predicted.append([tag or "O" for tag in prediction["tags"]])  # words past max_length got no tag
+
+    def _label_id(self, value) -> Optional[int]:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or value is None:
+            return None
+        if value not in self.lookup and isinstance(value, int) and 0 <= value < len(self.names):
+            return value  # a class id, as a ClassLabel column's rows hold them
+        return self.lookup.get(value)
+
+    def report(self) -> Optional[dict]:
+        """eval_per_class and eval_confusion_matrix, as `eval` gives them; None unless every row was labelled."""
+        if self.unlabelled or not self.true:
+            return None
+        if self.task == "sequenceclassification":
+            from .tasks.seq_cls import class_report
+
+            return class_report(self.true, self.predicted, self.names)
+        from .tasks.token_cls import entity_report
+
+        index = {name: i for i, name in enumerate(self.names)}
+        true_ids = [index[t] for tags in self.true for t in tags]
+        predicted_ids = [index.get(t, index.get("O", 0)) for tags in self.predicted for t in tags]
+        return entity_report(self.true, self.predicted, true_ids, predicted_ids, self.names)
+
+    def print_table(self, source) -> None:
+        import sys
+
+        from .report import per_class_table
+
+        found = self.report()
+        if found is None:
+            if self.true:
+                print(f"{self.unlabelled} rows of {source} have no label; no per-class table.", file=sys.stderr)
+            return
+        kind = "entity type" if self.task == "tokenclassification" else "class"
+        print(f"\nPer {kind} on {source} ({len(self.true)} labelled rows):", file=sys.stderr)
+        print("\n".join(per_class_table(found["eval_per_class"])), file=sys.stderr, flush=True)

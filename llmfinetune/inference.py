@@ -601,8 +601,13 @@ def main(args) -> int:
         with _open_output(args.output) as out:
             _write(out, [{**row, "prediction": predictor.predict([inputs])[0]}])
     else:
+        from .evaluate import LabelledPredictions
+
+        labelled = LabelledPredictions.for_run(run)  # a file with labels also gets eval's per-class table
         with _open_output(args.output) as out:
-            predict_file(predictor, input_path, out, options.batch_size)
+            predict_file(predictor, input_path, out, options.batch_size, labelled)
+        if labelled is not None:
+            labelled.print_table(input_path)
     if args.output:
         logger.info("Predictions written to %s", args.output)
     return 0
@@ -651,8 +656,9 @@ def _options(args, job: "Job") -> Options:
                    top_p=args.top_p if args.top_p is not None else defaults.get("top_p"), do_sample=do_sample)
 
 
-def predict_file(predictor: Predictor, path: Path, out, batch_size: int) -> int:
-    """Predict every row of a JSONL file in batches, writing each batch's result rows as soon as it is done."""
+def predict_file(predictor: Predictor, path: Path, out, batch_size: int, labelled=None) -> int:
+    """Predict every row of a JSONL file in batches, writing each batch's result rows as soon as it is done.
+    `labelled` (evaluate.LabelledPredictions) collects each row with its prediction."""
     from tqdm.auto import tqdm
 
     with path.open("rb") as handle:
@@ -665,14 +671,17 @@ def predict_file(predictor: Predictor, path: Path, out, batch_size: int) -> int:
         for number, row in read_jsonl(path):
             batch.append((row, predictor.read(row, f"{path}:{number}")))
             if len(batch) == batch_size:
-                done += _flush(predictor, batch, out, progress)
+                done += _flush(predictor, batch, out, progress, labelled)
         if batch:
-            done += _flush(predictor, batch, out, progress)
+            done += _flush(predictor, batch, out, progress, labelled)
     return done
 
 
-def _flush(predictor: Predictor, batch: list[tuple[dict, Any]], out, progress) -> int:
+def _flush(predictor: Predictor, batch: list[tuple[dict, Any]], out, progress, labelled=None) -> int:
     predictions = predictor.predict([inputs for _, inputs in batch])
+    if labelled is not None:
+        for (row, _), prediction in zip(batch, predictions):
+            labelled.add(row, prediction)
     _write(out, [{**row, "prediction": prediction} for (row, _), prediction in zip(batch, predictions)])
     progress.update(len(batch))
     count = len(batch)

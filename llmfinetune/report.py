@@ -677,15 +677,9 @@ def _command(run: RunData, extra: dict[str, Any]) -> tuple[str, list[str]]:
     return command, notes
 
 
-def _per_class_section(run: RunData) -> list[str]:
-    per_class = _dict(run.metrics.get(PER_CLASS))
-    if not per_class:
-        return []
-    entities = run.task == "tokenclassification"
-    lines = ["### Per class", "",
-             "Final evaluation, one row per " + ("entity type (seqeval: an entity counts when its type and its "
-                                                 "whole span are right)" if entities else "class") + ".", "",
-             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+def per_class_table(per_class: dict[str, Any]) -> list[str]:
+    """eval_per_class as a markdown table (report.md, and `predict --input` on a labelled file)."""
+    lines = ["| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name, row in per_class.items():
         row = _dict(row)
         cells = [f"{v:.4f}" if v is not None else NA for v in (_number(row.get(k)) for k in ("precision", "recall",
@@ -693,7 +687,17 @@ def _per_class_section(run: RunData) -> list[str]:
         support = _number(row.get("support"))
         name = str(name).replace("|", chr(92) + "|")
         lines.append(f"| {name} | {' | '.join(cells)} | {int(support) if support is not None else NA} |")
-    lines.append("")
+    return lines
+
+
+def _per_class_section(run: RunData) -> list[str]:
+    per_class = _dict(run.metrics.get(PER_CLASS))
+    if not per_class:
+        return []
+    entities = run.task == "tokenclassification"
+    lines = ["### Per class", "",
+             "Final evaluation, one row per " + ("entity type (seqeval: an entity counts when its type and its "
+                                                 "whole span are right)" if entities else "class") + ".", "", *per_class_table(per_class), ""]
     if _dict(run.metrics.get(CONFUSION)).get("counts"):
         lines += [f"![confusion matrix]({CONFUSION_NAME})", ""]
     return lines

@@ -119,3 +119,48 @@ def test_generate_is_refused_for_classification(classifier, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(classifier), "--generate"]) == 2
     assert "--generate: only for text-generation runs; this run is sequenceclassification." in capsys.readouterr().err
+
+
+def test_predict_on_a_labelled_file_prints_the_per_class_table(classifier, capsys, tmp_path):
+    from conftest import classification_rows, write_jsonl
+    from llmfinetune.cli import main
+
+    rows = classification_rows(8, 5)
+    source = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(classifier), "--input", str(source), "--output",
+                 str(tmp_path / "out.jsonl")]) == 0
+    err = capsys.readouterr().err
+    predicted = [json.loads(line)["prediction"]["label"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert f"Per class on {source} (8 labelled rows):" in err
+    for name in ("neg", "pos"):
+        tp = sum(p == name == r["label"] for p, r in zip(predicted, rows))
+        said = sum(p == name for p in predicted)
+        support = sum(r["label"] == name for r in rows)
+        precision = tp / said if said else 0.0
+        recall = tp / support
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        assert f"| {name} | {precision:.4f} | {recall:.4f} | {f1:.4f} | {support} |" in err, err
+    write_jsonl(source, rows + [{"text": "the book was lovely"}])  # one row without a label: no table
+    assert main(["predict", "--model", str(classifier), "--input", str(source), "--output",
+                 str(tmp_path / "out.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "1 rows of" in err and "Per class" not in err
+
+
+def test_labelled_predictions_of_token_classification_by_entity_type():
+    from types import SimpleNamespace
+
+    from llmfinetune.evaluate import LabelledPredictions
+
+    names = ["O", "B-LOC", "B-PER", "I-PER"]
+    run = SimpleNamespace(job=SimpleNamespace(task="tokenclassification", data=SimpleNamespace(label_column=None)),
+                          id2label=dict(enumerate(names)))
+    labelled = LabelledPredictions.for_run(run)
+    # The same two rows as the by-hand test above; a word past max_length (tag null) counts as O.
+    labelled.add({"tokens": ["Anna", "Berg", "in", "Lima"], "ner_tags": ["B-PER", "I-PER", "O", "B-LOC"]},
+                 {"words": ["Anna", "Berg", "in", "Lima"], "tags": ["B-PER", "I-PER", "O", None]})
+    labelled.add({"tokens": ["Lima", "."], "ner_tags": [1, 0]}, {"words": ["Lima", "."], "tags": ["B-PER", "O"]})
+    found = labelled.report()
+    assert found["eval_per_class"]["PER"]["precision"] == 0.5 and found["eval_per_class"]["LOC"]["support"] == 2
+    assert found["eval_confusion_matrix"]["counts"] == [[2, 0, 0, 0], [1, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1]]

@@ -222,3 +222,30 @@ def test_parsing_a_job_with_a_bucket_imports_neither_boto3_nor_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parent.parent)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_two_processes_at_once_copy_the_model_once(server, tiny_models, tmp_path, aws_environment):
+    """One process per machine copies (the cache's file lock); the other waits and reuses its snapshot."""
+    import os
+    import subprocess
+    import sys
+
+    _upload(server, tiny_models, "models", "shared/", commit="c" * 40)
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s'); "
+        "from huggingface_hub import constants; constants.HF_HUB_CACHE = sys.argv[1]; "
+        "from llmfinetune.config import parse_job; from llmfinetune.s3_mirror import mirror_model; "
+        "print('snapshot', mirror_model(parse_job({'model_config': {'model_id': 'org/shared', 'initialization': "
+        "{'s3_mirror_config': {'endpoint_url': sys.argv[2], 'bucket_uri': 's3://models/shared/'}}}, "
+        "'ft_config': {'ft_task': 'maskedlm', 'data_config': {}}})))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    processes = [subprocess.Popen([sys.executable, "-c", code, str(aws_environment), server], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [p.communicate(timeout=180)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    joined = "\n".join(outputs)
+    assert joined.count("copied s3://models/shared/") == 1 and joined.count("reusing the copy") == 1, joined
+    snapshot = aws_environment / "models--org--shared" / "snapshots" / ("c" * 40)
+    assert all(f"snapshot {snapshot}" in out for out in outputs)
+    assert not list(snapshot.parent.glob("*.partial-*"))

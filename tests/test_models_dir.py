@@ -56,6 +56,27 @@ def test_job_file_is_valid(path: Path):
             check_job(job)
 
 
+@pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
+def test_hub_job_file_passes_every_check_but_the_download(path: Path, tiny_models, monkeypatch, tmp_path):
+    """A job file that needs the hub goes through what `check` and `run-ft` check before downloading: the task's and
+    the method's checks, base_config as TrainingArguments, the tokenizer as the job loads it, with the hub model
+    replaced by a tiny local one of the same family."""
+    from llmfinetune import arguments, models
+    from llmfinetune.workflow import check_job
+
+    job = load_job(path, [f"ft_config.train_config.base_config.output_dir={tmp_path / 'run'}"])
+    if _offline(job):
+        pytest.skip("runs offline: test_offline_job_file_runs trains it")
+    tiny = str(tiny_models["qwen2" if job.task == "text-generation" else "bert"])
+    monkeypatch.setattr(models, "resolve_model", lambda _job: tiny)
+    summary = check_job(job, load_data=False)  # task.check, method.check, translate, the model path
+    assert summary["model"] == tiny and summary["task"] == job.task and summary["method"] == job.method
+    task = TASKS.get(job.task)
+    training_args = arguments.build_training_arguments(job, task, tmp_path / "run")
+    assert training_args.per_device_train_batch_size == job.base_config["per_device_train_batch_size"]
+    models.load_tokenizer(tiny, job)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
 def test_offline_job_file_runs(path: Path, tmp_path):

@@ -93,8 +93,8 @@ class LoRA(Method):
             raise UserError(f"ft_config.train_config.lora_config: {exc}") from None
         if new_weights is not None and new_weights.token_ids:
             # A resized vocabulary makes peft save both whole embedding matrices in every checkpoint and in the run
-            # directory (gigabytes for an 8B model), though every row the resize added is trained and saved above
-            # (trainable_token_indices, or modules_to_save) and the other rows are the base model's.
+            # directory (gigabytes for an 8B model), though every row the resize added is trained and saved in the
+            # adapter (trainable_token_indices, or modules_to_save) and the other rows are the base model's.
             peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
         trainable, total = peft_model.get_nb_trainable_parameters()
         logger.info("LoRA r=%s on %s; also trained in full: %s; embedding rows trained: %s; trainable %d of %d "

@@ -50,7 +50,8 @@ def packed_layout(attn_implementation: Optional[str]) -> str:
     raise UserError(
         f"{PACKING_KEY}: attention implementation '{attn_implementation}' is not known to keep packed examples apart "
         f"(known: {', '.join(MASKED_FROM_POSITIONS)}, or any flash-attention kind); set "
-        "from_pretrained_kwargs.attn_implementation to one of them, or set packing: false."
+        "model_config.initialization.initializer.from_pretrained_kwargs.attn_implementation to one of them, or set "
+        "packing: false."
     )
 
 

@@ -153,7 +153,7 @@ def load_run(model: str | Path, ft: str | Path | None = None, overrides: Optiona
         from peft import PeftModel
 
         base = base_model_path(run_dir, job)
-        label_kwargs = {}
+        label_kwargs = dict(task.model_init_kwargs)  # a reward model's one output
         if id2label:
             label_kwargs = {"num_labels": len(id2label), "id2label": id2label,
                             "label2id": {name: index for index, name in id2label.items()}}
@@ -561,11 +561,70 @@ class TextGenerationPredictor(Predictor):
         return results
 
 
+class RewardPredictor(Predictor):
+    """Reward models: a score per answer (after its prompt, when the row has one), or which of two answers wins.
+    Rows: {text} or {prompt, text}; two answers as {prompt, chosen, rejected} (the training layout) or
+    {text, text_pair}. Answers are tokenized as training tokenized its pairs (tasks/preference_data.py)."""
+
+    PAIRS = (("chosen", "rejected"), ("text", "text_pair"))
+    ANSWER_KEYS = ("text", "completion", "response", "chosen")
+
+    def read(self, row, where):
+        prompt = row.get("prompt")
+        keys = next((pair for pair in self.PAIRS if all(row.get(k) is not None for k in pair)), None)
+        if keys is None:
+            keys = next(((k,) for k in self.ANSWER_KEYS if row.get(k) is not None), None)
+        if keys is None:
+            raise UserError(f"{where}: no answer to score; expected 'text' (optionally with 'prompt'), or two answers "
+                            f"as 'chosen' and 'rejected' or 'text' and 'text_pair'; keys found: "
+                            f"{', '.join(k for k in row if row[k] is not None) or 'none'}.")
+        for key in (*keys, *(["prompt"] if prompt is not None else [])):
+            value = row[key]
+            if not isinstance(value, (str, list)) or (isinstance(value, str) and not value.strip()) or value == []:
+                raise UserError(f"{where}: '{key}' must be a non-empty string or message list, got {value!r}.")
+        return prompt, [(key, row[key]) for key in keys], where
+
+    def predict(self, inputs):
+        import torch
+
+        from .tasks.preference_data import Example, SequenceEncoder, as_answer, as_prompt
+
+        job, tokenizer = self.run.job, self.tokenizer
+        examples, wheres = [], []
+        for prompt, answers, where in inputs:
+            if prompt is None:
+                examples.append(Example(None, [value for _, value in answers], raw_prompt=""))
+            else:
+                examples.append(Example(as_prompt(prompt, job), [as_answer(value, key, where)
+                                                                  for key, value in answers]))
+            wheres.append(where)
+        sequences = [ids for pair in SequenceEncoder(tokenizer, job, self.limit).encode(examples, wheres)
+                     for ids in pair]
+        side, tokenizer.padding_side = tokenizer.padding_side, "right"  # as TRL's reward collator pads
+        try:
+            encoded = tokenizer.pad({"input_ids": sequences}, padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+        with torch.inference_mode():
+            scores = iter(self.run.model(**encoded.to(self.run.device)).logits[:, 0].float().cpu().tolist())
+        results = []
+        for _, answers, _ in inputs:
+            got = {key: next(scores) for key, _ in answers}
+            if len(got) == 1:
+                results.append({"score": next(iter(got.values()))})
+            else:
+                (first, a), (second, b) = got.items()
+                results.append({"scores": got, "winner": first if a >= b else second, "margin": a - b})
+        return results
+
+
 PREDICTORS: dict[str, type[Predictor]] = {
     "sequenceclassification": SequenceClassificationPredictor,
     "tokenclassification": TokenClassificationPredictor,
     "maskedlm": MaskedLMPredictor,
     "text-generation": TextGenerationPredictor,
+    "preference": TextGenerationPredictor,  # a preference-tuned policy generates as an SFT model does
+    "rewardmodeling": RewardPredictor,
 }
 
 
@@ -588,8 +647,9 @@ def main(args) -> int:
     located = locate_run(args.model, args.ft, args.overrides)
     run_dir, job, _ = located
     options = _options(args, job)
-    if args.text_pair is not None and not (job.task == "sequenceclassification"
-                                           and len(job.data.input_columns or []) == 2):
+    takes_pairs = job.task == "rewardmodeling" or (job.task == "sequenceclassification"
+                                                   and len(job.data.input_columns or []) == 2)
+    if args.text_pair is not None and not takes_pairs:
         raise UserError(f"--text-pair: {run_dir} was not trained on text pairs ({job.task}, input_columns: "
                         f"{job.data.input_columns}); give --text only.")
     with library_output_to_stderr():  # stdout carries the JSON lines only
@@ -625,7 +685,7 @@ def library_output_to_stderr():
 def _options(args, job: "Job") -> Options:
     generation = {"--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature, "--top-p": args.top_p,
                   "--do-sample": args.do_sample or None}
-    if job.task != "text-generation":
+    if not issubclass(PREDICTORS[job.task], TextGenerationPredictor):  # decoding flags: for runs that generate
         given = [name for name, value in generation.items() if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: only for text-generation runs; this run is {job.task}.")

@@ -33,10 +33,14 @@ PER_CLASS, CONFUSION = "eval_per_class", "eval_confusion_matrix"
 # (log key, axis label, short name) in order of preference for the "main metric" panel.
 MAIN_METRICS = (
     ("eval_accuracy", "accuracy (fraction correct)", "accuracy"),
+    ("eval_rewards/accuracies", "reward accuracy (pairs ranked right)", "reward accuracy"),
     ("eval_f1", "F1 score (0-1)", "F1"),
     ("eval_perplexity", "perplexity (exp of eval loss, lower is better)", "perplexity"),
 )
 PERPLEXITY_TASKS = ("maskedlm", "text-generation")
+# Preference tuning (TRL's DPO family) and reward models log how far the chosen answer's reward is above the
+# rejected one's, per logging window in training and at each evaluation.
+MARGIN_KEYS = ("rewards/margins", "margin")
 # The seed's spellings of TrainingArguments fields (as in arguments.SEED_ALIASES; repeated so that reading a report
 # never imports transformers).
 _ALIASES = {"max_steps": "max_train_steps", "warmup_steps": "num_warmup_steps", "eval_strategy": "evaluation_strategy"}
@@ -217,6 +221,7 @@ class Curves:
     main: Series
     main_derived: bool  # perplexity computed here as exp(eval_loss)
     generation: dict[str, Series] = field(default_factory=dict)  # eval_gen_* during training (generation_eval)
+    margins: dict[str, Series] = field(default_factory=dict)  # "train" / "eval": reward margin (MARGIN_KEYS)
 
 
 def curves(run: RunData) -> Curves:
@@ -274,7 +279,24 @@ def curves(run: RunData) -> Curves:
             series.add(entry.get("step"), entry.get(key))
         generation[key] = series
     return Curves(train_loss, lr, eval_loss, final_eval, last_eval, summary, main_key, main_label, main_name, main,
-                  derived, generation)
+                  derived, generation, _margins(run.log))
+
+
+def _margins(log: list[dict[str, Any]]) -> dict[str, Series]:
+    found: dict[str, dict[Any, Any]] = {"train": {}, "eval": {}}  # step -> value; the final eval repeats the last
+    for entry in log:
+        for key in MARGIN_KEYS:
+            for name, logged in (("train", key), ("eval", f"eval_{key}")):
+                if logged in entry:
+                    found[name][entry.get("step")] = entry[logged]
+    margins = {}
+    for name, values in found.items():
+        series = Series()
+        for step, value in values.items():
+            series.add(step, value)
+        if series:
+            margins[name] = series
+    return margins
 
 
 _EVAL_TIMING = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
@@ -309,8 +331,9 @@ def draw(run: RunData, c: Curves, path: Path) -> Path:
 
     final_generation = {key: _number(run.metrics.get(key)) for key, _ in GENERATION_SCORES}
     with_generation = any(c.generation.values()) or any(v is not None for v in final_generation.values())
-    fig = plt.figure(figsize=(12, 12 if with_generation else 8), dpi=110, layout="constrained")
-    grid = fig.add_gridspec(3 if with_generation else 2, 2)
+    rows = 2 + with_generation + bool(c.margins)
+    fig = plt.figure(figsize=(12, 4 * rows), dpi=110, layout="constrained")
+    grid = fig.add_gridspec(rows, 2)
     ax_loss, ax_lr = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_eval, ax_main = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
     axes = np.array([[ax_loss, ax_lr], [ax_eval, ax_main]])
@@ -319,6 +342,10 @@ def draw(run: RunData, c: Curves, path: Path) -> Path:
         axes = np.array([*axes.flat, ax_generation])
         _generation_panel(ax_generation, c, final_generation,
                           _number(c.summary.get("step")) or _number(run.state.get("global_step")))
+    if c.margins:
+        ax_margin = fig.add_subplot(grid[rows - 1, :])
+        axes = np.array([*axes.flat, ax_margin])
+        _margin_panel(ax_margin, c)
     fig.suptitle(_title(run), fontsize=12, fontweight="bold")
     final_step = _number(c.final_eval.get("step")) if c.final_eval else None
     last_step = _number(c.summary.get("step")) or _number(run.state.get("global_step"))
@@ -416,6 +443,20 @@ def _generation_panel(ax, c: Curves, final: dict[str, Optional[float]], last_ste
     ax.legend(loc="best", fontsize=8, ncol=2)
     ax.set_title("Generation scores (generated answers vs the reference answers)")
     ax.set_ylabel("score (0-1, higher is better)")
+
+
+def _margin_panel(ax, c: Curves) -> None:
+    """Reward margin (chosen minus rejected): above 0 means the model prefers the chosen answer."""
+    for name, color in (("train", "tab:blue"), ("eval", "tab:red")):
+        series = c.margins.get(name)
+        if series:
+            label = "training (per logging window)" if name == "train" else "evaluation"
+            ax.plot(series.steps, series.values, color=color, marker="o" if name == "eval" else None, markersize=5,
+                    linewidth=1.6, label=f"{label} (last: {_fmt(series.values[-1])})")
+    ax.axhline(0, color="black", linewidth=0.8, linestyle=":")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("Reward margin (chosen minus rejected)")
+    ax.set_ylabel("reward margin")
 
 
 def draw_confusion(run: RunData, path: Path) -> Optional[Path]:

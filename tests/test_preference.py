@@ -84,15 +84,22 @@ def test_before_any_step_the_loss_is_ln2_and_the_margins_zero(tiny_models, tmp_p
     assert metrics["eval_logps/chosen"] < 0 and metrics["eval_logps/rejected"] < 0
 
 
-def test_dpo_lora_learns_a_preference_and_leaves_the_base_weights_unchanged(tiny_models, tmp_path):
+@pytest.fixture(scope="module")
+def dpo_run(tiny_models, tmp_path_factory):
+    """DPO with LoRA on the learnable rule, 40 steps of batch 8, trained once for this module."""
+    from llmfinetune.workflow import run
+
+    root = tmp_path_factory.mktemp("dpo")
+    return run(preference_job(tiny_models["qwen2"], make_data(root / "data"), root / "run", max_steps=40,
+                              eval_strategy="steps", eval_steps=20, logging_steps=5))
+
+
+def test_dpo_lora_learns_a_preference_and_leaves_the_base_weights_unchanged(tiny_models, dpo_run):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from llmfinetune.workflow import run
-
-    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / "run", max_steps=40)
-    result = run(job)
+    result = dpo_run
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     assert metrics["eval_rewards/accuracies"] >= 0.9
     assert metrics["eval_rewards/margins"] > 0
@@ -315,3 +322,57 @@ def test_unpaired_rows_need_kto(tiny_models, tmp_path):
     job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", rows=unpaired_rows), tmp_path / "run")
     with pytest.raises(UserError, match="only algorithm kto learns from"):
         check_job(job)
+
+
+# ---------------------------------------------------------------- after training: eval, predict, export, report
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    from llmfinetune.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_reproduces_the_final_eval_of_training(dpo_run, capsys):
+    code, out, err = cli(capsys, "eval", "--model", dpo_run.output_dir)
+    assert code == 0, err
+    metrics = json.loads(out)
+    trained = json.loads((dpo_run.output_dir / "metrics.json").read_text())
+    keys = [k for k in trained if k.startswith(("eval_loss", "eval_rewards/", "eval_logps/"))]
+    assert len(keys) == 7, keys
+    for key in keys:
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-6, abs=1e-7), key
+
+
+def test_predict_generates_from_the_trained_prompt_format(dpo_run, capsys):
+    code, out, err = cli(capsys, "predict", "--model", dpo_run.output_dir, "--text", "What is 3 plus 4?",
+                         "--max-new-tokens", "3")
+    assert code == 0, err
+    prediction = json.loads(out.strip().splitlines()[-1])["prediction"]
+    assert isinstance(prediction["generated_text"], str) and prediction["finish_reason"] in ("eos", "length")
+
+
+def test_export_merge_gives_a_plain_causal_lm_with_the_same_logits(dpo_run, capsys, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    code, _, err = cli(capsys, "export", "--model", dpo_run.output_dir, "--out", out, "--merge")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    batch = dpo_run.tokenizer(["What is 3 plus 4?"], return_tensors="pt")
+    policy = dpo_run.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, policy(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_the_report_draws_reward_accuracy_and_margin_curves(dpo_run):
+    from llmfinetune.report import curves, load_run
+
+    drawn = curves(load_run(dpo_run.output_dir))
+    assert drawn.main_key == "eval_rewards/accuracies" and len(drawn.main.values) == 2
+    assert len(drawn.margins["train"].values) == 8 and len(drawn.margins["eval"].values) == 2
+    assert drawn.margins["eval"].values[-1] > 0
+    assert (dpo_run.output_dir / "report.png").stat().st_size > 0

@@ -72,13 +72,24 @@ def scores_here(model, ids: list[list[int]]) -> list[float]:
         return [model(input_ids=torch.tensor([row])).logits[0, 0].item() for row in ids]
 
 
-@pytest.mark.parametrize("kind, method, steps", [("bert", "lora", 40), ("qwen2", "full", 20)])
-def test_a_reward_model_learns_which_answer_is_better_and_reloads_elsewhere(tiny_models, tmp_path, kind, method,
-                                                                             steps):
+RUNS = {("bert", "lora"): 40, ("qwen2", "full"): 20}
+
+
+@pytest.fixture(scope="module")
+def reward_runs(tiny_models, tmp_path_factory):
+    """A LoRA reward model on the encoder and a full one on the decoder, trained once for this module."""
     from llmfinetune.workflow import run
 
-    job = reward_job(tiny_models[kind], tmp_path, method, max_steps=steps)
-    result = run(job)
+    made = {}
+    for (kind, method), steps in RUNS.items():
+        made[(kind, method)] = run(reward_job(tiny_models[kind], tmp_path_factory.mktemp(f"{kind}-{method}"), method,
+                                              max_steps=steps))
+    return made
+
+
+@pytest.mark.parametrize("kind, method", list(RUNS))
+def test_a_reward_model_learns_which_answer_is_better_and_reloads_elsewhere(tiny_models, reward_runs, kind, method):
+    result = reward_runs[(kind, method)]
     metrics = json.loads((result.output_dir / "metrics.json").read_text())
     assert metrics["eval_accuracy"] >= 0.9, metrics
     assert metrics["eval_margin"] > 0
@@ -131,3 +142,58 @@ def test_reward_data_and_settings_errors_are_named(tiny_models, tmp_path):
         check_job(reward_job(tiny_models["bert"], tmp_path, settings={"center_reward": 0.01}), load_data=False)
     with pytest.raises(UserError, match="preference_config.algorithm: for ft_task preference"):
         check_job(reward_job(tiny_models["bert"], tmp_path, settings={"algorithm": "dpo"}), load_data=False)
+
+
+# ---------------------------------------------------------------- after training: eval, predict, export
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    from llmfinetune.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("kind, method", list(RUNS))
+def test_eval_reproduces_the_final_eval_of_training(reward_runs, capsys, kind, method):
+    run_dir = reward_runs[(kind, method)].output_dir
+    code, out, err = cli(capsys, "eval", "--model", run_dir)
+    assert code == 0, err
+    metrics = json.loads(out)
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("eval_loss", "eval_accuracy", "eval_margin", "eval_mean_reward"):
+        assert metrics[key] == pytest.approx(trained[key], rel=1e-6, abs=1e-7), key
+
+
+def test_predict_scores_a_text_and_picks_the_better_of_two(reward_runs, capsys, tmp_path):
+    run_dir = reward_runs[("bert", "lora")].output_dir
+    code, out, err = cli(capsys, "predict", "--model", run_dir, "--text", "the film was great")
+    assert code == 0, err
+    assert isinstance(json.loads(out.strip().splitlines()[-1])["prediction"]["score"], float)
+    code, out, err = cli(capsys, "predict", "--model", run_dir, "--text", "the meal was awful", "--text-pair",
+                         "the meal was lovely")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["prediction"]["winner"] == "text_pair"
+    # Held-out pairs in the training layout, with their prompts: the chosen answer wins.
+    source = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16, 5))
+    code, out, err = cli(capsys, "predict", "--model", run_dir, "--input", source)
+    assert code == 0, err
+    predictions = [json.loads(line)["prediction"] for line in out.strip().splitlines()]
+    assert len(predictions) == 16 and sum(p["winner"] == "chosen" for p in predictions) >= 15
+    assert all(p["margin"] == pytest.approx(p["scores"]["chosen"] - p["scores"]["rejected"]) for p in predictions)
+
+
+def test_export_merge_gives_a_plain_one_output_classifier(reward_runs, capsys, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    result = reward_runs[("bert", "lora")]
+    out = tmp_path / "merged"
+    code, _, err = cli(capsys, "export", "--model", result.output_dir, "--out", out, "--merge")
+    assert code == 0, err
+    merged = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert merged.config.num_labels == 1
+    batch = result.tokenizer(["How was the film?"], ["the film was great"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, result.model.eval()(**batch).logits, rtol=0, atol=1e-5)

@@ -221,6 +221,15 @@ class Preference(Task):
                 tokenized[split_name] = tokenized[split_name].shuffle(seed=int(job.base_config.get("seed", 42)))
         return Prepared(tokenized["train"], tokenized[eval_split], {})
 
+    def record_run_files(self, run_dir, splits, tokenizer, job, resuming, write):
+        """`predict` generates as for text-generation: from a prompt rendered with the template training used."""
+        from .chat import TrainedFormat, record_trained_format, template_name
+
+        answer = "chosen" if "chosen" in splits["train"].column_names else "completion"
+        trained = TrainedFormat("prompt_response", prompt="prompt", response=answer,
+                                template=template_name(tokenizer, job), system_prompt=job.data.system_prompt)
+        record_trained_format(run_dir, trained, resuming, write)
+
     def trainer_hooks(self, tokenizer, job, model_kwargs):
         hooks: dict[str, Any] = {}
         if ALGORITHMS[algorithm(job)][4]:

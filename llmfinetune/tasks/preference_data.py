@@ -82,7 +82,7 @@ class Example:
     raw_prompt: Optional[str] = None
 
 
-def _as_answer(value: Union[str, Messages], column: str, where: str) -> Messages:
+def as_answer(value: Union[str, Messages], column: str, where: str) -> Messages:
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
     if len(value) != 1 or value[0]["role"] != "assistant":
@@ -91,7 +91,7 @@ def _as_answer(value: Union[str, Messages], column: str, where: str) -> Messages
     return value
 
 
-def _as_prompt(value: Union[str, Messages], job: "Job") -> Messages:
+def as_prompt(value: Union[str, Messages], job: "Job") -> Messages:
     messages = [{"role": "user", "content": value}] if isinstance(value, str) else list(value)
     system = job.data.system_prompt
     if system and messages[0]["role"] != "system":
@@ -106,8 +106,8 @@ def paired_example(row: dict, job: "Job", where: str) -> Example:
                         "remove the row or fix one side.")
     if row.get("prompt") is not None:
         prompt = _side(row, "prompt", where)
-        return Example(_as_prompt(prompt, job), [_as_answer(chosen, "chosen", where),
-                                                 _as_answer(rejected, "rejected", where)])
+        return Example(as_prompt(prompt, job), [as_answer(chosen, "chosen", where),
+                                                 as_answer(rejected, "rejected", where)])
     if isinstance(chosen, list) != isinstance(rejected, list):
         raise UserError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists.")
     if isinstance(chosen, list):
@@ -118,8 +118,8 @@ def paired_example(row: dict, job: "Job", where: str) -> Example:
             raise UserError(f"{where}: without a 'prompt' column, chosen and rejected must start with the same "
                             "messages (the prompt) and then differ in the answer; these share "
                             f"{shared} message(s).")
-        return Example(_as_prompt(chosen[:shared], job), [_as_answer(chosen[shared:], "chosen", where),
-                                                          _as_answer(rejected[shared:], "rejected", where)])
+        return Example(as_prompt(chosen[:shared], job), [as_answer(chosen[shared:], "chosen", where),
+                                                          as_answer(rejected[shared:], "rejected", where)])
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -139,7 +139,7 @@ def unpaired_example(row: dict, job: "Job", where: str) -> tuple[Example, bool]:
     if not isinstance(label, bool):
         raise UserError(f"{where}: column 'label' must be true (desirable) or false (undesirable), got {label!r}.")
     prompt, completion = _side(row, "prompt", where), _side(row, "completion", where)
-    return Example(_as_prompt(prompt, job), [_as_answer(completion, "completion", where)]), label
+    return Example(as_prompt(prompt, job), [as_answer(completion, "completion", where)]), label
 
 
 class PreferenceEncoder:

@@ -122,7 +122,7 @@ def _dispatch(args) -> int:
     from .workflow import run
 
     if under_launcher():  # torchrun, accelerate, deepspeed, or our own workers: the launcher chose the processes
-        warn_scaling_under_launcher(job)
+        warn_scaling_under_launcher(job, args.nproc)
         run(job, deepspeed=args.deepspeed)
         return 0
     plan = plan_local_workers(job, args.nproc)

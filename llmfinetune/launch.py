@@ -109,15 +109,17 @@ def _threads_per_worker(job: "Job", processes: int) -> Optional[int]:
     return threads
 
 
-def warn_scaling_under_launcher(job: "Job") -> None:
+def warn_scaling_under_launcher(job: "Job", nproc: Optional[int] = None) -> None:
     """Under torchrun/accelerate/deepspeed the launcher decides processes and devices: say which keys do not apply."""
     if os.environ.get(OWN_WORKERS_VARIABLE) or os.environ.get("RANK", "0") != "0":
         return
-    given = sorted(job.scaling_config.model_fields_set & {"num_workers", "num_gpus_per_worker",
-                                                          "num_cpus_per_worker", "use_gpu"})
+    given = [f"{SCALING}.{key}" for key in sorted(job.scaling_config.model_fields_set & {
+        "num_workers", "num_gpus_per_worker", "num_cpus_per_worker", "use_gpu"})]
+    if nproc is not None:
+        given.append(f"--nproc {nproc}")
     if given:
-        logger.warning("%s: %s apply to `llmfinetune run-ft` without a launcher and to `ray-ft`; under this launcher "
-                       "(WORLD_SIZE=%s) its own options decide the processes, devices and threads.", SCALING,
+        logger.warning("%s: not used under this launcher (WORLD_SIZE=%s), whose own options decide the processes, "
+                       "devices and threads; they are for `llmfinetune run-ft` without a launcher and `ray-ft`.",
                        ", ".join(given), os.environ.get("WORLD_SIZE", "?"))
 
 

@@ -160,8 +160,12 @@ def test_under_a_launcher_scaling_keys_are_named_as_not_applying(tmp_path, monke
     monkeypatch.delenv(launch.OWN_WORKERS_VARIABLE, raising=False)
     with caplog.at_level(logging.WARNING, logger="llmfinetune.launch"):
         launch.warn_scaling_under_launcher(_job(tmp_path, SEED_BERT))
-    assert ("scaling_config: num_cpus_per_worker, num_gpus_per_worker, num_workers apply to `llmfinetune run-ft` "
-            "without a launcher and to `ray-ft`") in caplog.text
+    assert ("scaling_config.num_cpus_per_worker, scaling_config.num_gpus_per_worker, scaling_config.num_workers: not "
+            "used under this launcher (WORLD_SIZE=2)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmfinetune.launch"):
+        launch.warn_scaling_under_launcher(_job(tmp_path), 4)
+    assert "--nproc 4: not used under this launcher" in caplog.text
     caplog.clear()
     monkeypatch.setenv(launch.OWN_WORKERS_VARIABLE, "1")  # our own workers: the plan was made before they started
     launch.warn_scaling_under_launcher(_job(tmp_path, SEED_BERT))

@@ -152,3 +152,63 @@ def test_the_mark_waits_for_every_process(tmp_path, monkeypatch):
 def test_a_guard_that_watches_no_trainer_refuses_to_start():
     with pytest.raises(RuntimeError, match="watch"):
         StopOnNonFiniteLoss().on_train_begin(None, None, None)
+
+
+POISON_ONE_RANK = '''
+import os, sys
+from llmfinetune import models
+
+load_model = models.load_model
+
+
+def loaded(*args, **kwargs):
+    model, fresh = load_model(*args, **kwargs)
+    if os.environ["RANK"] == "1":  # only this process's loss goes bad; DDP then averages NaN into both
+        calls = {"n": 0}
+
+        def poison(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == BAD_STEP:
+                    return output * float("nan")
+            return None
+
+        model.classifier.register_forward_hook(poison)
+    return model, fresh
+
+
+models.load_model = loaded
+from llmfinetune.cli import main
+
+sys.exit(main(["run-ft", "--ft=" + sys.argv[1]]))
+'''
+
+
+@pytest.mark.slow
+def test_under_ddp_a_nan_in_one_process_stops_every_process_at_that_step(tiny_models, tmp_path):
+    """Rank 1 alone sees the NaN loss; rank 0's loss at that step is finite. Both stop after the same step, neither
+    saves it, and neither waits for the other (a timeout here is the hang the agreement prevents)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    data = make_dataset(tmp_path / "data", "sequenceclassification", train_rows=32, eval_rows=8)
+    out = tmp_path / "run"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict("sequenceclassification", "full", tiny_models["bert"], data, out,
+                                           max_steps=8, save_steps=1, logging_steps=10, eval_strategy="no",
+                                           per_device_train_batch_size=2, learning_rate=1e-3)))
+    script = tmp_path / "poison_rank_1.py"
+    script.write_text(POISON_ONE_RANK.replace("BAD_STEP", str(BAD_STEP)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(job)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode != 0
+    assert f"the loss became nan at step {BAD_STEP};" in result.stderr  # rank 1
+    assert f"the loss became non-finite in another process at step {BAD_STEP};" in result.stderr  # rank 0
+    assert f"Last good checkpoint: {out / f'checkpoint-{BAD_STEP - 1}'}." in result.stderr
+    assert [c.name for c in complete_checkpoints(out)] == [f"checkpoint-{s}" for s in range(1, BAD_STEP)]

@@ -134,6 +134,29 @@ def test_dpo_full_trains_the_policy_against_a_frozen_copy_of_the_start(tiny_mode
     assert metrics["eval_rewards/margins"] > 0
 
 
+def test_the_full_reference_is_built_from_model_config_not_reloaded_by_trl(tiny_models, tmp_path):
+    """An added token (model_config.add_special_tokens) resizes the policy's embeddings; a reference that TRL reloads
+    from config._name_or_path would not have that row, and the template below puts the token in every prompt."""
+    raw = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", train=8, held_out=8), tmp_path / "run",
+                         "full", max_steps=1).to_dict()
+    raw["model_config"]["add_special_tokens"] = {"bos_token": "<s>"}
+    raw["ft_config"]["data_config"]["template"] = "alpaca"
+    trainer = built_trainer(parse_job(raw))
+    vocabulary = len(trainer.processing_class)
+    assert trainer.ref_model.get_input_embeddings().num_embeddings == vocabulary
+    assert trainer.model.get_input_embeddings().num_embeddings == vocabulary
+    assert math.isfinite(trainer.train().training_loss)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_precomputed_reference_log_probs_train(tiny_models, tmp_path, method):
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", train=8, held_out=8), tmp_path / "run",
+                         method, settings={"precompute_ref_log_probs": True}, max_steps=1)
+    trainer = built_trainer(job)
+    assert trainer.ref_model is None and "ref_chosen_logps" in trainer.train_dataset.column_names
+    assert math.isfinite(trainer.train().training_loss)
+
+
 def test_conversational_rows_are_rendered_with_the_sft_template(tiny_models, tmp_path):
     from llmfinetune.workflow import run
 

@@ -152,7 +152,8 @@ def test_a_base_config_key_of_another_task_at_its_default_is_a_warning(tiny_mode
 
 
 def test_the_tasks_that_read_a_key_take_it(tiny_models, tmp_path):
-    for task, key, value in [("maskedlm", f"{BASE}.whole_word_mask", True), ("maskedlm", f"{BASE}.mlm_probability", 0.3),
+    for task, key, value in [("maskedlm", f"{BASE}.whole_word_mask", True),
+                             ("maskedlm", f"{BASE}.mlm_probability", 0.3),
                              ("text-generation", f"{BASE}.lm_head_on_targets_only", False),
                              ("text-generation", f"{DATA}.response_column", "answer"),
                              ("tokenclassification", f"{DATA}.label_column", "ner_tags"),

@@ -137,3 +137,18 @@ def test_a_broken_format_file_is_named(tiny_models, tmp_path):
     (tmp_path / "run" / FORMAT_FILE).write_text('{"format": "poetry"}')
     with pytest.raises(UserError, match=r"sft_format\.json: expected \{\"format\": one of"):
         _predictor(tmp_path / "run", job, tokenizer)
+
+
+def test_eval_prepares_the_data_as_training_did(tiny_models, tmp_path):
+    """`eval` tokenizes through task.as_trained: a job file read back with another template (or, for an old job file,
+    format: auto on data that now looks different) still gives the examples training evaluated."""
+    prepared, _, job, tokenizer = _trained_run(tiny_models, tmp_path, [ROWS["prompt_response"]] * 2, template="plain")
+    later = job.model_copy(deep=True)
+    later.ft_config.data_config.template = "chatml"
+    later.ft_config.data_config.system_prompt = "Something new."
+    task = TASKS.get("text-generation")
+    _, _, splits = _setup(tiny_models, tmp_path, [ROWS["prompt_response"]] * 2)
+    again = task.prepare(splits, "validation", tokenizer, task.as_trained(tmp_path / "run", later, tokenizer))
+    assert again.eval["input_ids"] == prepared.eval["input_ids"] and again.eval["labels"] == prepared.eval["labels"]
+    changed = task.prepare(splits, "validation", tokenizer, later)
+    assert changed.eval["input_ids"] != prepared.eval["input_ids"]  # what reading the job file alone would give

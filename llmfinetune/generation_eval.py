@@ -188,7 +188,8 @@ class Settings:
 
 
 def settings(job: "Job") -> Optional[Settings]:
-    """base_config.generation_eval, checked; None when the job does not set it (or sets it to null/false)."""
+    """base_config.generation_eval, checked; None when the job does not set it (or sets it to null/false). Other
+    tasks than text-generation are refused it by Task.check (tasks/base.py READ_BY)."""
     value = job.base_config.get("generation_eval")
     if value is None or value is False:
         return None
@@ -197,8 +198,6 @@ def settings(job: "Job") -> Optional[Settings]:
     if not isinstance(value, dict):
         raise UserError(f"{KEY}: expected a mapping of {', '.join(SETTINGS)} (or true for the defaults), got "
                         f"{value!r}.")
-    if job.task != "text-generation":
-        raise UserError(f"{KEY}: only for ft_task text-generation; this job's task is {job.task}. Remove it.")
     unknown = [k for k in value if k not in SETTINGS]
     if unknown:
         raise UserError(f"{KEY}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}; "

@@ -97,8 +97,11 @@ def test_generation_eval_setting_defaults_and_checks(tiny_models, tmp_path):
     for value, message in bad:
         with pytest.raises(UserError, match=message):
             settings(_job(tiny_models, tmp_path, generation_eval=value))
-    with pytest.raises(UserError, match="only for ft_task text-generation"):
-        settings(_job(tiny_models, tmp_path, "sequenceclassification", generation_eval={"at_end": True}))
+    from llmfinetune.registry import TASKS
+
+    with pytest.raises(UserError, match="base_config.generation_eval: only for ft_task text-generation"):
+        TASKS.get("sequenceclassification").check(_job(tiny_models, tmp_path, "sequenceclassification",
+                                                       generation_eval={"at_end": True}))
 
 
 def test_generation_eval_is_checked_with_the_job(tiny_models, tmp_path):

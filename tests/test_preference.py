@@ -399,3 +399,63 @@ def test_the_report_draws_reward_accuracy_and_margin_curves(dpo_run):
     assert len(drawn.margins["train"].values) == 8 and len(drawn.margins["eval"].values) == 2
     assert drawn.margins["eval"].values[-1] > 0
     assert (dpo_run.output_dir / "report.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- resume and several processes
+
+def _losses(out: Path) -> dict[int, float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def test_resume_from_a_checkpoint_continues_the_same_loss_trajectory(tiny_models, tmp_path):
+    """A run stopped after checkpoint-3 (its later files removed, as a kill leaves them) resumes to the losses of the
+    run that was not stopped: same adapter, optimizer, scheduler, RNG and data position."""
+    import shutil
+
+    from llmfinetune.workflow import run
+
+    data = make_data(tmp_path / "data", train=48, held_out=8)
+    settings = dict(max_steps=6, save_steps=3, logging_steps=1, eval_strategy="no")
+    straight = run(preference_job(tiny_models["qwen2"], data, tmp_path / "straight", **settings)).output_dir
+    stopped = run(preference_job(tiny_models["qwen2"], data, tmp_path / "stopped", **settings)).output_dir
+    for leftover in ("checkpoint-6", "trainer_state.json", "metrics.json", "adapter_model.safetensors"):
+        path = stopped / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = run(preference_job(tiny_models["qwen2"], data, tmp_path / "stopped", resume_from_checkpoint=True,
+                                 **settings)).output_dir
+    expected, actual = _losses(straight), _losses(resumed)
+    assert sorted(actual) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert actual[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_models, tmp_path):
+    """torchrun, 2 processes x 4 pairs against 1 process x 8 pairs, in order: the same DPO loss curve (rel 1e-4)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    data = make_data(tmp_path / "data", train=48, held_out=8)
+    outs = {}
+    for processes, batch in ((1, 8), (2, 4)):
+        job = preference_job(tiny_models["qwen2"], data, tmp_path / f"run-{processes}", max_steps=4, logging_steps=1,
+                             per_device_train_batch_size=batch, train_sampling_strategy="sequential",
+                             save_strategy="no", eval_strategy="no").to_dict()
+        job["ft_config"]["train_config"]["lora_config"]["lora_dropout"] = 0.0
+        path = tmp_path / f"job-{processes}.yaml"
+        path.write_text(yaml.safe_dump(job))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        done = subprocess.run([*(launcher if processes > 1 else [sys.executable]), "llm_finetune.py", "run-ft",
+                               f"--ft={path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        outs[processes] = tmp_path / f"run-{processes}"
+    one, two = _losses(outs[1]), _losses(outs[2])
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    assert [two[s] for s in sorted(two)] == pytest.approx([one[s] for s in sorted(one)], rel=1e-4, abs=1e-5)
+    assert json.loads((outs[2] / "metrics.json").read_text())["world_size"] == 2

@@ -210,6 +210,11 @@ def settings(job: "Job") -> Optional[Settings]:
         if kind is int and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
             raise UserError(f"{KEY}.{name}: expected a whole number of at least 1, got {given!r}.")
         checked[name] = given
+    strategy = job.base_config.get("eval_strategy", job.base_config.get("evaluation_strategy", "no"))
+    if checked["every_eval"] and str(strategy).lower() in ("no", "false"):  # YAML reads a bare `no` as false
+        raise UserError(f"{KEY}.every_eval: true, but the job never evaluates during training (eval_strategy "
+                        f"{strategy!r}); set base_config.eval_strategy: steps (with eval_steps) or epoch, or drop "
+                        "every_eval.")
     return Settings(**checked)
 
 

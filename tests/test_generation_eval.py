@@ -89,9 +89,12 @@ def _job(tiny_models, tmp_path, task="text-generation", **base):
 
 def test_generation_eval_setting_defaults_and_checks(tiny_models, tmp_path):
     assert settings(_job(tiny_models, tmp_path)) is None
-    chosen = settings(_job(tiny_models, tmp_path, generation_eval={"every_eval": True, "rows": 4}))
+    chosen = settings(_job(tiny_models, tmp_path, eval_strategy="epoch",
+                           generation_eval={"every_eval": True, "rows": 4}))
     assert (chosen.at_end, chosen.every_eval, chosen.rows, chosen.max_new_tokens) == (True, True, 4, 64)
     assert settings(_job(tiny_models, tmp_path, generation_eval=True)).at_end is True
+    with pytest.raises(UserError, match="every_eval: true, but the job never evaluates during training"):
+        settings(_job(tiny_models, tmp_path, generation_eval={"every_eval": True}))
     bad = [({"row": 4}, "unknown key row"), ({"rows": 0}, "generation_eval.rows: expected a whole number"),
            ({"at_end": "yes"}, "generation_eval.at_end: expected true or false"), ("all", "expected a mapping")]
     for value, message in bad:
@@ -145,7 +148,7 @@ def test_generation_eval_is_skipped_with_a_warning_under_several_processes(tiny_
 
     from llmfinetune.generation_eval import TrainingJudge
 
-    job = _job(tiny_models, tmp_path, generation_eval={"every_eval": True})
+    job = _job(tiny_models, tmp_path, eval_strategy="steps", generation_eval={"every_eval": True})
     with caplog.at_level(logging.WARNING, logger="llmfinetune"):
         judge = TrainingJudge(job, None, None, {}, "validation", tmp_path / "run", world_size=2)
     assert judge.callbacks == [] and judge.at_end(model=None) == {}

@@ -180,11 +180,11 @@ def generations_path(run_dir: Path, split: str, default_split: str) -> Path:
 # ---------------------------------------------------------------- base_config.generation_eval
 
 @dataclass
-class Settings:
-    at_end: bool = True
-    every_eval: bool = False
-    rows: int = 16
-    max_new_tokens: int = 64
+class Settings:  # the checked SETTINGS (their defaults are there)
+    at_end: bool
+    every_eval: bool
+    rows: int
+    max_new_tokens: int
 
 
 def settings(job: "Job") -> Optional[Settings]:

@@ -340,8 +340,9 @@ def draw(run: RunData, c: Curves, path: Path) -> Path:
     if with_generation:
         ax_generation = fig.add_subplot(grid[2, :])
         axes = np.array([*axes.flat, ax_generation])
+        rows = next((_number(e.get("eval_gen_rows")) for e in reversed(run.log) if "eval_gen_rows" in e), None)
         _generation_panel(ax_generation, c, final_generation,
-                          _number(c.summary.get("step")) or _number(run.state.get("global_step")))
+                          _number(c.summary.get("step")) or _number(run.state.get("global_step")), rows)
     if c.margins:
         ax_margin = fig.add_subplot(grid[rows - 1, :])
         axes = np.array([*axes.flat, ax_margin])
@@ -428,14 +429,17 @@ def draw(run: RunData, c: Curves, path: Path) -> Path:
     return path
 
 
-def _generation_panel(ax, c: Curves, final: dict[str, Optional[float]], last_step: Optional[float]) -> None:
-    """Generation scores (0-1): during training on the first rows (every_eval), and on every eval row at the end."""
+def _generation_panel(ax, c: Curves, final: dict[str, Optional[float]], last_step: Optional[float],
+                      rows: Optional[float]) -> None:
+    """Generation scores (0-1): during training on the first `rows` eval rows (every_eval), and on every eval row
+    at the end."""
+    during = f"during training (first {int(rows)} eval rows" if rows else "during training ("
     colors = ("tab:green", "tab:blue", "tab:cyan", "tab:orange", "tab:red")
     for (key, name), color in zip(GENERATION_SCORES, colors):
         series = c.generation.get(key)
         if series:
             ax.plot(series.steps, series.values, color=color, marker="o", markersize=5, linewidth=1.6,
-                    label=f"{name} during training (last: {_fmt(series.values[-1])})")
+                    label=f"{name} {during}; last: {_fmt(series.values[-1])})")
         if final.get(key) is not None and last_step is not None:
             ax.plot([last_step], [final[key]], marker="*", markersize=14, linestyle="none", color=color,
                     markeredgecolor="black", label=f"{name}, all eval rows after training: {_fmt(final[key])}")

@@ -12,6 +12,7 @@ from llmfinetune import arguments
 from llmfinetune.arguments import build_training_arguments, run_dir, translate
 from llmfinetune.config import load_job, parse_job
 from llmfinetune.errors import UserError
+from llmfinetune.tasks.base import Task
 from test_config import SEED_EXAMPLE
 
 BASE = "ft_config.train_config.base_config"
@@ -204,7 +205,7 @@ def test_run_dir_default_parent_is_finetune_models_in_cwd(tmp_path, monkeypatch)
 # ------------------------------------------------------------------ build_training_arguments (imports transformers)
 
 
-class _StubTask:
+class _StubTask(Task):  # the TrainingArguments hook of every task (Task.training_arguments), no task behaviour
     loss_only_eval = False
 
 
@@ -245,7 +246,7 @@ def test_accelerate_fp16_on_cpu_becomes_bf16_or_fp32_with_a_warning(tmp_path, mo
 
 
 def test_training_arguments_without_eval_split_and_loss_only(tmp_path, no_cuda):
-    class LossOnly:
+    class LossOnly(Task):
         loss_only_eval = True
 
     args = build_training_arguments(make_job(tmp_path, {"eval_strategy": "steps", "report_to": "none"}), LossOnly(),

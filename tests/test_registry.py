@@ -8,7 +8,7 @@ from llmfinetune.errors import UserError
 from llmfinetune.registry import METHODS, TASKS, Registry
 from llmfinetune.workflow import check_job
 
-ALL_TASKS = "maskedlm, sequenceclassification, text-generation, tokenclassification"
+ALL_TASKS = "maskedlm, preference, rewardmodeling, sequenceclassification, text-generation, tokenclassification"
 
 
 def lookup_error(registry, name) -> str:
@@ -47,7 +47,8 @@ def test_names_and_membership():
 
 @pytest.mark.parametrize("name, cls", [("sequenceclassification", "SequenceClassification"),
                                        ("tokenclassification", "TokenClassification"),
-                                       ("maskedlm", "MaskedLM"), ("text-generation", "CausalLM")])
+                                       ("maskedlm", "MaskedLM"), ("text-generation", "CausalLM"),
+                                       ("preference", "Preference"), ("rewardmodeling", "RewardModeling")])
 def test_every_task_loads_and_matches_its_name(name, cls):
     task = TASKS.get(name)
     assert type(task).__name__ == cls

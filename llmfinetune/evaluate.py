@@ -57,8 +57,8 @@ def evaluate_run(model: str | Path, ft: str | Path | None = None, overrides: Opt
 
     located = located or locate_run(model, ft, overrides)
     job = located[1]
-    if generate is not None and job.task != "text-generation":
-        raise UserError(f"--generate: only for text-generation runs; this run is {job.task}.")
+    if generate is not None:
+        _require_generating(job)
     if device == "cpu":
         # Evaluate where asked even when a GPU is visible (the Trainer otherwise moves the model to it).
         job.ft_config.train_config.base_config["use_cpu"] = True
@@ -112,6 +112,16 @@ def last_eval_details(trainer) -> dict[str, Any]:
     return dict(getattr(trainer.compute_metrics, "details", None) or {})
 
 
+def _require_generating(job) -> None:
+    """--generate scores runs that generate text: those `predict` generates for (SFT, preference-tuned policies)."""
+    from .inference import PREDICTORS, TextGenerationPredictor
+
+    if not issubclass(PREDICTORS[job.task], TextGenerationPredictor):
+        generating = [task for task, kind in PREDICTORS.items() if issubclass(kind, TextGenerationPredictor)]
+        raise UserError(f"--generate: only for runs that generate text ({', '.join(generating)}); this run is "
+                        f"{job.task}.")
+
+
 def generation_options(args, job) -> Optional["Options"]:
     """--generate's decoding flags, checked as `predict` checks them; None without --generate."""
     import argparse
@@ -125,8 +135,7 @@ def generation_options(args, job) -> Optional["Options"]:
         if given:
             raise UserError(f"{', '.join(given)}: only with --generate.")
         return None
-    if job.task != "text-generation":
-        raise UserError(f"--generate: only for text-generation runs; this run is {job.task}.")
+    _require_generating(job)
     return _options(argparse.Namespace(**vars(args), top_k=None), job)  # eval has no --top-k
 
 

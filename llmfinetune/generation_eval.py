@@ -117,6 +117,8 @@ def cases(job: "Job", splits, split_name: str) -> list[Case]:
     from .tasks.base import clip_words
     from .tasks.chat import format_columns, to_messages
 
+    if job.task == "preference":
+        return _preference_cases(job, splits[split_name], split_name)
     columns = format_columns(job, splits["train"].column_names, list(splits))
     if columns.format == "text":
         raise UserError("eval --generate / generation_eval: this run trained on raw text (data format 'text'), "
@@ -131,6 +133,30 @@ def cases(job: "Job", splits, split_name: str) -> list[Case]:
         found.append(Case(index, messages[:last], messages[last]["content"]))
     if not found:
         raise UserError(f"eval --generate: split '{split_name}' has no rows.")
+    return found
+
+
+def _preference_cases(job: "Job", split, split_name: str) -> list[Case]:
+    """A preference-tuned policy's eval rows, read as its training read them: the prompt, and the chosen answer as
+    the reference (KTO rows: the desirable completions)."""
+    from .tasks.preference_data import detect_layout, paired_example, unpaired_example
+
+    layout = detect_layout(split.column_names, split_name)
+    found = []
+    for index in range(len(split)):
+        where = f"split '{split_name}', row {index}"
+        if layout == "paired":
+            example = paired_example(split[index], job, where)
+        else:
+            example, desirable = unpaired_example(split[index], job, where)
+            if not desirable:
+                continue
+        if example.prompt is None:
+            raise UserError(f"eval --generate: {where}: chosen and rejected without a 'prompt' column are raw text "
+                            "with no conversation to answer; add a 'prompt' column.")
+        found.append(Case(index, example.prompt, example.answers[0][-1]["content"]))
+    if not found:
+        raise UserError(f"eval --generate: split '{split_name}' has no rows with a desirable answer.")
     return found
 
 

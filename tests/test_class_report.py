@@ -118,7 +118,8 @@ def test_generate_is_refused_for_classification(classifier, capsys):
 
     capsys.readouterr()
     assert main(["eval", "--model", str(classifier), "--generate"]) == 2
-    assert "--generate: only for text-generation runs; this run is sequenceclassification." in capsys.readouterr().err
+    assert "--generate: only for runs that generate text (text-generation, preference); this run is " \
+           "sequenceclassification." in capsys.readouterr().err
 
 
 def test_predict_on_a_labelled_file_prints_the_per_class_table(classifier, capsys, tmp_path):

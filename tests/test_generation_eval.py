@@ -260,3 +260,37 @@ def test_eval_generate_flag_mistakes(capitals, capsys):
         capsys.readouterr()
         assert main(["eval", "--model", str(capitals["trained"]), *extra]) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+def test_a_preference_tuned_policy_is_judged_against_the_chosen_answers(tiny_models, tmp_path, capsys):
+    from llmfinetune.cli import main
+    from llmfinetune.workflow import run
+
+    rows = [{"prompt": f"What is {a} plus {a}?", "chosen": f"yes {2 * a}", "rejected": f"no {2 * a}"}
+            for a in range(1, 17)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows[:12])
+    write_jsonl(tmp_path / "data" / "validation.jsonl", rows[12:])
+    raw = job_dict("preference", "lora", tiny_models["qwen2"], tmp_path / "data", tmp_path / "run", max_steps=2,
+                   save_strategy="no")
+    raw["ft_config"]["train_config"]["preference_config"] = {}
+    run(parse_job(raw))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "run"), "--generate", "--max-new-tokens", "4"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["eval_gen_rows"] == 4 and 0 <= metrics["eval_gen_rougeL"] <= 1 and "eval_loss" in metrics
+    generated = [json.loads(line) for line in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [(g["prompt"], g["reference"]) for g in generated] == [(r["prompt"], r["chosen"]) for r in rows[12:]]
+
+
+def test_kto_rows_are_judged_on_their_desirable_completions(tiny_models, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from llmfinetune.generation_eval import cases
+
+    raw = job_dict("preference", "lora", tiny_models["qwen2"], tmp_path, tmp_path / "run")
+    raw["ft_config"]["train_config"]["preference_config"] = {"algorithm": "kto"}
+    split = Dataset.from_list([{"prompt": "2 plus 2?", "completion": "4", "label": True},
+                               {"prompt": "2 plus 2?", "completion": "5", "label": False},
+                               {"prompt": "3 plus 3?", "completion": "6", "label": True}])
+    found = cases(parse_job(raw), DatasetDict({"train": split, "validation": split}), "validation")
+    assert [(c.row, c.prompt, c.reference) for c in found] == [(0, "2 plus 2?", "4"), (2, "3 plus 3?", "6")]

@@ -294,3 +294,24 @@ def test_kto_rows_are_judged_on_their_desirable_completions(tiny_models, tmp_pat
                                {"prompt": "3 plus 3?", "completion": "6", "label": True}])
     found = cases(parse_job(raw), DatasetDict({"train": split, "validation": split}), "validation")
     assert [(c.row, c.prompt, c.reference) for c in found] == [(0, "2 plus 2?", "4"), (2, "3 plus 3?", "6")]
+
+
+def test_generating_during_training_does_not_change_training(tiny_models, tmp_path):
+    """The callback generates with the model and tokenizer being trained (eval mode, left padding, greedy): the
+    training losses step by step are those of the same run without it."""
+    from conftest import make_dataset
+    from llmfinetune.workflow import run
+
+    data = make_dataset(tmp_path / "data", "text-generation", train_rows=24, eval_rows=4)
+    losses = []
+    for name, extra in (("plain", {}), ("judged", {"generation_eval": {"every_eval": True, "rows": 4,
+                                                                          "max_new_tokens": 4}})):
+        raw = job_dict("text-generation", "full", tiny_models["qwen2"], data, tmp_path / name, max_steps=6,
+                       eval_strategy="steps", eval_steps=2, logging_steps=1, save_strategy="no", **extra)
+        result = run(parse_job(raw))
+        assert result.tokenizer.padding_side == "right"  # as the collator found it, generation pads left
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        losses.append([e["loss"] for e in history if "loss" in e])
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    judged = json.loads((tmp_path / "judged" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in judged if "eval_gen_rouge1" in e] == [2, 4, 6]

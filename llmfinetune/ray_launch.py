@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .config import Job
 
 INSTALL_HINT = "pip install 'llmfinetune[ray]'"
+# Resources Ray measures on the node itself; a worker may ask for them, but they cannot be declared.
+RAY_NODE_RESOURCES = ("memory", "object_store_memory")
 
 
 def resources(job: "Job") -> dict[str, Any]:
@@ -47,6 +49,10 @@ def resources(job: "Job") -> dict[str, Any]:
                 raise UserError(f"{job.source}: scaling_config.resources_per_worker.{resource} ({value:g}) and "
                                 f"scaling_config.{key} ({amounts[resource]:g}) disagree; keep one.")
             amounts[resource] = value
+    negative = [name for name, amount in extra.items() if amount < 0]
+    if negative:
+        raise UserError(f"{job.source}: scaling_config.resources_per_worker.{negative[0]}: must be at least 0, got "
+                        f"{extra[negative[0]]:g}.")
     if amounts["CPU"] <= 0:
         raise UserError(f"{job.source}: scaling_config.resources_per_worker.CPU: must be above 0, got "
                         f"{amounts['CPU']:g}.")
@@ -79,7 +85,8 @@ def cluster_resources(wanted: dict[str, Any], gpus: int) -> dict[str, Any]:
     A node's amounts are whole numbers for Ray: rounded up."""
     workers = wanted["num_workers"]
     return {"num_cpus": math.ceil(wanted["cpus"] * workers), "num_gpus": gpus,
-            "resources": {name: math.ceil(amount * workers) for name, amount in wanted["custom"].items()}}
+            "resources": {name: math.ceil(amount * workers) for name, amount in wanted["custom"].items()
+                          if name not in RAY_NODE_RESOURCES}}
 
 
 def _check_gpus(job: "Job", wanted: dict[str, Any]) -> int:
@@ -129,7 +136,7 @@ def run_on_ray(job_file: str, overrides: list[str], job: "Job") -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray = _import_ray()
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from . import arguments
@@ -153,15 +160,18 @@ def run_on_ray(job_file: str, overrides: list[str], job: "Job") -> int:
                                "cwd": os.getcwd()},
             torch_config=TorchConfig(backend="nccl" if wanted["use_gpu"] else "gloo"),
             scaling_config=ScalingConfig(**scaling_arguments(wanted)),
-            run_config=RunConfig(name="llmfinetune", storage_path=str(storage)),
+            run_config=RunConfig(name="llmfinetune", storage_path=str(storage),
+                                 # Ray retries a worker group that did not start forever; pg_timeout_s means give up.
+                                 **({"failure_config": FailureConfig(controller_failure_limit=0)}
+                                    if wanted["pg_timeout_s"] is not None else {})),
         )
         try:
             result = trainer.fit()
         except Exception as exc:  # noqa: BLE001
-            raise _worker_error(exc) from exc
+            raise _placement_timeout(exc, wanted, cluster) or _worker_error(exc) from exc
         error = getattr(result, "error", None)
         if error is not None:
-            raise _worker_error(error) from error
+            raise _placement_timeout(error, wanted, cluster) or _worker_error(error) from error
     finally:
         ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)
@@ -174,6 +184,25 @@ def run_on_ray(job_file: str, overrides: list[str], job: "Job") -> int:
     print(f"\nDone ({world_size} Ray workers). Model, checkpoints, job.yaml and metrics.json are in: {output_dir}",
           flush=True)
     return 0
+
+
+def _placement_timeout(exc: BaseException, wanted: dict[str, Any], cluster: dict[str, Any]) -> UserError | None:
+    """Ray gave up placing the workers within pg_timeout_s: say what was asked and what the machine has."""
+    chain, current = [], exc
+    while current is not None and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or getattr(current, "controller_failure", None)
+    said = " ".join(f"{type(e).__name__} {e}" for e in chain)
+    if wanted["pg_timeout_s"] is None or not ("WorkerGroupStartupTimeoutError" in said
+                                              or "worker group startup timed out" in said):
+        return None
+    asked = ", ".join(f"{name} {amount:g}" for name, amount in scaling_arguments(wanted)["resources_per_worker"].items())
+    return UserError(
+        f"scaling_config.pg_timeout_s: Ray could not place {wanted['num_workers']} worker(s) asking for ("
+        f"{asked}) each within {wanted['pg_timeout_s']:g} s on this machine ({cluster['num_cpus']} CPU(s), "
+        f"{cluster['num_gpus']} GPU(s){''.join(f', {v} {k}' for k, v in cluster['resources'].items())}). Lower "
+        "scaling_config's num_workers, num_*_per_worker or resources_per_worker, or raise pg_timeout_s."
+    )
 
 
 def _worker_error(exc: BaseException) -> BaseException:

@@ -457,3 +457,29 @@ def test_hf_model_id_is_the_hub_id_loaded_when_model_id_is_not_a_folder(tiny_mod
     job = parse_job(_minimal(**{"model_config.model_id": "My display name",
                                 "model_config.initialization.hf_model_id": "org/real-model"}))
     assert models.resolve_model(job) == "org/real-model" and seen == ["org/real-model"]
+
+
+@pytest.mark.slow
+def test_ray_ft_gives_up_after_pg_timeout_s_with_what_was_asked(tmp_path, tiny_models):
+    """pg_timeout_s bounds how long Ray may take to place the workers (Ray Train retries forever otherwise)."""
+    pytest.importorskip("ray.train")
+    import signal
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, "job.yaml", ORIGINAL_FILES["ft--maskedlm--distilbert-base-uncased.yaml"], tiny_models,
+                  {"scaling_config.resources_per_worker": {"memory": 10**15}, "scaling_config.pg_timeout_s": 3,
+                   "ft_config.data_config.cache_tokenized": False,
+                   "model_config.initialization.runtime_env": {}})  # its pip list would need the network
+    process = subprocess.Popen([sys.executable, "-m", "llmfinetune", "ray-ft", f"--ft={path}"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    try:
+        output = process.communicate(timeout=180)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # Ray's raylet and workers too
+        raise
+    assert process.returncode == 2, output[-3000:]
+    assert ("error: scaling_config.pg_timeout_s: Ray could not place 1 worker(s) asking for (CPU 1, memory 1e+15) "
+            "each within 3 s on this machine (1 CPU(s), 0 GPU(s))") in output
+    assert "worker group startup timed out after 3.0 seconds" in output  # Ray's own words: it waited that long

@@ -505,3 +505,24 @@ def test_deepspeed_zero_trains_saves_and_eval_reproduces(tiny_models, tmp_path, 
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ray_ft_trains_dpo_with_two_workers(tiny_models, tmp_path):
+    import sys
+
+    import yaml
+
+    pytest.importorskip("ray.train")
+    from test_ray import _run
+
+    job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data", train=32, held_out=16), tmp_path / "run",
+                         max_steps=4).to_dict()
+    job["scaling_config"] = {"num_workers": 2, "num_cpus_per_worker": 1, "num_gpus_per_worker": 0}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    result = _run([sys.executable, "-m", "llmfinetune", "ray-ft", f"--ft={path}"], timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 16
+    assert math.isfinite(metrics["eval_loss"]) and "eval_rewards/margins" in metrics

@@ -493,9 +493,14 @@ def original_key_warnings(job: Job, launcher: Optional[str] = None) -> list[str]
         notes.append("model_config.initialization.hf_model_id: accepted, no effect here: model_id is a local folder, "
                      "and the model is loaded from it.")
     mirror = initialization.s3_mirror_config
-    if mirror is not None and not (mirror.bucket_uri and "://" in mirror.bucket_uri):
-        notes += [f"model_config.initialization.s3_mirror_config.{key}: accepted, no effect here: bucket_uri is not "
-                  "an s3:// address, so nothing is copied." for key in ("endpoint_url", "s3_sync_args")
+    if mirror is not None:
+        if _is_folder(job, job.model.model_id):
+            unused, why = ("bucket_uri", "endpoint_url", "s3_sync_args"), "model_id is a local folder, loaded from there"
+        else:
+            unused, why = ("endpoint_url", "s3_sync_args"), "bucket_uri is not an s3:// address, so nothing is copied"
+            if mirror.bucket_uri and "://" in mirror.bucket_uri:
+                unused = ()
+        notes += [f"model_config.initialization.s3_mirror_config.{key}: no effect here: {why}." for key in unused
                   if getattr(mirror, key)]
     if launcher != "ray-ft":
         notes += [f"{key}: used by `llmfinetune ray-ft` only; no effect on run-ft, which starts no Ray workers."

@@ -307,6 +307,8 @@ def test_every_field_of_the_original_schema_loads_with_one_warning_or_its_meanin
     expected_keys += ["model_config.initialization.initializer.torch_compile.options", *RAY_ONLY,
                       "model_config.initialization.hf_model_id",
                       "model_config.initialization.s3_mirror_config.s3_sync_args"]
+    if job.model.initialization.s3_mirror_config.bucket_uri:  # the maskedlm file's; model_id is the folder read
+        expected_keys.append("model_config.initialization.s3_mirror_config.bucket_uri")
     if task == "text-generation":
         expected_keys.append("model_config.generation.generate_kwargs.top_k")
     else:

@@ -30,13 +30,15 @@ def add_command(commands) -> None:
     parser.add_argument("--split", default=None, metavar="NAME",
                         help="the split to evaluate (default: the job's eval split, as in training)")
     parser.add_argument("--generate", action="store_true",
-                        help="text generation: also generate for every row and score it against the reference "
-                             "answer (exact match, ROUGE-1/2/L, BLEU-4); rows go to RUN_DIR/generations.jsonl")
+                        help="text-generation and preference runs: also generate for every row and score it "
+                             "against the reference answer (exact match, ROUGE-1/2/L, BLEU-4); rows go to "
+                             "RUN_DIR/generations.jsonl")
     parser.add_argument("--batch-size", type=int, default=None, metavar="N",
                         help="with --generate: rows per generate call (default: the job's per_device_eval_batch_size,"
                              " else 8)")
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                        help="with --generate: most tokens to generate per row (default 64)")
+                        help="with --generate: most tokens to generate per row (default: the job's "
+                             "model_config.generation, else 64)")
     parser.add_argument("--temperature", type=float, default=None, help="with --generate --do-sample")
     parser.add_argument("--top-p", type=float, default=None, help="with --generate --do-sample")
     parser.add_argument("--do-sample", action="store_true",

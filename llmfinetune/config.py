@@ -404,7 +404,8 @@ _COMPILE = "model_config.initialization.initializer.torch_compile"
 
 
 def given(job: Job, dotted: str) -> bool:
-    """Whether the job file (or an override) set this key, whatever its value."""
+    """Whether the job file (or an override) set this key to a value; null counts as unset, as in a run
+    directory's job.yaml, which lists every key."""
     node: Any = job
     parts = dotted.split(".")
     if parts[0] == "model_config":
@@ -420,7 +421,7 @@ def given(job: Job, dotted: str) -> bool:
             node = getattr(node, part)
         else:
             return False
-    return True
+    return node is not None
 
 
 def _is_folder(job: Job, value: str) -> bool:

@@ -485,3 +485,13 @@ def test_ray_ft_gives_up_after_pg_timeout_s_with_what_was_asked(tmp_path, tiny_m
     assert ("error: scaling_config.pg_timeout_s: Ray could not place 1 worker(s) asking for (CPU 1, memory 1e+15) "
             "each within 3 s on this machine (1 CPU(s), 0 GPU(s))") in output
     assert "worker group startup timed out after 3.0 seconds" in output  # Ray's own words: it waited that long
+
+
+def test_a_run_directorys_job_yaml_warns_only_for_what_the_user_set(tmp_path):
+    """job.yaml lists every key (unset ones as null): reproducing a run from it must not warn about those."""
+    from llmfinetune.config import dump_job
+
+    job = parse_job(_minimal(**{"ft_config.ft_stage": "sft"}))
+    dump_job(job, tmp_path / "job.yaml")
+    assert original_key_warnings(load_job(tmp_path / "job.yaml"), launcher="") == [
+        f"ft_config.ft_stage: accepted, no effect here: {NO_EFFECT['ft_config.ft_stage']}."]

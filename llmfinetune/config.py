@@ -393,7 +393,10 @@ NO_EFFECT = {
 # The Ray placement keys: ray-ft hands them to Ray Train (ray_launch.py); run-ft and check start no Ray workers.
 RAY_ONLY = ("scaling_config.placement_strategy", "scaling_config.resources_per_worker", "scaling_config.pg_timeout_s")
 # generation.generate_kwargs that become predict's defaults (the command-line flags win).
-GENERATE_DEFAULTS = {"max_new_tokens": int, "do_sample": bool, "temperature": float, "top_p": float}
+GENERATE_DEFAULTS = {"max_new_tokens": ("a whole number of at least 1", lambda v: float(v).is_integer() and v >= 1),
+                     "do_sample": ("true or false", None),
+                     "temperature": ("a number above 0", lambda v: v > 0),
+                     "top_p": ("a number in (0, 1]", lambda v: 0 < v <= 1)}
 GENERATE_KWARGS = "model_config.generation.generate_kwargs"
 # Set by ray-ft for itself and its workers: the Ray keys then have their meaning, and the workers need not repeat
 # the warnings the driver printed.
@@ -448,10 +451,10 @@ def _map_original_keys(job: Job) -> None:
         wanted = {"torch_compile": True, **{f"torch_compile_{key}": getattr(compile_config, key)
                                             for key in ("backend", "mode") if key in compile_config.model_fields_set}}
         for name, value in wanted.items():
-            if name in base and base[name] != value:
-                ours = "torch_compile" if name == "torch_compile" else name.removeprefix("torch_compile_")
-                raise UserError(f"{job.source}: {_COMPILE}{'' if ours == 'torch_compile' else '.' + ours} and "
-                                f"{_BASE}.{name} disagree ({value!r} vs {base[name]!r}); keep one.")
+            if name in base and str(base[name]).lower() != str(value).lower():  # YAML may give "true" for true
+                original = _COMPILE if name == "torch_compile" else f"{_COMPILE}.{name.removeprefix('torch_compile_')}"
+                raise UserError(f"{job.source}: {original} and {_BASE}.{name} disagree ({value!r} vs "
+                                f"{base[name]!r}); keep one.")
             base[name] = value
     _generation_defaults(job)  # bad values are job-file mistakes: found at load, not first at predict
 
@@ -460,20 +463,18 @@ def _generation_defaults(job: Job) -> dict[str, Any]:
     generation = job.model.generation
     kwargs = generation.generate_kwargs if generation is not None else {}
     defaults = {}
-    for name, kind in GENERATE_DEFAULTS.items():
-        if name not in kwargs or kwargs[name] is None:
+    for name, (expected, in_range) in GENERATE_DEFAULTS.items():
+        value = kwargs.get(name)
+        if value is None:
             continue
-        value = as_number(kwargs[name]) if kind is not bool else kwargs[name]
-        ok = {bool: lambda v: isinstance(v, bool),
-              int: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1,
-              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}[kind](value)
-        if ok and name == "top_p":
-            ok = value <= 1
+        if name == "do_sample":
+            ok = isinstance(value, bool)
+        else:
+            value = as_number(value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and in_range(value)
         if not ok:
-            expected = {"max_new_tokens": "a whole number of at least 1", "do_sample": "true or false",
-                        "temperature": "a number above 0", "top_p": "a number in (0, 1]"}[name]
             raise UserError(f"{job.source}: {GENERATE_KWARGS}.{name}: expected {expected}, got {kwargs[name]!r}.")
-        defaults[name] = int(value) if kind is int else value
+        defaults[name] = int(value) if name == "max_new_tokens" else value
     return defaults
 
 

@@ -495,3 +495,23 @@ def test_a_run_directorys_job_yaml_warns_only_for_what_the_user_set(tmp_path):
     dump_job(job, tmp_path / "job.yaml")
     assert original_key_warnings(load_job(tmp_path / "job.yaml"), launcher="") == [
         f"ft_config.ft_stage: accepted, no effect here: {NO_EFFECT['ft_config.ft_stage']}."]
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("max_new_tokens", 2.5, "a whole number of at least 1"), ("do_sample", "yes", "true or false"),
+    ("temperature", 0, "a number above 0"), ("top_p", 1.5, r"a number in \(0, 1\]"),
+    ("top_p", True, r"a number in \(0, 1\]"),
+])
+def test_each_bad_generation_default_names_its_key(name, value, expected):
+    with pytest.raises(UserError, match=rf"model_config\.generation\.generate_kwargs\.{name}: expected {expected}"):
+        parse_job(_minimal(**{"model_config.generation": {"generate_kwargs": {name: value}}}))
+
+
+def test_torch_compile_true_in_base_config_agrees_with_the_original_section():
+    job = parse_job(_minimal(**{"model_config.initialization.initializer.torch_compile": {},
+                                "ft_config.train_config.base_config.torch_compile": True}))
+    assert job.base_config["torch_compile"] is True
+    with pytest.raises(UserError, match=r"initializer\.torch_compile and ft_config\.train_config\.base_config\."
+                                        r"torch_compile disagree"):
+        parse_job(_minimal(**{"model_config.initialization.initializer.torch_compile": {},
+                              "ft_config.train_config.base_config.torch_compile": False}))

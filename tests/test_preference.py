@@ -260,8 +260,14 @@ def test_packing_and_sft_keys_are_refused_with_the_reason(tiny_models, tmp_path)
         check_job(job, load_data=False)
     raw = preference_job(tiny_models["qwen2"], data, tmp_path / "run").to_dict()
     raw["ft_config"]["data_config"]["train_on_prompt"] = True
-    with pytest.raises(UserError, match="train_on_prompt: SFT settings, not read by ft_task preference"):
+    with pytest.raises(UserError, match="train_on_prompt: only for ft_task text-generation"):
         check_job(parse_job(raw), load_data=False)
+    raw = preference_job(tiny_models["qwen2"], data, tmp_path / "run").to_dict()
+    raw["ft_config"]["data_config"]["input_columns"] = ["question"]
+    with pytest.raises(UserError, match="input_columns: ft_task preference reads 0 text columns"):
+        check_job(parse_job(raw), load_data=False)
+    raw["ft_config"]["data_config"].update(input_columns=None, template="chatml", system_prompt="Be brief.")
+    check_job(parse_job(raw))  # the SFT rendering settings do apply
 
 
 def test_trl_defaults_do_not_leak_into_the_training_arguments(tiny_models, tmp_path):

@@ -30,14 +30,14 @@ BASE = "ft_config.train_config.base_config"
 # Keys that only some tasks read: full key -> (the tasks that read it, its default). On any other task the setting
 # would be silently ignored, so `check` refuses a value other than the default, naming the key (the user meant
 # something this job will not do); a base_config key written out at its default changes nothing and gets a warning.
-# Preference tuning checks its own (it reads template and system_prompt, not the other SFT keys).
+# Preference tuning and reward models render conversations as SFT does: they read template and system_prompt too.
 READ_BY = {
     f"{DATA}.label_column": (("sequenceclassification", "tokenclassification"), None),
     f"{DATA}.response_column": (("text-generation",), None),
     f"{DATA}.format": (("text-generation",), "auto"),
     f"{DATA}.messages_column": (("text-generation",), None),
-    f"{DATA}.template": (("text-generation",), None),
-    f"{DATA}.system_prompt": (("text-generation",), None),
+    f"{DATA}.template": (("text-generation", "preference", "rewardmodeling"), None),
+    f"{DATA}.system_prompt": (("text-generation", "preference", "rewardmodeling"), None),
     f"{DATA}.train_on_prompt": (("text-generation",), False),
     f"{BASE}.packing": (("text-generation",), False),
     f"{BASE}.lm_head_on_targets_only": (("text-generation",), True),
@@ -101,7 +101,7 @@ class Task:
         columns = data.input_columns or []
         if len(columns) > self.input_columns_read:
             raise UserError(f"{DATA}.input_columns: ft_task {job.task} reads {self.input_columns_read} text "
-                            f"column{'s' if self.input_columns_read > 1 else ''}, got {len(columns)} "
+                            f"column{'s' if self.input_columns_read != 1 else ''}, got {len(columns)} "
                             f"({', '.join(columns)}); the others would be ignored. {self.input_columns_hint}")
         elsewhere = [k for k in ("local_path", "train_file", "validation_file") if getattr(data, k)]
         if data.subset and data.data_path and elsewhere:

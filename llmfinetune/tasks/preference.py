@@ -21,9 +21,8 @@ import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from ..data import require_columns
 from ..errors import UserError
-from .base import SFT_DATA_KEYS, Prepared, Task, max_length, tokenize_split
+from .base import Prepared, Task, max_length, tokenize_split
 from .preference_data import (PreferenceEncoder, detect_layout, log_cut, paired_example, unpaired_example)
 
 if TYPE_CHECKING:
@@ -119,8 +118,9 @@ def trl_settings(job: "Job") -> dict[str, Any]:
                                 f"{', '.join(valid)}.")
         weights = kwargs.get("loss_weights")
         if weights is not None and len(weights) != len(kwargs.get("loss_type", ["sigmoid"])):
-            raise UserError(f"{KEY}.loss_weights: {len(weights)} weight(s) for {len(kwargs.get('loss_type', ['sigmoid']))}"
-                            " loss type(s); give one weight per loss_type.")
+            losses = len(kwargs.get("loss_type", ["sigmoid"]))
+            raise UserError(f"{KEY}.loss_weights: {len(weights)} weight(s) for {losses} loss type(s); give one weight "
+                            "per loss_type.")
     if "beta" in kwargs:
         validate.check_range(f"{KEY}.beta", kwargs["beta"], validate.at_least(0, strict=True))
     return {**kwargs, **fixed}
@@ -167,20 +167,13 @@ class Preference(Task):
     peft_task_type = "CAUSAL_LM"
     loss_only_eval = True
 
+    # The layout is told from the columns (prompt/chosen/rejected, prompt/completion/label), not input_columns.
+    input_columns_read = 0
+    input_columns_hint = "Preference data is read from its prompt, chosen and rejected (or completion and label) columns."
+
     def check(self, job):
-        data = job.data
-        if job.base_config.get("packing"):
-            raise UserError("ft_config.train_config.base_config.packing: not with ft_task preference. Each chosen and "
-                            "rejected answer is scored as one sequence against its own prompt, and the loss compares "
-                            "the pair; TRL's preference trainers batch pairs, not packed rows. Remove packing.")
-        ignored = [key for key in ("format", "messages_column", "train_on_prompt")
-                   if getattr(data, key) != SFT_DATA_KEYS[key]]
-        if ignored:
-            raise UserError(f"{', '.join('ft_config.data_config.' + k for k in ignored)}: SFT settings, not read by "
-                            "ft_task preference (its layout is told from the columns: prompt/chosen/rejected or "
-                            "prompt/completion/label). Remove them; template and system_prompt do apply.")
-        if job.method not in ("lora", "full"):
-            return
+        refuse_packing(job)
+        super().check(job)
         trl_settings(job)
         ref = settings(job).get("ref_model")
         if ref is not None and not isinstance(ref, str):
@@ -209,8 +202,6 @@ class Preference(Task):
             if layout == "unpaired" and name != "kto":
                 raise UserError(f"split '{split_name}': prompt/completion/label rows are unpaired, which only "
                                 f"algorithm kto learns from; {name} needs chosen and rejected answers per prompt.")
-            require_columns(split, ["chosen", "rejected"] if layout == "paired" else ["prompt", "completion", "label"],
-                            "local_path", split_name)
             encoder = PreferenceEncoder(tokenizer, job, limit)
             function = _encode_unpaired if name == "kto" else _encode_paired
             tokenized[split_name] = tokenize_split(split, function, split_name, with_indices=True,
@@ -238,6 +229,13 @@ class Preference(Task):
 
     def collator(self, tokenizer, job):
         return None  # TRL's own preference collators read the token ids made here
+
+
+def refuse_packing(job: "Job") -> None:
+    if job.base_config.get("packing"):
+        raise UserError(f"ft_config.train_config.base_config.packing: not with ft_task {job.task}. Each chosen and "
+                        "rejected answer is scored as one sequence against its own prompt, and the loss compares "
+                        "the pair; TRL's trainers batch pairs, not packed rows. Remove packing.")
 
 
 def _encode_paired(batch, indices, encoder, job, layout, split_name):

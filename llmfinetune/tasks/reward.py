@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UserError
-from .base import Prepared, SFT_DATA_KEYS, Task, max_length, tokenize_split
-from .preference import KEY, checked_settings
+from .base import Prepared, Task, max_length, tokenize_split
+from .preference import KEY, checked_settings, refuse_packing
 from .preference_data import SequenceEncoder, detect_layout, log_cut, paired_example
 
 MARGIN = "margin"
@@ -32,16 +32,12 @@ class RewardModeling(Task):
     loss_only_eval = True  # RewardTrainer reports accuracy and margin itself
     model_init_kwargs = {"num_labels": 1}
 
+    input_columns_read = 0
+    input_columns_hint = "Pairs are read from their prompt, chosen and rejected columns."
+
     def check(self, job):
-        if job.base_config.get("packing"):
-            raise UserError("ft_config.train_config.base_config.packing: not with ft_task rewardmodeling: each answer "
-                            "is scored as one whole sequence and the loss compares the pair. Remove packing.")
-        ignored = [key for key in ("format", "messages_column", "train_on_prompt")
-                   if getattr(job.data, key) != SFT_DATA_KEYS[key]]
-        if ignored:
-            raise UserError(f"{', '.join('ft_config.data_config.' + k for k in ignored)}: SFT settings, not read by "
-                            "ft_task rewardmodeling (its layout is told from the columns: prompt/chosen/rejected). "
-                            "Remove them; template and system_prompt do apply.")
+        refuse_packing(job)
+        super().check(job)
         self.settings(job)
 
     def settings(self, job) -> dict[str, Any]:

@@ -4,6 +4,7 @@ and a decoder (tiny Qwen2) learn which answer of a pair is better; the run direc
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -123,6 +124,11 @@ def test_the_margin_column_is_read_and_checked(tiny_models, tmp_path):
     # BERT-style pairs: [CLS] prompt [SEP] answer [SEP]; no EOS is needed.
     first = prepared.train[0]["chosen_ids"]
     assert first[0] == tokenizer.cls_token_id and first.count(tokenizer.sep_token_id) == 2
+
+    from llmfinetune.workflow import run
+
+    trained = run(job)  # TRL's reward loss subtracts each pair's margin
+    assert math.isfinite(trained.metrics["train_loss"]) and math.isfinite(trained.metrics["eval_loss"])
 
     bad = pair_rows(8, 3, margin=True)
     bad[2]["margin"] = "much"

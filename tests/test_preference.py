@@ -532,3 +532,89 @@ def test_ray_ft_trains_dpo_with_two_workers(tiny_models, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 16
     assert math.isfinite(metrics["eval_loss"]) and "eval_rewards/margins" in metrics
+
+
+# ---------------------------------------------------------------- fuzzed job keys and rows, through `llmfinetune check`
+
+PREFERENCE = "ft_config.train_config.preference_config"
+
+
+@pytest.fixture(scope="module")
+def preference_base(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz-preference")
+    data = make_data(root / "data", train=12, held_out=4)
+    job = preference_job(tiny_models["qwen2"], data, root / "run", per_device_train_batch_size=2).to_dict()
+    return job, data
+
+
+def _valid_preference_keys(algorithm: str) -> set[str]:
+    from llmfinetune.tasks.preference import ALGORITHMS, OWN_KEYS, config_fields
+
+    module, config, *_ = ALGORITHMS[algorithm]
+    import importlib
+
+    return set(OWN_KEYS) | set(config_fields(getattr(importlib.import_module(module), config)))
+
+
+def _fuzz():
+    from hypothesis import HealthCheck, settings
+
+    return settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                        HealthCheck.function_scoped_fixture])
+
+
+def test_fuzzed_preference_config_keys_are_named(preference_base):
+    from hypothesis import assume, given
+    from hypothesis import strategies as st
+
+    from test_fuzz_inputs import assert_user_error, check_job_dict, scratch
+
+    @_fuzz()
+    @given(algorithm=st.sampled_from(["dpo", "kto", "orpo", "cpo", "simpo"]),
+           key=st.from_regex(r"[a-z][a-z0-9_]{0,16}", fullmatch=True),
+           value=st.one_of(st.integers(), st.booleans(), st.text(max_size=8), st.none()))
+    def case(algorithm, key, value):
+        assume(key not in _valid_preference_keys(algorithm))
+        job = json.loads(json.dumps(preference_base[0]))
+        job["ft_config"]["train_config"]["preference_config"] = {"algorithm": algorithm, key: value}
+        with scratch() as folder:
+            code, output = check_job_dict(job, folder)
+        assert_user_error(code, output, f"{PREFERENCE}.{key}")
+
+    case()
+
+
+def test_fuzzed_bad_rows_are_named_by_split_and_row(preference_base):
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from test_fuzz_inputs import assert_user_error, check_job_dict, scratch
+
+    rows = preference_rows(12, 1)
+
+    @_fuzz()
+    @given(row=st.integers(min_value=0, max_value=11), side=st.sampled_from(["prompt", "chosen", "rejected"]),
+           bad=st.sampled_from([None, "", "   ", [], "same", {"role": "user"}, [{"role": "wizard", "content": "x"}]]))
+    def case(row, side, bad):
+        broken = json.loads(json.dumps(rows))
+        if bad == "same":  # identical answers
+            broken[row]["rejected"] = broken[row]["chosen"]
+        else:
+            broken[row][side] = bad
+        with scratch() as folder:
+            data = folder / "data"
+            write_jsonl(data / "train.jsonl", broken)
+            shutil_copy(preference_base[1] / "validation.jsonl", data / "validation.jsonl")
+            job = json.loads(json.dumps(preference_base[0]))
+            job["ft_config"]["data_config"]["local_path"] = str(data)
+            code, output = check_job_dict(job, folder)
+        assert_user_error(code, output, f"split 'train', row {row}")
+
+    case()
+
+
+def shutil_copy(source: Path, target: Path) -> None:
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)

@@ -60,6 +60,9 @@ def _side(row: dict, column: str, where: str) -> Union[str, Messages]:
         raise UserError(f"{where}: column '{column}' is empty or null; remove the row or fill it in.")
     if isinstance(value, list):
         return _messages(value, column, where)
+    if isinstance(value, dict):
+        raise UserError(f"{where}: column '{column}' must be a string or a list of {{role, content}} messages, got "
+                        f"one object {value!r}.")
     return as_text(value)
 
 

@@ -21,19 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from devices import choose_device  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_JOB = REPO / "models" / "ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml"
 
-
-def choose_device(wanted: str) -> str:
-    """One device for every contender: comparing a GPU run with a CPU run would measure the hardware."""
-    import torch
-
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is visible.")
-    return wanted
 
 
 def ours(args, out: Path) -> tuple[float, float]:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from devices import choose_device  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = REPO.parent / "shared" / "datasets" / "AdvertiseGen"
@@ -141,16 +143,6 @@ def held_out_loss(model, tokenizer, workdir: Path) -> float:
             count += int((labels[0, 1:] != -100).sum())
     return total / count
 
-
-def choose_device(wanted: str) -> str:
-    """One device for every contender, decided once by the driver: a GPU run against a CPU run measures hardware."""
-    import torch
-
-    if wanted == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if wanted == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device is visible.")
-    return wanted
 
 
 def native_bf16(device: str) -> bool:

@@ -32,6 +32,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"bert": make_tiny_bert(root / "bert"), "qwen2": make_tiny_causal_lm(root / "qwen2")}
 
 
+@pytest.fixture(scope="session")
+def encoder_only_bert(tiny_models, tmp_path_factory) -> Path:
+    """The tiny BERT saved without its task heads, as sentence encoders (MiniLM) are published."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("bert-encoder")
+    AutoModel.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
+    return folder
+
+
 def set_at(raw: dict, dotted: str, value) -> dict:
     """raw['a']['b']['c'] = value for 'a.b.c', making sections on the way; returns raw."""
     node = raw

@@ -16,16 +16,6 @@ from llmfinetune.errors import UserError
 from llmfinetune.methods.lora import LoRA, fresh_modules_to_save, token_rows_to_train
 
 
-@pytest.fixture(scope="module")
-def encoder_only_bert(tiny_models, tmp_path_factory):
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("bert-encoder")
-    AutoModel.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
-    return folder
-
-
 def _load(model_class: str, path, **kwargs):
     import transformers
 

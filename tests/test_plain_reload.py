@@ -62,17 +62,6 @@ PLAIN_RELOAD = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def encoder_only_bert(tiny_models, tmp_path_factory):
-    """The tiny BERT saved without its MLM head, as sentence encoders are published."""
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("bert-encoder")
-    AutoModel.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_models["bert"]).save_pretrained(folder)
-    return folder
-
-
 def _probe(tokenizer, task: str, extra: str = ""):
     if task == "tokenclassification":
         return tokenizer([["Anna", "Berg", "flew", "to", "Lima"]], is_split_into_words=True, return_tensors="pt")

@@ -54,6 +54,8 @@ def resolve_model(job: Job) -> str:
         except UserError:
             tried.append(f"local folder '{value}'")
             continue
+        if key == "model_config.model_id" and is_lora_run_dir(folder):
+            return str(merged_run_model(folder))
         if not (folder / "config.json").is_file():
             raise UserError(f"{key}: folder {folder} has no config.json; expected a Hugging Face model folder "
                             "(config.json, weights, tokenizer files).")
@@ -66,6 +68,42 @@ def resolve_model(job: Job) -> str:
         tried.append(f"the pip package {PACKAGED_MODELS[hub_id][0]} (not installed)")
     _check_hub_model(hub_id, tried, job)
     return hub_id
+
+
+def is_lora_run_dir(folder: Path) -> bool:
+    """A LoRA run directory this project wrote: an adapter and the job that names its base, no full model."""
+    return ((folder / "adapter_config.json").is_file() and (folder / "job.yaml").is_file()
+            and not (folder / "config.json").is_file())
+
+
+def merged_run_model(run_dir: Path) -> Path:
+    """model_id naming a LoRA run directory (an SFT run before DPO, say): the job continues from that run's model,
+    base plus adapter merged, so the starting policy and the reference are the SFT model and never the bare base
+    (the usual mistake). Merged once per adapter content into $LLMFINETUNE_CACHE/merged; under several processes on
+    a machine one merges while the others wait for it."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from .cache import cache_root
+    from .export import export_run
+
+    digest = hashlib.sha256()
+    for path in sorted(run_dir.iterdir()):
+        # The adapter, the tokenizer and the job that names the base: what the merged weights depend on.
+        if path.is_file() and (path.name.startswith(("adapter_", "tokenizer", "special_tokens", "added_tokens",
+                                                     "vocab", "merges")) or path.name in ("job.yaml", "labels.json")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    target = cache_root() / "merged" / f"{run_dir.name}-{digest.hexdigest()[:16]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").is_file():
+            logger.info("model_config.model_id %s is a LoRA run directory: merging its adapter into its base "
+                        "model once (%s); training starts from, and compares against, that merged model.",
+                        run_dir, target)
+            export_run(run_dir, target, merge=True, device="cpu")
+    return target
 
 
 def _check_hub_model(model_id: str, tried: list[str], job: Job) -> None:

@@ -283,15 +283,35 @@ def test_trl_defaults_do_not_leak_into_the_training_arguments(tiny_models, tmp_p
     assert args.use_cpu and args.report_to == []
 
 
-def test_a_lora_run_directory_as_start_is_refused_with_the_merge_command(tiny_models, tmp_path):
-    from llmfinetune.workflow import check_job
+def test_a_lora_sft_run_directory_as_start_is_merged_once_and_is_both_policy_and_reference(tiny_models, tmp_path):
+    """DPO after SFT: model_id is the SFT LoRA run directory. The start (and the reference) must be base + SFT
+    adapter, not the bare base; it is merged once and reused."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
-    sft_run = tmp_path / "sft-run"
-    sft_run.mkdir()
-    (sft_run / "adapter_config.json").write_text("{}")
-    job = preference_job(sft_run, make_data(tmp_path / "data"), tmp_path / "run")
-    with pytest.raises(UserError, match=r"is a LoRA run directory.*llmfinetune export --model .* --merge"):
-        check_job(job, load_data=False)
+    from conftest import make_dataset
+    from llmfinetune import models
+    from llmfinetune.workflow import run
+
+    sft = run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], make_dataset(
+        tmp_path / "sft-data", "text-generation"), tmp_path / "sft-run", max_steps=3, learning_rate=5e-2)))
+    job = preference_job(sft.output_dir, make_data(tmp_path / "data"), tmp_path / "run")
+    start = Path(models.resolve_model(job))
+    assert start != sft.output_dir and (start / "config.json").is_file()
+    ids = torch.tensor([[3, 17, 42, 5, 9, 11]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(start)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
+        bare = base(ids).logits
+        sft_model = PeftModel.from_pretrained(base, str(sft.output_dir))(ids).logits
+    assert torch.allclose(merged, sft_model, atol=1e-5)
+    assert not torch.allclose(merged, bare, atol=1e-3)  # the SFT adapter changed the model: a bare base would show
+    weights_time = (start / "model.safetensors").stat().st_mtime_ns
+    assert Path(models.resolve_model(job)) == start
+    assert (start / "model.safetensors").stat().st_mtime_ns == weights_time  # merged once, then reused
+    metrics = built_trainer(job).evaluate()  # reference = the merged start: no preference before any step
+    assert metrics["eval_loss"] == pytest.approx(LN2, abs=1e-5)
 
 
 def _one_step_loss(job) -> float:

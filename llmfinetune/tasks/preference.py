@@ -180,7 +180,6 @@ class Preference(Task):
             raise UserError(f"{KEY}.ref_model: null (the start model) or a model folder, got {ref!r}.")
         if ref is not None and not ALGORITHMS[algorithm(job)][4]:
             raise UserError(f"{KEY}.ref_model: algorithm {algorithm(job)} uses no reference model; remove ref_model.")
-        _refuse_adapter_start(job)
 
     def training_arguments(self, job):
         # max_length None: the data is cut to base_config.max_length when tokenized here; TRL must not cut again.
@@ -264,22 +263,6 @@ def _encode_unpaired(batch, indices, encoder, job, layout, split_name):
             out["completion_ids"].append(ids)
             out["label"].append(label)
     return out
-
-
-def _refuse_adapter_start(job: "Job") -> None:
-    """A LoRA run directory as model_id: preference tuning must start from (and compare against) the SFT model, base
-    plus adapter; the common mistake elsewhere is the bare base as reference. Merged first, both are that model."""
-    from pathlib import Path
-
-    try:
-        folder = job.resolve_input_path(job.model.model_id, "model_config.model_id")
-    except UserError:
-        return
-    if (Path(folder) / "adapter_config.json").is_file() and not (Path(folder) / "config.json").is_file():
-        raise UserError(
-            f"model_config.model_id: {folder} is a LoRA run directory (an adapter, no full model). Preference tuning "
-            "must start from the SFT model itself and use it as the reference, not the bare base model, so merge it "
-            f"first: `llmfinetune export --model {folder} --merge --out MERGED` and set model_id: MERGED.")
 
 
 def reference_model(job: "Job", tokenizer):

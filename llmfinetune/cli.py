@@ -106,8 +106,11 @@ def _dispatch(args) -> int:
         overrides.append("ft_config.train_config.base_config.resume_from_checkpoint=true")
     job = load_job(args.ft, overrides)
     if args.command == "check":
+        from .launch import plan_local_workers, under_launcher
         from .workflow import check_job
 
+        if not under_launcher():  # what run-ft would refuse about scaling_config, check refuses too
+            plan_local_workers(job, None)
         summary = check_job(job)
         print(f"OK: {args.ft}")
         for key, value in summary.items():

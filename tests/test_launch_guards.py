@@ -140,6 +140,18 @@ def test_run_ft_refuses_more_workers_than_gpus(tmp_path, gpus, monkeypatch, caps
         capsys.readouterr().err
 
 
+def test_check_refuses_what_run_ft_would_refuse(tmp_path, gpus, monkeypatch, capsys):
+    from llmfinetune import cli, workflow
+
+    gpus(1)
+    for name in launch.LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(workflow, "check_job", lambda job: pytest.fail("refused before the other checks"))
+    assert cli.main(["check", f"--ft={_job_file(tmp_path, {'num_workers': 2})}"]) == 2
+    assert "scaling_config.num_workers: 2 starts 2 workers, one per GPU, but this machine shows 1 GPU " in \
+        capsys.readouterr().err
+
+
 def test_one_process_honours_threads_and_use_gpu_false(tmp_path, gpus, monkeypatch):
     from llmfinetune import cli, workflow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import validate
-from .errors import UserError
+from .errors import UserError, first_line
 
 if TYPE_CHECKING:
     from .config import Job
@@ -271,7 +271,7 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     try:
         return arguments_class(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{job.source}: {BASE}: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"{job.source}: {BASE}: {first_line(exc, 1000)}") from None
 
 
 def _check_fsdp(job: "Job", kwargs: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -158,7 +158,7 @@ def _load_file(path: Path) -> Dataset:
         if isinstance(cause, UnicodeDecodeError):
             raise UserError(f"{path}: not UTF-8 text ({cause.reason} at byte {cause.start}).") from None
         raise UserError(f"{path}: could not read as {kind}: {type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0][:300] if str(cause) else ''}") from exc
+                        f"{first_line(cause) if str(cause).strip() else ''}") from exc
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -238,7 +238,7 @@ def _load_hub(job: Job) -> DatasetDict:
         raise UserError(
             f"ft_config.data_config.data_path: could not load dataset '{data.data_path}'"
             f"{' subset ' + repr(data.subset) if data.subset else ''} from a local folder or the Hugging Face hub "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Offline, point local_path at a folder of split "
+            f"({type(exc).__name__}: {first_line(exc, 200)}). Offline, point local_path at a folder of split "
             "files (train.parquet, validation.jsonl, ...) or set train_file/validation_file."
         ) from exc
 

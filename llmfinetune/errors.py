@@ -8,3 +8,9 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message, for quoting in ours; some raise with no message at all."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else type(exc).__name__

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 from transformers import TrainerCallback
 
 from .checkpoints import complete_checkpoints, incomplete_checkpoints
-from .errors import UserError
+from .errors import UserError, first_line
 
 if TYPE_CHECKING:
     from .config import Job
@@ -164,7 +164,7 @@ def _oom_message(stage: str, exc: BaseException, job: "Job", training_args, outp
     batch = training_args.per_device_train_batch_size if training_args is not None else \
         base.get("per_device_train_batch_size", 8)
     accumulation = training_args.gradient_accumulation_steps if training_args is not None else 1
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc, 200)
     advice = [
         f"per_device_train_batch_size (now {batch}): halve it, and double gradient_accumulation_steps (now "
         f"{accumulation}) to keep the same global batch",
@@ -202,7 +202,7 @@ def guarded(stage: str, job: "Job", output_dir: Path, training_args=None) -> Ite
             raise UserError(_oom_message(stage, exc, job, training_args, output_dir)) from exc
         if _peer_lost(exc):
             raise UserError(f"{stage}: lost the connection to another worker of this job, which probably died "
-                            f"({str(exc).strip().splitlines()[0][:160]}). The launcher reports which one.") from exc
+                            f"({first_line(exc, 160)}). The launcher reports which one.") from exc
         raise
 
 

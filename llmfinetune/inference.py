@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from .data import read_jsonl
-from .errors import UserError
+from .errors import UserError, first_line
 
 if TYPE_CHECKING:
     from .config import Job
@@ -163,7 +163,7 @@ def load_run(model: str | Path, ft: str | Path | None = None, overrides: Optiona
             loaded = PeftModel.from_pretrained(base_model, str(run_dir))
         except (ValueError, RuntimeError, KeyError) as exc:
             raise UserError(f"--model: could not load the LoRA adapter in {run_dir} onto {base} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Was it trained from "
+                            f"({type(exc).__name__}: {first_line(exc)}). Was it trained from "
                             "this base model?") from exc
     if getattr(loaded, "hf_quantizer", None) is None:  # quantized weights are placed by bitsandbytes
         loaded.to(device)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 if TYPE_CHECKING:
     from .config import Job
@@ -118,7 +118,7 @@ def _check_hub_model(model_id: str, tried: list[str], job: Job) -> None:
             tried.append("the Hugging Face hub")
         raise UserError(
             f"model_config.model_id: model '{model_id}' not found. Tried: {'; '.join(tried)}. "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}) "
+            f"({type(exc).__name__}: {first_line(exc, 160)}) "
             "Fix: set model_id to a local folder holding config.json and weights, put the model in the cache that "
             "HF_HOME points at, or run where the hub is reachable."
         ) from None
@@ -193,7 +193,7 @@ def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[s
         model, info = auto_class.from_pretrained(model_path, output_loading_info=True, **model_kwargs, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"model_config.model_id: could not load {model_path} as {model_class}: "
-                        f"{str(exc).splitlines()[0][:300]}") from exc
+                        f"{first_line(exc)}") from exc
     checkpoint_rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > checkpoint_rows:
         model.resize_token_embeddings(len(tokenizer))

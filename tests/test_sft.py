@@ -151,8 +151,9 @@ def test_sft_settings_on_other_tasks_and_bad_values_are_refused(tiny_models, tmp
     config = job_dict("sequenceclassification", "full", tiny_models["bert"], tmp_path, tmp_path / "run", packing=True)
     config["ft_config"]["data_config"]["template"] = "chatml"
     job = parse_job(config)
-    with pytest.raises(UserError, match=r"data_config.template, ft_config.train_config.base_config.packing: only "
-                                        r"for ft_task text-generation; this job's task is sequenceclassification"):
+    with pytest.raises(UserError, match=r"data_config.template: only for ft_task text-generation, preference or "
+                                        r"rewardmodeling; ft_config.train_config.base_config.packing: only for ft_task "
+                                        r"text-generation; this job's task is sequenceclassification"):
         TASKS.get("sequenceclassification").check(job)
     with pytest.raises(UserError, match=r"template: unknown template 'vicuna'; choose tokenizer .*chatml"):
         TASKS.get("text-generation").check(_job(tiny_models, tmp_path, {"template": "vicuna"}))

@@ -125,9 +125,9 @@ def _job(task, tiny_models, tmp_path, key=None, value=None):
     ("tokenclassification", "model_config.max_input_words", 100),
 ])
 def test_a_key_only_another_task_reads_is_refused_by_its_full_name(task, key, value, tiny_models, tmp_path):
-    from llmfinetune.tasks.base import READ_BY
+    from llmfinetune.tasks.base import READ_BY, task_names
 
-    readers = " and ".join(READ_BY[key][0])
+    readers = task_names(READ_BY[key][0])
     with pytest.raises(UserError) as info:
         TASKS.get(task).check(_job(task, tiny_models, tmp_path, key, value))
     assert str(info.value) == f"{key}: only for ft_task {readers}; this job's task is {task}. Remove it."

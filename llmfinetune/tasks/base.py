@@ -91,10 +91,10 @@ class Task:
                 refused.setdefault(tasks, []).append(key)
             else:
                 logger.warning("%s: only read by ft_task %s; at its default here, it has no effect on %s.", key,
-                               " and ".join(tasks), job.task)
+                               task_names(tasks), job.task)
         if refused:
             count = sum(len(keys) for keys in refused.values())
-            raise UserError("; ".join(f"{', '.join(keys)}: only for ft_task {' and '.join(tasks)}"
+            raise UserError("; ".join(f"{', '.join(keys)}: only for ft_task {task_names(tasks)}"
                                       for tasks, keys in refused.items())
                             + f"; this job's task is {job.task}. Remove {'it' if count == 1 else 'them'}.")
         data = job.data
@@ -164,6 +164,11 @@ class Task:
         if self.reports_perplexity and loss is not None:
             return {f"{prefix}_perplexity": math.exp(min(loss, 50.0))}
         return {}
+
+
+def task_names(tasks: tuple[str, ...]) -> str:
+    """('a', 'b', 'c') -> 'a, b or c'."""
+    return tasks[0] if len(tasks) == 1 else f"{', '.join(tasks[:-1])} or {tasks[-1]}"
 
 
 def tokenize_split(split: "Dataset", function: Callable, split_name: str, **map_kwargs) -> "Dataset":

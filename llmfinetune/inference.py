@@ -531,11 +531,9 @@ class TextGenerationPredictor(Predictor):
         import torch
 
         tokenizer, options = self.tokenizer, self.options
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow each prompt directly
-        try:
-            encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
-        finally:  # the tokenizer may be the training collator's, which pads on its own side
-            tokenizer.padding_side = side
+        # Left: new tokens follow each prompt directly. Per call, not by setting the tokenizer's padding_side: the
+        # tokenizer may be the training collator's, which pads on its own side.
+        encoded = tokenizer.pad({"input_ids": prompt_ids}, padding=True, padding_side="left", return_tensors="pt")
         settings: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
                                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": stops,
                                     "use_cache": True}
@@ -600,11 +598,8 @@ class RewardPredictor(Predictor):
             wheres.append(where)
         sequences = [ids for pair in SequenceEncoder(tokenizer, job, self.limit).encode(examples, wheres)
                      for ids in pair]
-        side, tokenizer.padding_side = tokenizer.padding_side, "right"  # as TRL's reward collator pads
-        try:
-            encoded = tokenizer.pad({"input_ids": sequences}, padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = side
+        encoded = tokenizer.pad({"input_ids": sequences}, padding=True, padding_side="right",  # as TRL's collator
+                                return_tensors="pt")
         with torch.inference_mode():
             scores = iter(self.run.model(**encoded.to(self.run.device)).logits[:, 0].float().cpu().tolist())
         results = []

@@ -47,9 +47,6 @@ READ_BY = {
     # Token classification tags given words one by one; cutting them would need cutting the tags too.
     "model_config.max_input_words": (("sequenceclassification", "maskedlm", "text-generation"), None),
 }
-# data_config keys that only text-generation reads, with their defaults.
-SFT_DATA_KEYS = {key.rsplit(".", 1)[1]: default for key, (tasks, default) in READ_BY.items()
-                 if key.startswith(DATA) and tasks == ("text-generation",)}
 
 
 def _setting(job: "Job", key: str) -> tuple[bool, Any]:

@@ -25,7 +25,9 @@ def _checked(job: Job):
     method.check(job)
     arguments.translate(job)
     apply_original_keys(job)
-    return task, method, models.resolve_model(job)
+    model_path = models.resolve_model(job)
+    task.check_model(job, model_path)
+    return task, method, model_path
 
 
 def check_job(job: Job, load_data: bool = True) -> dict[str, Any]:

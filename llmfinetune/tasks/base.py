@@ -117,6 +117,10 @@ class Task:
     def collator(self, tokenizer, job: "Job"):
         raise NotImplementedError
 
+    def check_model(self, job: "Job", model_path: str) -> None:
+        """Settings this task cannot honour with this model, known from its config alone (no weights load); called
+        once the model is resolved, so the resolution (hub, S3 copy, merge) happens once."""
+
     def record_run_files(self, run_dir, splits: "DatasetDict", tokenizer, job: "Job", resuming: bool,
                          write: bool) -> None:
         """Record in the run directory what `eval` and `predict` must know of how training read the data (`write`:

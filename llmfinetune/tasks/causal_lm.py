@@ -28,11 +28,12 @@ class CausalLM(Task):
         if job.data.template is not None and job.data.template not in ("tokenizer", *TEMPLATES):
             raise UserError(f"ft_config.data_config.template: unknown template '{job.data.template}'; choose "
                             f"tokenizer (the model's own chat template), {', '.join(TEMPLATES)}.")
+
+    def check_model(self, job, model_path):
         if packs(job):
-            from ..models import resolve_model
             from ..packing import check_packing_isolates
 
-            check_packing_isolates(job, resolve_model(job))
+            check_packing_isolates(job, model_path)
 
     def prepare(self, splits, eval_split, tokenizer, job):
         if tokenizer.eos_token_id is None:

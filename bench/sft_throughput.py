@@ -116,9 +116,9 @@ class CountingCollator:
         self.batches.append(sum(len(f["input_ids"]) for f in features))
         return self.inner(features)
 
-    def bind_to(self, model, n_gpu: int = 1) -> None:
+    def bind_to(self, model, n_gpu: int = 1, half_precision: bool = False) -> None:
         """Our packing collator learns its layout (rows or one flattened row) from the model's attention."""
-        self.inner.bind_to(model, n_gpu)
+        self.inner.bind_to(model, n_gpu, half_precision)
 
     def trained_tokens(self, steps: int) -> int:
         return sum(self.batches[:steps])

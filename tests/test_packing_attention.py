@@ -2,6 +2,7 @@
 proven isolated here), and the refusals for the rest."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -10,8 +11,8 @@ import pytest
 from conftest import job_dict, make_dataset
 from llmfinetune.config import parse_job
 from llmfinetune.errors import UserError
-from llmfinetune.packing import (FLATTENED, ISOLATING_MODEL_TYPES, MASKED_FROM_POSITIONS, ROWS, PackedCollator,
-                                 packed_layout)
+from llmfinetune.packing import (FLATTENED, ISOLATING_MODEL_TYPES, MASKED_FROM_POSITIONS, ROWS, SEGMENTED_SDPA,
+                                 PackedCollator, packed_layout, use_segmented_sdpa)
 
 LENGTHS = [[5, 9, 7], [11, 4]]  # two packed rows, the second shorter (so padded in the rows layout)
 
@@ -96,6 +97,56 @@ def test_every_architecture_allowed_to_pack_keeps_its_examples_apart(model_type,
     assert not torch.allclose(naive[row, start:end], alone[1], atol=1e-3)
 
 
+@pytest.mark.parametrize("model_type", sorted(ISOLATING_MODEL_TYPES))
+def test_segmented_sdpa_runs_each_packed_example_alone(model_type):
+    """What a packed SDPA model trains with: the flattened row, attention once per example from cu_seq_lens. Every
+    example's logits equal its logits alone under plain SDPA (1e-5), sliding windows shorter than an example included;
+    without cu_seq_lens (generation, unpacked evaluation) the model is plain SDPA, padding mask and all."""
+    import torch
+
+    model = _load(model_type, "sdpa")
+    examples, rows = _packed_rows()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0] for ids in examples]
+        padded = torch.tensor([examples[0] + [0] * 4, examples[1][:9]])
+        mask = torch.tensor([[1] * 5 + [0] * 4, [1] * 9])
+        plain_padded = model(input_ids=padded, attention_mask=mask, use_cache=False).logits
+        assert use_segmented_sdpa(model) == SEGMENTED_SDPA and model.config._attn_implementation == SEGMENTED_SDPA
+        batch = PackedCollator(pad_token_id=0, layout=packed_layout(SEGMENTED_SDPA))(rows)
+        assert batch["input_ids"].shape[0] == 1
+        with _attention_calls() as calls:
+            logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        # Per example where the model hands the flash kwargs to its attention (stablelm drops them: it then gets
+        # masking_utils' block-diagonal mask from the position ids, which the equality below proves isolated too).
+        per_example = [segments is not None for segments, _ in calls]
+        assert all(per_example) or (model_type == "stablelm" and not any(per_example)
+                                    and all(mask is not None and mask.dim() == 4 for _, mask in calls))
+        for (row, start, end), expected in zip(_spans(batch), alone):
+            torch.testing.assert_close(logits[row, start:end], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(input_ids=padded, attention_mask=mask, use_cache=False).logits[:, :5],
+                                   plain_padded[:, :5], atol=1e-5, rtol=0)
+    assert "llmfinetune" not in model.config.to_json_string()  # a saved run loads with plain SDPA
+
+
+@contextlib.contextmanager
+def _attention_calls():
+    """(cu_seq_lens_q, attention_mask) of every call of the segmented attention inside the block."""
+    from transformers import AttentionInterface
+
+    inner = AttentionInterface._global_mapping[SEGMENTED_SDPA]
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        calls.append((kwargs.get("cu_seq_lens_q"), attention_mask))
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface._global_mapping[SEGMENTED_SDPA] = spy
+    try:
+        yield calls
+    finally:
+        AttentionInterface._global_mapping[SEGMENTED_SDPA] = inner
+
+
 def test_flex_attention_keeps_packed_examples_apart_too():
     import torch
 
@@ -128,7 +179,7 @@ def test_a_hybrid_architecture_leaks_through_its_recurrent_layers():
 
 def test_layout_follows_the_attention_implementation():
     assert [packed_layout(name) for name in MASKED_FROM_POSITIONS] == [ROWS] * len(MASKED_FROM_POSITIONS)
-    for name in ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2",
+    for name in (SEGMENTED_SDPA, "flash_attention_2", "flash_attention_3", "kernels-community/flash-attn2",
                  "paged|flash_attention_2"):
         assert packed_layout(name) == FLATTENED
     for name in ("paged|sdpa", "kernels-community/sage-attention", None):
@@ -136,9 +187,9 @@ def test_layout_follows_the_attention_implementation():
             packed_layout(name)
 
 
-def _flash_trainer(tiny_models, tmp_path, **base):
+def _flash_trainer(tiny_models, tmp_path, attention="flash_attention_2", **base):
     """The Trainer of a packed SFT job for a model configured for flash attention (the config attribute only: no
-    flash kernel runs on CPU)."""
+    flash kernel runs on CPU), or for another attention implementation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmfinetune.arguments import build_training_arguments
@@ -156,7 +207,7 @@ def _flash_trainer(tiny_models, tmp_path, **base):
     splits = data_module.load_raw_splits(job)
     prepared = _prepare(task, splits, data_module.eval_split_name(job), tokenizer, job)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
-    model.config._attn_implementation = "flash_attention_2"
+    model.config._attn_implementation = attention
     args = build_training_arguments(job, task, tmp_path / "run")
     trainer = task.trainer_class(job)(model=model, args=args, train_dataset=prepared.train,
                                       eval_dataset=prepared.eval, processing_class=tokenizer,
@@ -239,3 +290,17 @@ def test_check_refuses_packing_with_an_attention_implementation_not_known_to_iso
     with pytest.raises(UserError, match=r"packing: attention implementation 'paged\|sdpa' is not known"):
         _check(tmp_path, tiny_models["qwen2"], attn_implementation="paged|sdpa")
     assert _check(tmp_path, tiny_models["qwen2"], attn_implementation="flash_attention_2")["task"] == "text-generation"
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_packed_sdpa_model_trains_per_example_except_in_half_precision_on_the_cpu(tiny_models, tmp_path, bf16):
+    trainer, _ = _flash_trainer(tiny_models, tmp_path, attention="sdpa", bf16=bf16)
+    attention = trainer.model.config._attn_implementation
+    batch = next(iter(trainer.get_train_dataloader()))
+    if bf16:  # per-shape kernel state would grow memory every step (use_segmented_sdpa)
+        assert (attention, trainer.data_collator.layout) == ("sdpa", ROWS) and batch["input_ids"].shape[0] == 3
+    else:
+        assert (attention, trainer.data_collator.layout) == (SEGMENTED_SDPA, FLATTENED)
+        assert batch["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in batch
+    trainer.save_model(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "config.json").read_text()).get("attn_implementation") in (None, "sdpa")

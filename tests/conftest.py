@@ -14,6 +14,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fp32 unless a test asks for bf16: exact comparisons must not depend on the CPU kind (test_precision.py covers the
+# default's decision and the bf16 loss trajectories).
+os.environ["LLMFINETUNE_AUTO_PRECISION"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)

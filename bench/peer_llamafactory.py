@@ -1,0 +1,332 @@
+"""LoRA SFT throughput: llmfinetune vs LLaMA-Factory on the same job, the same machine, in one invocation.
+
+    python bench/peer_llamafactory.py [--rounds 2] [--steps 50] [--data ../shared/datasets/AdvertiseGen]
+                                      [--lf-venv /tmp/bench/lf-venv] [--setup] [--precisions fp32,bf16]
+
+The job (issue #12): a random-init Qwen2-shaped model of 27M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads,
+intermediate 1408, byte-level BPE vocabulary of 8000 trained here on the data, tied embeddings), AdvertiseGen as
+alpaca rows in a ChatML template, LoRA r 8 / alpha 16 / dropout 0 on q_proj,v_proj, batch 8, cutoff 256, packing,
+lr 5e-4 cosine, no warmup, seed 42, 50 steps. Contenders, interleaved round by round, each in its own process:
+LLaMA-Factory `packing: true` and `neat_packing: true` (its two packings; plain packing lets examples attend to each
+other, neat packing does not), and llmfinetune `packing: true`, at each precision this machine runs natively (bf16
+only where the CPU has avx512_bf16/AMX or the GPU supports it).
+
+Every side is measured by the same code: non-pad tokens (input_ids != pad, counted in the Trainer, since
+LLaMA-Factory's own count includes pack padding) over the Trainer's train_runtime, peak RSS of the process, and the
+train loss every 10 steps. LLaMA-Factory runs in its own venv (--lf-venv; --setup creates it: torch 2.13.0 CPU and
+llamafactory from the registry, with the two workarounds that LLaMA-Factory 0.9.5 needs beside the CPU torch). Without
+that venv the bench prints one line saying so and exits 0. The last lines printed are the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "datasets" / "AdvertiseGen"
+SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>"]
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
+JOB = {"rank": 8, "alpha": 16, "batch": 8, "cutoff": 256, "lr": 5e-4, "seed": 42}
+
+# Run inside each contender's own interpreter: the same token count, loss record and RSS report on both sides.
+MEASURE = textwrap.dedent('''
+    import json, resource, sys
+    import torch, transformers
+
+    LOSSES = []
+
+    def _count(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no" or "input_ids" not in inputs:
+            return
+        tokenizer = self.processing_class
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None and hasattr(tokenizer, "tokenizer"):
+            pad = tokenizer.tokenizer.pad_token_id
+        n = torch.as_tensor((inputs["input_ids"] != pad).sum(), dtype=torch.int64)
+        self.state.num_input_tokens_seen += int(n)
+
+    assert hasattr(transformers.Trainer, "_track_num_input_tokens"), "transformers moved its token count"
+    transformers.Trainer._track_num_input_tokens = _count
+    _log = transformers.Trainer.log
+
+    def _logged(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            LOSSES.append((self.state.global_step, float(logs["loss"])))
+        if "train_runtime" in logs:
+            LOSSES.append(("end", float(logs["train_runtime"]), int(self.state.num_input_tokens_seen)))
+        return _log(self, logs, *args, **kwargs)
+
+    transformers.Trainer.log = _logged
+
+    def report():
+        ends = [entry for entry in LOSSES if entry[0] == "end"]
+        if not ends:
+            return
+        end = ends[-1]
+        print("BENCH " + json.dumps({"seconds": end[1], "tokens": end[2],
+                                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                    "losses": [entry for entry in LOSSES if entry[0] != "end"]}), flush=True)
+''')
+LF_DRIVER = MEASURE + textwrap.dedent('''
+    from llamafactory.cli import main
+    sys.argv = ["llamafactory-cli", "train", *sys.argv[1:]]
+    try:
+        main()
+    finally:
+        report()
+''')
+OURS_DRIVER = MEASURE + textwrap.dedent('''
+    from llmfinetune.cli import main
+    try:
+        code = main(sys.argv[1:])
+    finally:
+        report()
+    sys.exit(code)
+''')
+
+
+# ---------------------------------------------------------------- the job's assets
+
+def build_assets(out: Path, data: Path) -> None:
+    """Model, tokenizer and alpaca data, built once per workdir (seeded: the same every time)."""
+    if (out / "model" / "model.safetensors").is_file():
+        return
+    splits = {name: [json.loads(line) for line in (data / f"{name}.json").read_text(encoding="utf-8").splitlines()
+                     if line.strip()] for name in ("train", "validation")}
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        alpaca = [{"instruction": row["content"], "input": "", "output": row["summary"]} for row in rows]
+        (out / "data" / f"{name}.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
+    (out / "data" / "dataset_info.json").write_text(json.dumps({"advertisegen": {
+        "file_name": "train.json", "formatting": "alpaca",
+        "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}))
+    texts = [row["content"] for row in splits["train"]] + [row["summary"] for row in splits["train"]]
+    tokenizer = _tokenizer(texts)
+    tokenizer.save_pretrained(out / "model")
+    _model(tokenizer, out / "model")
+
+
+def _tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, min_frequency=2, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|startoftext|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
+                                        model_max_length=2048, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def _model(tokenizer, folder: Path) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- contenders
+
+def lf_config(work: Path, name: str, steps: int, bf16: bool, neat: bool) -> Path:
+    config = {
+        "model_name_or_path": str(work / "model"), "trust_remote_code": False, "disable_gradient_checkpointing": True,
+        "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": JOB["rank"],
+        "lora_alpha": JOB["alpha"], "lora_dropout": 0.0, "lora_target": "q_proj,v_proj",
+        "dataset": "advertisegen", "dataset_dir": str(work / "data"), "template": "chatml",
+        "cutoff_len": JOB["cutoff"], "packing": True, "neat_packing": neat, "overwrite_cache": True,
+        "dataloader_num_workers": 0, "output_dir": str(work / "out" / name), "logging_steps": 10,
+        "save_strategy": "no", "plot_loss": False, "overwrite_output_dir": True, "report_to": "none",
+        "per_device_train_batch_size": JOB["batch"], "gradient_accumulation_steps": 1, "max_steps": steps,
+        "learning_rate": JOB["lr"], "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
+        "seed": JOB["seed"], "data_seed": JOB["seed"], "bf16": bf16, "fp16": False, "use_cpu": True,
+        "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True,
+    }
+    path = work / f"{name}.yaml"  # JSON is YAML; LLaMA-Factory 0.9.5 fails to read a .json config (json.load(Path))
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def our_job(work: Path, name: str, steps: int, bf16: bool) -> Path:
+    job = {
+        "model_config": {"model_id": str(work / "model")},
+        "ft_config": {
+            "ft_task": "text-generation", "ft_method": "lora",
+            "data_config": {"local_path": str(work / "data"), "format": "alpaca", "template": "chatml",
+                            "validation_column": "validation", "num_row": 0, "cache_tokenized": False},
+            "train_config": {
+                "lora_config": {"r": JOB["rank"], "lora_alpha": JOB["alpha"], "lora_dropout": 0.0,
+                                "target_modules": ["q_proj", "v_proj"]},
+                "base_config": {
+                    "output_dir": str(work / "out" / name), "per_device_train_batch_size": JOB["batch"],
+                    "max_steps": steps, "learning_rate": JOB["lr"], "lr_scheduler_type": "cosine",
+                    "warmup_steps": 0, "weight_decay": 0.0, "seed": JOB["seed"], "data_seed": JOB["seed"],
+                    "max_length": JOB["cutoff"], "packing": True, "bf16": bf16, "logging_steps": 10,
+                    "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
+                    "dataloader_num_workers": 0, "disable_tqdm": True,
+                },
+            },
+        },
+    }
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(job, indent=1))
+    return path
+
+
+def run_contender(name: str, command: list[str], env: dict, log: Path) -> dict:
+    _wait_for_quiet()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    log.write_text(done.stdout + "\n" + done.stderr)
+    line = next((l for l in reversed(done.stdout.splitlines()) if l.startswith("BENCH ")), None)
+    if done.returncode != 0 or line is None:
+        sys.exit(f"{name} failed (exit {done.returncode}); its output is in {log}:\n{done.stderr[-2000:]}")
+    result = json.loads(line[len("BENCH "):])
+    result["tokens_per_second"] = result["tokens"] / result["seconds"]
+    return result
+
+
+def _wait_for_quiet(limit_s: float = 120.0) -> None:
+    """Timing runs need the machine to themselves: wait (up to limit_s) until other processes take under 10% of the
+    CPUs over 2 seconds (the load average would still count the previous contender for a minute)."""
+    start = time.time()
+    while time.time() - start < limit_s and _busy_share(2.0) > 0.10:
+        time.sleep(3)
+
+
+def _busy_share(seconds: float) -> float:
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    total, idle = sample()
+    time.sleep(seconds)
+    total2, idle2 = sample()
+    return 1.0 - (idle2 - idle) / max(total2 - total, 1)
+
+
+def setup_venv(venv: Path) -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0", "llamafactory"], check=True)
+    # torchvision from the registry fails beside the CPU torch ("operator torchvision::nms does not exist"), and
+    # transformers then fails to import; LLaMA-Factory imports torchaudio at module level, whose newest registry
+    # build is for CUDA: remove both, and let a stub without dist-info stand in for torchaudio.
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio"])
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    stub = Path(site) / "torchaudio"
+    stub.mkdir(exist_ok=True)
+    (stub / "__init__.py").write_text("def __getattr__(name):\n    raise ImportError('torchaudio stub (CPU bench)')\n")
+
+
+def native_bf16() -> bool:
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from llmfinetune.arguments import cpu_supports_bf16
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--data", type=Path, default=SHARED)
+    parser.add_argument("--lf-venv", type=Path, default=Path("/tmp/bench/lf-venv"))
+    parser.add_argument("--setup", action="store_true", help="create --lf-venv when it is missing (~6 min)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmfinetune-peer-bench"))
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated fp32,bf16 (default: fp32, and bf16 where native)")
+    args = parser.parse_args()
+
+    lf_python = args.lf_venv / "bin" / "python"
+    if not lf_python.is_file() and args.setup:
+        setup_venv(args.lf_venv)
+    if not lf_python.is_file() or subprocess.run([str(lf_python), "-c", "import llamafactory"],
+                                                 capture_output=True).returncode != 0:
+        print(f"skipped: no LLaMA-Factory venv at {args.lf_venv} (run with --setup to create it: pip install "
+              "torch==2.13.0 llamafactory, ~6 minutes, registry access needed)")
+        return
+    if not (args.data / "train.json").is_file():
+        print(f"skipped: AdvertiseGen not found at {args.data} (train.json, validation.json; pass --data)")
+        return
+    precisions = (args.precisions.split(",") if args.precisions else
+                  ["fp32"] + (["bf16"] if native_bf16() else []))
+    work = args.workdir
+    build_assets(work, args.data)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / "lf_driver.py").write_text(LF_DRIVER)
+    (work / "ours_driver.py").write_text(OURS_DRIVER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+           "LLMFINETUNE_CACHE": str(work / "cache")}
+    ours_env = {**env, "PYTHONPATH": str(REPO)}
+    contenders = []
+    for precision in precisions:
+        bf16 = precision == "bf16"
+        contenders.append((f"LLaMA-Factory packing {precision}", "lf", bf16, False))
+        if bf16:
+            contenders.append((f"LLaMA-Factory neat_packing {precision}", "lf", bf16, True))
+        contenders.append((f"llmfinetune packing {precision}", "ours", bf16, False))
+    lscpu = subprocess.run("lscpu | grep -o 'avx512_bf16\\|amx[a-z_]*\\|avx2' | sort -u | tr '\\n' ' '",
+                           shell=True, capture_output=True, text=True).stdout.strip()
+    print(f"CPU flags: {lscpu or 'none of avx2/avx512_bf16/amx'}; {os.cpu_count()} CPUs; {args.rounds} rounds of "
+          f"{args.steps} steps; workdir {work}", flush=True)
+    results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
+    for round_number in range(1, args.rounds + 1):
+        for name, side, bf16, neat in contenders:
+            slug = name.replace(" ", "_") + f"_r{round_number}"
+            if side == "lf":
+                command = [str(lf_python), str(work / "lf_driver.py"),
+                           str(lf_config(work, slug, args.steps, bf16, neat))]
+                result = run_contender(name, command, env, work / "logs" / f"{slug}.log")
+            else:
+                command = [sys.executable, str(work / "ours_driver.py"), "run-ft",
+                           f"--ft={our_job(work, slug, args.steps, bf16)}"]
+                result = run_contender(name, command, ours_env, work / "logs" / f"{slug}.log")
+            results[name].append(result)
+            print(f"round {round_number} {name}: {result['tokens_per_second']:.0f} tokens/s, "
+                  f"{result['tokens']} tokens in {result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} "
+                  f"MiB, losses {[round(loss, 4) for _, loss in result['losses']]}", flush=True)
+
+    print(f"\n{'contender':<34} {'tokens/s (median)':>17} {'peak RSS MiB':>12}  train loss at steps 10..{args.steps}")
+    medians = {}
+    for name, runs in results.items():
+        medians[name] = statistics.median(r["tokens_per_second"] for r in runs)
+        rss = statistics.median(r["peak_rss_mib"] for r in runs)
+        print(f"{name:<34} {medians[name]:>17.0f} {rss:>12.0f}  {[round(l, 4) for _, l in runs[-1]['losses']]}")
+    for precision in precisions:
+        ours = results[f"llmfinetune packing {precision}"]
+        fp32 = results.get("llmfinetune packing fp32")
+        if fp32 and precision != "fp32":
+            gap = max((abs(a - b) / b for (_, a), (_, b) in zip(ours[-1]["losses"], fp32[-1]["losses"])), default=0.0)
+            print(f"llmfinetune {precision} loss vs its fp32 loss: at most {gap:.2%} apart")
+    for precision in precisions:
+        peers = {n: m for n, m in medians.items() if n.startswith("LLaMA-Factory") and n.endswith(precision)}
+        best = max(peers, key=peers.get)
+        print(f"ratio llmfinetune / {best} (LLaMA-Factory's best at {precision}): "
+              f"{medians[f'llmfinetune packing {precision}'] / peers[best]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

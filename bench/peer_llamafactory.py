@@ -40,10 +40,11 @@ JOB = {"rank": 8, "alpha": 16, "batch": 8, "cutoff": 256, "lr": 5e-4, "seed": 42
 
 # Run inside each contender's own interpreter: the same token count, loss record and RSS report on both sides.
 MEASURE = textwrap.dedent('''
-    import json, resource, sys
+    import json, resource, sys, time
     import torch, transformers
 
     LOSSES = []
+    MARKS = []  # (time, tokens seen) at every loss log: the rate after the first log leaves compilation out
 
     def _count(self, inputs):
         if self.args.include_num_input_tokens_seen == "no" or "input_ids" not in inputs:
@@ -62,6 +63,7 @@ MEASURE = textwrap.dedent('''
     def _logged(self, logs, *args, **kwargs):
         if "loss" in logs:
             LOSSES.append((self.state.global_step, float(logs["loss"])))
+            MARKS.append((time.perf_counter(), int(self.state.num_input_tokens_seen)))
         if "train_runtime" in logs:
             LOSSES.append(("end", float(logs["train_runtime"]), int(self.state.num_input_tokens_seen)))
         return _log(self, logs, *args, **kwargs)
@@ -73,7 +75,8 @@ MEASURE = textwrap.dedent('''
         if not ends:
             return
         end = ends[-1]
-        print("BENCH " + json.dumps({"seconds": end[1], "tokens": end[2],
+        steady = ((MARKS[-1][1] - MARKS[0][1]) / (MARKS[-1][0] - MARKS[0][0])) if len(MARKS) > 1 else None
+        print("BENCH " + json.dumps({"seconds": end[1], "tokens": end[2], "steady_tokens_per_second": steady,
                                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                     "losses": [entry for entry in LOSSES if entry[0] != "end"]}), flush=True)
 ''')
@@ -166,7 +169,7 @@ def lf_config(work: Path, name: str, steps: int, bf16: bool, neat: bool) -> Path
     return path
 
 
-def our_job(work: Path, name: str, steps: int, bf16: bool) -> Path:
+def our_job(work: Path, name: str, steps: int, bf16: bool, overrides: list[str]) -> Path:
     job = {
         "model_config": {"model_id": str(work / "model")},
         "ft_config": {
@@ -187,6 +190,14 @@ def our_job(work: Path, name: str, steps: int, bf16: bool) -> Path:
             },
         },
     }
+    import yaml
+
+    for override in overrides:  # KEY.PATH=VALUE, the value read as YAML (as run-ft's own overrides)
+        dotted, _, value = override.partition("=")
+        node, *path = job, *dotted.split(".")
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value)
     path = work / f"{name}.json"
     path.write_text(json.dumps(job, indent=1))
     return path
@@ -255,6 +266,9 @@ def main() -> None:
     parser.add_argument("--lf-venv", type=Path, default=Path("/tmp/bench/lf-venv"))
     parser.add_argument("--setup", action="store_true", help="create --lf-venv when it is missing (~6 min)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmfinetune-peer-bench"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of our job (e.g. ft_config.train_config.base_config.torch_compile=true)")
+    parser.add_argument("--only-ours", action="store_true", help="skip the LLaMA-Factory contenders")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16 (default: fp32, and bf16 where native)")
     args = parser.parse_args()
@@ -284,9 +298,10 @@ def main() -> None:
     contenders = []
     for precision in precisions:
         bf16 = precision == "bf16"
-        contenders.append((f"LLaMA-Factory packing {precision}", "lf", bf16, False))
-        if bf16:
-            contenders.append((f"LLaMA-Factory neat_packing {precision}", "lf", bf16, True))
+        if not args.only_ours:
+            contenders.append((f"LLaMA-Factory packing {precision}", "lf", bf16, False))
+            if bf16:
+                contenders.append((f"LLaMA-Factory neat_packing {precision}", "lf", bf16, True))
         contenders.append((f"llmfinetune packing {precision}", "ours", bf16, False))
     lscpu = subprocess.run("lscpu | grep -o 'avx512_bf16\\|amx[a-z_]*\\|avx2' | sort -u | tr '\\n' ' '",
                            shell=True, capture_output=True, text=True).stdout.strip()
@@ -302,10 +317,12 @@ def main() -> None:
                 result = run_contender(name, command, env, work / "logs" / f"{slug}.log")
             else:
                 command = [sys.executable, str(work / "ours_driver.py"), "run-ft",
-                           f"--ft={our_job(work, slug, args.steps, bf16)}"]
+                           f"--ft={our_job(work, slug, args.steps, bf16, args.set)}"]
                 result = run_contender(name, command, ours_env, work / "logs" / f"{slug}.log")
             results[name].append(result)
-            print(f"round {round_number} {name}: {result['tokens_per_second']:.0f} tokens/s, "
+            steady = result.get("steady_tokens_per_second")
+            print(f"round {round_number} {name}: {result['tokens_per_second']:.0f} tokens/s "
+                  f"({steady or 0:.0f} after the first 10 steps), "
                   f"{result['tokens']} tokens in {result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} "
                   f"MiB, losses {[round(loss, 4) for _, loss in result['losses']]}", flush=True)
 
@@ -323,6 +340,8 @@ def main() -> None:
             print(f"llmfinetune {precision} loss vs its fp32 loss: at most {gap:.2%} apart")
     for precision in precisions:
         peers = {n: m for n, m in medians.items() if n.startswith("LLaMA-Factory") and n.endswith(precision)}
+        if not peers:
+            continue
         best = max(peers, key=peers.get)
         print(f"ratio llmfinetune / {best} (LLaMA-Factory's best at {precision}): "
               f"{medians[f'llmfinetune packing {precision}'] / peers[best]:.2f}x")

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from devices import choose_device  # noqa: E402
+from devices import choose_device, native_bf16  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED = REPO.parent / "shared" / "datasets" / "AdvertiseGen"
@@ -116,9 +116,9 @@ class CountingCollator:
         self.batches.append(sum(len(f["input_ids"]) for f in features))
         return self.inner(features)
 
-    def bind_to(self, model, n_gpu: int = 1, half_precision: bool = False) -> None:
+    def bind_to(self, model, n_gpu: int = 1) -> None:
         """Our packing collator learns its layout (rows or one flattened row) from the model's attention."""
-        self.inner.bind_to(model, n_gpu, half_precision)
+        self.inner.bind_to(model, n_gpu)
 
     def trained_tokens(self, steps: int) -> int:
         return sum(self.batches[:steps])
@@ -143,16 +143,6 @@ def held_out_loss(model, tokenizer, workdir: Path) -> float:
             count += int((labels[0, 1:] != -100).sum())
     return total / count
 
-
-
-def native_bf16(device: str) -> bool:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    from llmfinetune.arguments import cpu_supports_bf16
-
-    return cpu_supports_bf16()
 
 
 def baseline(workdir: Path, steps: int, bf16: bool, device: str) -> dict:

@@ -269,7 +269,7 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     if why:
         kwargs["bf16"] = precision == "bf16"
         logger.info("Training in %s: %s; set %s.bf16: %s to override.", precision or "fp32", why, BASE,
-                       "false" if precision else "true")
+                    "false" if precision else "true")
     kwargs["output_dir"] = str(output_dir)
     if deepspeed:
         kwargs["deepspeed"] = _deepspeed_config(job, deepspeed)

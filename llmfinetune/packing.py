@@ -144,8 +144,8 @@ class PackedCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.layout = layout
 
-    def bind_to(self, model, n_gpu: int = 1, half_precision: bool = False) -> None:
-        self.layout = packed_layout(use_segmented_sdpa(model, half_precision))
+    def bind_to(self, model, n_gpu: int = 1) -> None:
+        self.layout = packed_layout(getattr(model.config, "_attn_implementation", None))
         if self.layout == FLATTENED and n_gpu > 1:
             # nn.DataParallel would hand the single row to one GPU and split the cu_seq_lens tensors across all.
             raise UserError(
@@ -208,10 +208,11 @@ class PackedCollator:
 
 def bind_packed_collator(trainer) -> None:
     """Give a PackedCollator (or a wrapper of one that forwards bind_to) the layout of the model this Trainer trains
-    or evaluates."""
+    or evaluates, once the model has the attention it packs with (use_segmented_sdpa)."""
     bind_to = getattr(trainer.data_collator, "bind_to", None)
     if bind_to is not None:
-        bind_to(trainer.model, trainer.args.n_gpu, half_precision=bool(trainer.args.bf16 or trainer.args.fp16))
+        use_segmented_sdpa(trainer.model, half_precision=bool(trainer.args.bf16 or trainer.args.fp16))
+        bind_to(trainer.model, trainer.args.n_gpu)
 
 
 def use_segmented_sdpa(model, half_precision: bool = False) -> str:
@@ -252,15 +253,9 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     if bounds is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    return _per_segment(sdpa_attention_forward, module, query, key, value, bounds.tolist(), dropout, scaling,
-                        **kwargs)
-
-
-def _per_segment(sdpa_attention_forward, module, query, key, value, bounds, dropout, scaling, **kwargs):
-    import torch
-
-    window = kwargs.get("sliding_window")
+    bounds = bounds.tolist()
     lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    window = kwargs.get("sliding_window")
     outputs = []
     # split, not slicing: the backward of a split is one concatenation, while each slice's backward would fill a
     # zero tensor the size of the whole row (once per example, for query, key and value).

@@ -12,3 +12,14 @@ def choose_device(wanted: str) -> str:
     if wanted == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible.")
     return wanted
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 is native on this device (the project's own rule for its default precision)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from llmfinetune.arguments import cpu_supports_bf16
+
+    return cpu_supports_bf16()

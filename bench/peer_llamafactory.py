@@ -8,8 +8,8 @@ intermediate 1408, byte-level BPE vocabulary of 8000 trained here on the data, t
 alpaca rows in a ChatML template, LoRA r 8 / alpha 16 / dropout 0 on q_proj,v_proj, batch 8, cutoff 256, packing,
 lr 5e-4 cosine, no warmup, seed 42, 50 steps. Contenders, interleaved round by round, each in its own process:
 LLaMA-Factory `packing: true` and `neat_packing: true` (its two packings; plain packing lets examples attend to each
-other, neat packing does not), and llmfinetune `packing: true`, at each precision this machine runs natively (bf16
-only where the CPU has avx512_bf16/AMX or the GPU supports it).
+other, neat packing does not), and llmfinetune `packing: true`, all on the CPU, at each precision it runs natively
+(bf16 only where it has avx512_bf16/AMX).
 
 Every side is measured by the same code: non-pad tokens (input_ids != pad, counted in the Trainer, since
 LLaMA-Factory's own count includes pack padding) over the Trainer's train_runtime, peak RSS of the process, and the
@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from devices import native_bf16  # noqa: E402
 SHARED = REPO.parent / "shared" / "datasets" / "AdvertiseGen"
 SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -249,15 +252,6 @@ def setup_venv(venv: Path) -> None:
     (stub / "__init__.py").write_text("def __getattr__(name):\n    raise ImportError('torchaudio stub (CPU bench)')\n")
 
 
-def native_bf16() -> bool:
-    sys.path.insert(0, str(REPO))
-    import torch
-
-    from llmfinetune.arguments import cpu_supports_bf16
-
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
@@ -285,14 +279,16 @@ def main() -> None:
         print(f"skipped: AdvertiseGen not found at {args.data} (train.json, validation.json; pass --data)")
         return
     precisions = (args.precisions.split(",") if args.precisions else
-                  ["fp32"] + (["bf16"] if native_bf16() else []))
+                  ["fp32"] + (["bf16"] if native_bf16("cpu") else []))
     work = args.workdir
     build_assets(work, args.data)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / "lf_driver.py").write_text(LF_DRIVER)
     (work / "ours_driver.py").write_text(OURS_DRIVER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+           "DISABLE_VERSION_CHECK": "1",
+           # Both sides on the CPU (LLaMA-Factory's config says use_cpu): a GPU for one side would measure hardware.
+           "CUDA_VISIBLE_DEVICES": "",
            "LLMFINETUNE_CACHE": str(work / "cache")}
     ours_env = {**env, "PYTHONPATH": str(REPO)}
     contenders = []

@@ -18,6 +18,11 @@ LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE")
 # Set in the workers that `spawn_local_workers` starts: they are under a launcher, but it is ours.
 OWN_WORKERS_VARIABLE = "LLMFINETUNE_LOCAL_WORKERS"
 SCALING = "scaling_config"
+# How long the agent waits, after passing Ctrl-C on, for the workers to finish their step and save. torchrun's own
+# default is 30 s and then SIGKILL, which a large model's checkpoint (weights and optimizer state) can outlast. A
+# second Ctrl-C still stops them at once: the agent then sends SIGTERM, which the workers do not catch.
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT, when set, decides instead.
+WORKERS_SAVE_TIMEOUT_S = 3600
 USE_CPU_OVERRIDE = "ft_config.train_config.base_config.use_cpu=true"
 
 
@@ -134,7 +139,7 @@ def spawn_local_workers(nproc: int, cli_args: list[str], threads: Optional[int] 
     from torch.distributed.run import get_args_parser, run
 
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
-    command = ["--standalone", f"--nproc_per_node={nproc}", "-m", "llmfinetune", *cli_args]
+    command = torchrun_arguments(nproc, cli_args)
     print(f"Starting {nproc} local workers: torch.distributed.run {' '.join(command)}", flush=True)
     # The package must be importable by the workers even when run from a checkout that is not installed; the agent
     # passes this process's environment on to them.
@@ -166,6 +171,12 @@ def spawn_local_workers(nproc: int, cli_args: list[str], threads: Optional[int] 
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def torchrun_arguments(nproc: int, cli_args: list[str]) -> list[str]:
+    timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(WORKERS_SAVE_TIMEOUT_S)
+    return ["--standalone", f"--nproc_per_node={nproc}", f"--shutdown-timeout={timeout}", "-m", "llmfinetune",
+            *cli_args]
 
 
 class WorkerFailed(UserError):

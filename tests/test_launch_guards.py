@@ -106,6 +106,19 @@ def test_workers_get_their_threads_and_no_gpu_when_on_cpu(monkeypatch):
     assert "CUDA_VISIBLE_DEVICES" not in os.environ, "the launching process's environment is restored"
 
 
+def test_the_agent_waits_for_the_workers_to_save_after_ctrl_c_longer_than_torchruns_30_s(monkeypatch):
+    """torchrun SIGKILLs workers 30 s after passing Ctrl-C on: a large checkpoint can take longer to write."""
+    import torch.distributed.run as torch_run
+
+    seen = []
+    monkeypatch.setattr(torch_run, "run", lambda parsed: seen.append(parsed.shutdown_timeout))
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    launch.spawn_local_workers(2, ["run-ft", "--ft=x.yaml"], threads=1)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")  # the user's own setting decides
+    launch.spawn_local_workers(2, ["run-ft", "--ft=x.yaml"], threads=1)
+    assert seen == [launch.WORKERS_SAVE_TIMEOUT_S, 45] and launch.WORKERS_SAVE_TIMEOUT_S >= 600
+
+
 def _job_file(tmp_path, scaling):
     raw = job_dict("sequenceclassification", "lora", tmp_path / "model", tmp_path / "data", tmp_path / "run")
     raw["scaling_config"] = scaling

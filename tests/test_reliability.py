@@ -126,7 +126,7 @@ def test_ctrl_c_in_a_terminal_stops_every_worker_of_nproc_after_the_same_step(tm
     assert code == 130, output[-3000:]
     assert "Traceback" not in output
     checkpoints = sorted(out.glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and (checkpoints[0] / COMPLETE_MARK).is_file(), checkpoints
+    assert len(checkpoints) == 1 and (checkpoints[0] / COMPLETE_MARK).is_file(), (checkpoints, output[-3000:])
     step = int(checkpoints[0].name.split("-")[1])
     stops = {line.split("stopped by Ctrl-C at step ")[1].split(":")[0] for line in output.splitlines()
              if "stopped by Ctrl-C at step " in line}

@@ -222,7 +222,9 @@ def use_segmented_sdpa(model, half_precision: bool = False) -> str:
 
     Not on the CPU in bf16/fp16: its matmul and attention kernels keep state per shape, and per-example calls on a
     flattened row of a new length every step grow memory by ~100 MB a step (measured over 24 steps of the SFT bench;
-    fp32 does not grow); the padded rows' few shapes do not."""
+    fp32 does not grow); the padded rows' few shapes do not. Bounding the shapes instead (the row padded to the rows'
+    width, each example's query/key/value to a multiple of 32) stopped the growth but stepped slower than the rows
+    (bench/README.md, issue #12)."""
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "sdpa" or (half_precision and model.device.type == "cpu"):
         return implementation

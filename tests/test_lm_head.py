@@ -149,3 +149,29 @@ def test_the_flattened_row_gives_the_standard_loss(tiny_models, tmp_path):
         want = standard.compute_loss(model, dict(batch), num_items_in_batch=count)
     assert seen[0] == count == sum(len(ids) - 1 for ids in INPUTS)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_on_the_cpu_in_half_precision_the_head_projects_a_bounded_row_count_with_the_same_loss(
+        tiny_models, tmp_path, monkeypatch):
+    """oneDNN keeps a compiled matmul per shape there, so the head's row count is rounded up (extra positions whose
+    logits no loss reads); loss and gradients stay the standard ones. Compared in fp32 for exactness."""
+    import torch
+
+    from llmfinetune import lm_head
+
+    monkeypatch.setattr(lm_head, "BOUNDED_HEAD_ROWS", 12)  # the batch has 16 positions, 8 learned
+    model = _qwen2(tiny_models)
+    results = []
+    for trainer in _trainers(model, tmp_path, bf16=True):
+        seen = _logit_rows(model)
+        loss = trainer.compute_loss(model, _batch(), num_items_in_batch=6)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()], seen[0]))
+        model.zero_grad()
+    (got, got_grads, rows), (want, want_grads, _) = results
+    assert rows == 12
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    learned = torch.tensor([[True, False, False]])
+    assert _trainers(model, tmp_path / "fp32")[0]._bounded(learned) is learned  # fp32: nothing kept per shape

@@ -60,7 +60,7 @@ class TargetsOnlyTrainer(CausalLMTrainer):
             self._targets_only_off = True
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if projected is not learned:
-            logits = logits[learned[projected]]
+            logits = outputs["logits"] = logits[learned[projected]]  # callers see the learned positions only
         chosen = targets[targets != IGNORE]
         # LabelSmoother's (1 - e) * nll + e * mean over the vocabulary of -log p, summed over the targets: the same
         # per-target term as cross_entropy's label_smoothing (tested equal).

@@ -173,5 +173,8 @@ def test_on_the_cpu_in_half_precision_the_head_projects_a_bounded_row_count_with
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        _, outputs = _trainers(model, tmp_path, bf16=True)[0].compute_loss(model, _batch(), return_outputs=True)
+    assert outputs["logits"].shape[0] == LEARNED  # callers see the learned positions' logits only
     learned = torch.tensor([[True, False, False]])
     assert _trainers(model, tmp_path / "fp32")[0]._bounded(learned) is learned  # fp32: nothing kept per shape

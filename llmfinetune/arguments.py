@@ -231,6 +231,12 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def kernels_keep_state_per_shape(training_args) -> bool:
+    """True on the CPU in bf16/fp16: there oneDNN (and SDPA's flash kernel) compile and keep a kernel per matrix
+    shape, so a new shape every step grows memory without end; training code keeps its shapes few there."""
+    return bool(training_args.bf16 or training_args.fp16) and training_args.device.type == "cpu"
+
+
 # Set to 0 to keep fp32 unless the job asks for bf16/fp16 (the test suite does: its exact comparisons must not
 # depend on which CPU kind runs them).
 AUTO_PRECISION_ENV = "LLMFINETUNE_AUTO_PRECISION"

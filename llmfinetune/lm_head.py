@@ -46,15 +46,15 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         targets = labels[:, 1:]
         # Position t predicts the token at t + 1: keep the positions whose next token is learned.
         learned = torch.nn.functional.pad(targets != IGNORE, (0, 1), value=False)
-        projected = self._bounded(learned)
+        count = int(learned.sum())
+        projected, projected_count = self._bounded(learned, count)
         handle = head.register_forward_pre_hook(lambda module, args: (args[0][projected], *args[1:]))
         try:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         finally:
             handle.remove()
         logits = outputs["logits"]
-        count = int(learned.sum())
-        if logits.dim() != 2 or logits.shape[0] != int(projected.sum()):
+        if logits.dim() != 2 or logits.shape[0] != projected_count:
             # A model that reshapes its logits after the output layer: use the standard loss from now on.
             logger.warning("This model's logits cannot be limited to learned positions; using the full LM head.")
             self._targets_only_off = True
@@ -78,18 +78,19 @@ class TargetsOnlyTrainer(CausalLMTrainer):
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
 
-    def _bounded(self, learned):
-        """`learned`, or on the CPU in half precision a superset of it with a multiple of BOUNDED_HEAD_ROWS
-        positions where the batch has enough (the extra ones are the first positions not learned)."""
-        if not (self.args.bf16 or self.args.fp16) or self.args.device.type != "cpu":
-            return learned
-        missing = -int(learned.sum()) % BOUNDED_HEAD_ROWS
-        if not missing:
-            return learned
+    def _bounded(self, learned, count: int):
+        """The positions the head projects and how many: `learned`, or where kernels keep state per shape a superset
+        of it with a multiple of BOUNDED_HEAD_ROWS positions as far as the batch has them (the extra ones are the
+        first positions not learned)."""
+        from .arguments import kernels_keep_state_per_shape
+
+        missing = -count % BOUNDED_HEAD_ROWS
+        if not missing or not kernels_keep_state_per_shape(self.args):
+            return learned, count
         projected = learned.clone()
         spare = (~learned).flatten().nonzero().flatten()[:missing]
         projected.view(-1)[spare] = True
-        return projected
+        return projected, count + len(spare)
 
     def _steps_aside(self, model) -> bool:
         if not hasattr(self, "_targets_only_off"):

@@ -211,22 +211,24 @@ def bind_packed_collator(trainer) -> None:
     or evaluates, once the model has the attention it packs with (use_segmented_sdpa)."""
     bind_to = getattr(trainer.data_collator, "bind_to", None)
     if bind_to is not None:
-        use_segmented_sdpa(trainer.model, half_precision=bool(trainer.args.bf16 or trainer.args.fp16))
+        from .arguments import kernels_keep_state_per_shape
+
+        use_segmented_sdpa(trainer.model, few_shapes=kernels_keep_state_per_shape(trainer.args))
         bind_to(trainer.model, trainer.args.n_gpu)
 
 
-def use_segmented_sdpa(model, half_precision: bool = False) -> str:
+def use_segmented_sdpa(model, few_shapes: bool = False) -> str:
     """Switch a model that attends with SDPA to SEGMENTED_SDPA (the same kernel, once per packed example); return
     the attention implementation the model trains with. Idempotent; nothing is saved with the model (transformers
     keeps the implementation out of config.json), so a saved run loads with plain SDPA.
 
-    Not on the CPU in bf16/fp16: its matmul and attention kernels keep state per shape, and per-example calls on a
+    Not where the kernels keep state per shape (`few_shapes`: the CPU in bf16/fp16): there per-example calls on a
     flattened row of a new length every step grow memory by ~100 MB a step (measured over 24 steps of the SFT bench;
     fp32 does not grow); the padded rows' few shapes do not. Bounding the shapes instead (the row padded to the rows'
     width, each example's query/key/value to a multiple of 32) stopped the growth but stepped slower than the rows
     (bench/README.md, issue #12)."""
     implementation = getattr(model.config, "_attn_implementation", None)
-    if implementation != "sdpa" or (half_precision and model.device.type == "cpu"):
+    if implementation != "sdpa" or few_shapes:
         return implementation
     _register_segmented_sdpa()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -7,8 +7,8 @@
 
 Each cell is one `llmfinetune run-ft` of models/ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml (or --job)
 with local_path, input_columns, num_row, seed, num_train_epochs and output_dir overridden (plus any --set), run one
-after another (--parallel N: N at once; on this project's 2-core machine two one-thread cells take ~5 min each at
-2 epochs). The table lists validation accuracy after every epoch, the final accuracy and F1, the optimizer steps,
+after another (--parallel N: N at once; on this project's 2-core machine with avx512_bf16, in bf16, two one-thread
+cells take ~5 min each at 2 epochs). The table lists validation accuracy after every epoch, the final accuracy and F1, the optimizer steps,
 steps/s and the wall time of the whole command (the machine may be shared: steps / (steps/s) is the training time).
 Not part of CI: without ../shared/datasets/glue/mrpc (or --data) it prints one line and exits 0.
 """

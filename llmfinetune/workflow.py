@@ -99,7 +99,6 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         # BERT-style heads average their own loss yet accept **kwargs, so Trainer would multiply that average by
         # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
         model.accepts_loss_kwargs = False
-    task.init_new_weights(model, fresh_modules, prepared)
     model = method.wrap(model, job, task, fresh_modules)
     from .generation_eval import TrainingJudge
 

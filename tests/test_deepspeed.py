@@ -59,10 +59,8 @@ def _eval_reproduces(out):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_launcher_full_fine_tuning(tmp_path, tiny_models, stage):
     job, ds, out = _setup(tmp_path, tiny_models, "full", stage)
-    result = _run([shutil.which("deepspeed"), "--num_gpus", "2", "llm_finetune.py", "run-ft", f"--ft={job}",
-                   "--deepspeed", str(ds)])
-    # ZeRO-3 partitions the new head while it loads: the class-prior start gathers its bias whole first.
-    assert "starts at the train labels' log prior" in result.stdout + result.stderr
+    _run([shutil.which("deepspeed"), "--num_gpus", "2", "llm_finetune.py", "run-ft", f"--ft={job}",
+          "--deepspeed", str(ds)])
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 8
     assert (out / "checkpoint-4" / "global_step4").is_dir(), "no DeepSpeed checkpoint: DeepSpeed was not used"

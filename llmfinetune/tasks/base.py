@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
     from ..config import Job
-    from ..models import NewWeights
 
 
 @dataclass
@@ -121,10 +120,6 @@ class Task:
     def check_model(self, job: "Job", model_path: str) -> None:
         """Settings this task cannot honour with this model, known from its config alone (no weights load); called
         once the model is resolved, so the resolution (hub, S3 copy, merge) happens once."""
-
-    def init_new_weights(self, model, new_weights: "NewWeights", prepared: Prepared) -> None:
-        """Start weights the checkpoint did not have (NewWeights) from what the data says, before the method wraps
-        the model; the model's own initialisation otherwise."""
 
     def record_run_files(self, run_dir, splits: "DatasetDict", tokenizer, job: "Job", resuming: bool,
                          write: bool) -> None:

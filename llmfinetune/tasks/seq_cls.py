@@ -1,17 +1,12 @@
 """Sequence classification: one or two text columns and a label column -> AutoModelForSequenceClassification."""
 from __future__ import annotations
 
-import contextlib
-import logging
-
 import numpy as np
 
 from ..data import require_columns
 from ..errors import UserError
 from .base import Task, check_texts, clip_words, max_length, text_columns
 from .labels import check_scalar_labels, encode_label, label_lookup, label_names, prepare_classification
-
-logger = logging.getLogger(__name__)
 
 
 class SequenceClassification(Task):
@@ -50,9 +45,6 @@ class SequenceClassification(Task):
 
         return prepare_classification(used, encode, names, eval_split)
 
-    def init_new_weights(self, model, new_weights, prepared):
-        start_bias_at_class_prior(model, new_weights, prepared.train["labels"], prepared.model_kwargs)
-
     def collator(self, tokenizer, job):
         from transformers import DataCollatorWithPadding
 
@@ -78,40 +70,6 @@ class SequenceClassification(Task):
             return result
 
         return metrics
-
-
-def start_bias_at_class_prior(model, new_weights, train_label_ids, model_kwargs) -> None:
-    """A new head's output bias starts at the log of each class's share of the train labels (add-one smoothed,
-    centred), so the first steps need not learn the class balance. With a zero bias on imbalanced data (GLUE MRPC: 68%
-    positive) the quickest way down from the loss of ln 2 is to predict that balance for every input: a LoRA run of
-    the default job at batch 8 and rank 32 got there by making the [CLS] state the same for every input (its spread
-    across validation rows fell from the base model's 0.23 to 0.003), its gradients died and it stayed on the majority
-    class; started at the prior it learned (bench/README.md, MRPC session 7). A head the checkpoint already had keeps
-    its trained bias."""
-    import torch
-
-    num_labels = model_kwargs["num_labels"]
-    fresh = set(new_weights.parameters)
-    # The output layer's bias is the new bias with one entry per class (a RoBERTa head's dense layer before it has one
-    # per hidden unit); the last such parameter in module order is the one nearest the logits.
-    # Under DeepSpeed ZeRO-3 each process holds a slice of every weight: ds_shape is the whole one.
-    biases = [(name, p) for name, p in model.named_parameters()
-              if name in fresh and name.endswith("bias") and tuple(getattr(p, "ds_shape", p.shape)) == (num_labels,)]
-    if not biases or num_labels < 2:
-        return
-    name, bias = biases[-1]
-    counts = np.bincount(np.asarray(train_label_ids).reshape(-1), minlength=num_labels)[:num_labels] + 1.0
-    log_prior = np.log(counts / counts.sum())
-    whole = contextlib.nullcontext()
-    if hasattr(bias, "ds_id"):
-        import deepspeed
-
-        whole = deepspeed.zero.GatheredParameters([bias], modifier_rank=0)
-    with whole, torch.no_grad():
-        bias.copy_(torch.as_tensor(log_prior - log_prior.mean(), dtype=bias.dtype))
-    names = label_list(model_kwargs)
-    logger.info("New head %s starts at the train labels' log prior: %s.", name,
-                ", ".join(f"{names[i]} {counts[i] / counts.sum():.1%}" for i in range(num_labels)))
 
 
 def label_list(model_kwargs) -> list[str]:

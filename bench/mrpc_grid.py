@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS unless already set")
     parser.add_argument("--parallel", type=int, default=1, help="cells run at once (each with --threads threads)")
     args = parser.parse_args(argv)
+    if args.parallel < 1 or args.threads < 1:
+        parser.error(f"--parallel and --threads take 1 or more, got {args.parallel} and {args.threads}")
     if not Path(args.data).is_dir():
         print(f"skipped: no MRPC data at {args.data} (this benchmark needs GLUE MRPC train/validation files)")
         return 0
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
 
     cells = [(seed, epochs) for epochs in args.epochs for seed in args.seeds]
     rows = []
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
+    with ThreadPoolExecutor(args.parallel) as pool:
         # A cell's line is printed once it and every cell before it in the grid are done.
         for row in pool.map(lambda cell: run_cell(args, *cell), cells):
             rows.append(row)

@@ -1,20 +1,23 @@
 """The fastest an SFT step of issue #12's bench model could be on this CPU: every matrix product of a LoRA q/v step,
 timed alone at its best, weighted by its share of the step's FLOPs.
 
-    python bench/matmul_ceiling.py [--tokens 1890] [--learned 1400]
+    python bench/matmul_ceiling.py [--model /tmp/llmfinetune-peer-bench/model] [--tokens 1890] [--learned 1400]
 
-The products: the forward (y = x W^T) and the input gradient (dX = dY W) of every frozen linear layer of the
-27M Qwen2-shaped model (hidden 512, 8 layers, 2 KV heads of 64, intermediate 1408), and the LM head (vocabulary
-8000) at learned positions only. --tokens is the step's tokens (8 packed rows of 256 hold ~1890), --learned its
-learned positions. Best of 5 x 5 repeats: an upper bound on the rate, so the printed tokens/s is a ceiling that
-nothing but fewer FLOPs can pass. Compare it with `bench/peer_llamafactory.py`'s tokens/s on the same machine.
+The model is the one `bench/peer_llamafactory.py` builds (its config.json is read for the shapes, so the two
+benches cannot drift apart). The products: the forward (y = x W^T) and the input gradient (dX = dY W) of every
+frozen linear layer, and the LM head at learned positions only; the LoRA adapters' own small products are left out.
+--tokens is the step's tokens (8 packed rows of 256 hold ~1890), --learned its learned positions. Best of 5 x 5
+repeats, so the printed tokens/s is what these kernels allow with nothing else in the step: passing it needs fewer
+FLOPs or faster kernels. It runs in its own invocation: compare it with `bench/peer_llamafactory.py`'s tokens/s
+measured on the same machine, and say they are two invocations.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
-
-HIDDEN, KV, INTERMEDIATE, LAYERS, VOCAB = 512, 128, 1408, 8, 8000
+from pathlib import Path
 
 
 def best_seconds(run, repeats: int = 5, calls: int = 5) -> float:
@@ -31,18 +34,26 @@ def best_seconds(run, repeats: int = 5, calls: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("/tmp/llmfinetune-peer-bench/model"))
     parser.add_argument("--tokens", type=int, default=1890)
     parser.add_argument("--learned", type=int, default=1400)
     args = parser.parse_args()
+    config_file = args.model / "config.json"
+    if not config_file.is_file():
+        sys.exit(f"{config_file} not found: run `python bench/peer_llamafactory.py` once (it builds the model), "
+                 "or pass --model DIR")
+    config = json.loads(config_file.read_text())
+    hidden, intermediate, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     # (in, out) of q, k, v, o, gate, up, down; each appears once per layer, forward and input gradient.
-    layer = [(HIDDEN, HIDDEN), (HIDDEN, KV), (HIDDEN, KV), (HIDDEN, HIDDEN), (HIDDEN, INTERMEDIATE),
-             (HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN)]
-    products = [(args.tokens, inputs, outputs, LAYERS) for inputs, outputs in layer]
-    products.append((args.learned, HIDDEN, VOCAB, 1))
+    layer = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, intermediate),
+             (hidden, intermediate), (intermediate, hidden)]
+    products = [(args.tokens, inputs, outputs, config["num_hidden_layers"]) for inputs, outputs in layer]
+    products.append((args.learned, hidden, vocab, 1))
     step_flop = step_seconds = 0.0
     for rows, inputs, outputs, count in products:
         x, weight, grad = torch.randn(rows, inputs), torch.randn(outputs, inputs), torch.randn(rows, outputs)

@@ -47,20 +47,23 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         # Position t predicts the token at t + 1: keep the positions whose next token is learned.
         learned = torch.nn.functional.pad(targets != IGNORE, (0, 1), value=False)
         count = int(learned.sum())
-        projected, projected_count = self._bounded(learned, count)
-        handle = head.register_forward_pre_hook(lambda module, args: (args[0][projected], *args[1:]))
+        # Flat indices and index_select rather than a boolean mask: the mask's backward is an index_put with
+        # accumulation (7.6 ms a step on the SFT bench, bf16 on a CPU with AMX), index_select's an index_add.
+        projected = self._bounded(learned, count)
+        handle = head.register_forward_pre_hook(
+            lambda module, args: (args[0].flatten(0, 1).index_select(0, projected), *args[1:]))
         try:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         finally:
             handle.remove()
         logits = outputs["logits"]
-        if logits.dim() != 2 or logits.shape[0] != projected_count:
+        if logits.dim() != 2 or logits.shape[0] != len(projected):
             # A model that reshapes its logits after the output layer: use the standard loss from now on.
             logger.warning("This model's logits cannot be limited to learned positions; using the full LM head.")
             self._targets_only_off = True
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if projected is not learned:
-            logits = outputs["logits"] = logits[learned[projected]]  # callers see the learned positions only
+        if len(projected) != count:
+            logits = outputs["logits"] = logits[:count]  # callers see the learned positions only
         chosen = targets[targets != IGNORE]
         # LabelSmoother's (1 - e) * nll + e * mean over the vocabulary of -log p, summed over the targets: the same
         # per-target term as cross_entropy's label_smoothing (tested equal).
@@ -79,18 +82,18 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _bounded(self, learned, count: int):
-        """The positions the head projects and how many: `learned`, or where kernels keep state per shape a superset
-        of it with a multiple of BOUNDED_HEAD_ROWS positions as far as the batch has them (the extra ones are the
-        first positions not learned)."""
+        """The flat positions the head projects: the learned ones in order (targets' order), then, where kernels keep
+        state per shape, as many of the first positions not learned as make the row count a multiple of
+        BOUNDED_HEAD_ROWS (as far as the batch has them; their logits are not read)."""
         from .arguments import kernels_keep_state_per_shape
 
+        flat = learned.flatten()
+        positions = flat.nonzero().flatten()
         missing = -count % BOUNDED_HEAD_ROWS
         if not missing or not kernels_keep_state_per_shape(self.args):
-            return learned, count
-        projected = learned.clone()
-        spare = (~learned).flatten().nonzero().flatten()[:missing]
-        projected.view(-1)[spare] = True
-        return projected, count + len(spare)
+            return positions
+        spare = (~flat).nonzero().flatten()[:missing]
+        return torch.cat([positions, spare])
 
     def _steps_aside(self, model) -> bool:
         if not hasattr(self, "_targets_only_off"):

@@ -173,8 +173,9 @@ class NewWeights:
     token_ids: list[int] = field(default_factory=list)  # embedding rows of tokens added for this run
 
 
-def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[str, Any], tokenizer):
-    """Load weights with the task's Auto class; also report (NewWeights) what the checkpoint did not have."""
+def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[str, Any], tokenizer, dtype=None):
+    """Load weights with the task's Auto class; also report (NewWeights) what the checkpoint did not have. `dtype`:
+    the method's choice (Method.base_dtype) where the job leaves it open."""
     import torch
     import transformers
 
@@ -187,6 +188,8 @@ def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[s
         kwargs["quantization_config"], compute_dtype = _quantization_config(job.model.quantization_bit, job)
         # The layers left unquantized (norms, embeddings, heads) in the dtype the quantized ones compute in.
         kwargs.setdefault("dtype", compute_dtype)
+    if dtype is not None:
+        kwargs.setdefault("dtype", dtype)
     kwargs.setdefault("dtype", init.dtype if init.dtype == "auto" else getattr(torch, init.dtype))
     auto_class = getattr(transformers, model_class)
     try:

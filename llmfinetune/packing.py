@@ -3,9 +3,8 @@ example sees only itself.
 
 Positions restart at 0 for every example, and no attention mask is passed. How the examples then travel depends on
 the attention implementation (packed_layout, the one decision):
-- eager / flex (and SDPA on the CPU in bf16/fp16, see use_segmented_sdpa): a batch of rows. transformers'
-  masking_utils reads the example boundaries from the position ids of every row and builds a block-diagonal causal
-  mask (its padding-free path).
+- eager / flex: a batch of rows. transformers' masking_utils reads the example boundaries from the position ids of
+  every row and builds a block-diagonal causal mask (its padding-free path).
 - flash-attention (and hub flash kernels): one flattened row holding every example of the step, with the
   cu_seq_lens_q/k and max_length_q/k kwargs that DataCollatorWithFlattening produces. Flash attention builds no mask;
   it runs variable-length sequences from those kwargs, and reads boundaries from position ids only in a batch of one
@@ -14,6 +13,10 @@ the attention implementation (packed_layout, the one decision):
   SDPA's causal kernel once per example from cu_seq_lens. Over padded rows with a block-diagonal mask the kernel
   computes every (query, key) pair of a row and reads the mask; per example it computes only the causal half of each
   example's own square and reads no mask (fp32 SFT bench: attention 14% of a step before, +6% tokens/s after).
+  On the CPU in bf16/fp16 (kernels_keep_state_per_shape) oneDNN and the half-precision flash kernel keep state per
+  shape, so a row of a new length every step grew memory without end: there the flattened row is padded to a
+  multiple of FLAT_ROW_MULTIPLE tokens (a few shapes for every linear layer) and each example's attention runs in
+  fp32, whose kernel keeps no state per shape (bf16 SFT bench with AMX: attention 12.5 against 17 ms a layer).
 The first label of every example is ignored, as it is when the example is alone: there it would be predicted from
 the end of the previous example.
 
@@ -30,6 +33,9 @@ from .errors import UserError
 IGNORE = -100
 PACKING_KEY = "ft_config.train_config.base_config.packing"
 ROWS, FLATTENED = "rows", "flattened"
+# Where kernels keep state per shape: the flattened row's length is a multiple of this (a padding example at the
+# end), so every linear layer sees a few row counts. As the LM head's BOUNDED_HEAD_ROWS.
+FLAT_ROW_MULTIPLE = 64
 
 # Attention implementations whose masks come from masking_utils, which turns the per-row position ids into a
 # block-diagonal mask (tests/test_packing_attention.py runs each of them).
@@ -139,13 +145,16 @@ class PackedCollator:
     """Packed rows in the layout the model's attention needs (packed_layout): a batch of rows padded to the longest,
     or one flattened row. Which one is known only once the model is loaded, so the Trainer binds it (bind_to)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8, layout: Optional[str] = None):
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8, layout: Optional[str] = None,
+                 flat_row_multiple: Optional[int] = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.layout = layout
+        self.flat_row_multiple = flat_row_multiple
 
-    def bind_to(self, model, n_gpu: int = 1) -> None:
+    def bind_to(self, model, n_gpu: int = 1, few_shapes: bool = False) -> None:
         self.layout = packed_layout(getattr(model.config, "_attn_implementation", None))
+        self.flat_row_multiple = FLAT_ROW_MULTIPLE if few_shapes else None
         if self.layout == FLATTENED and n_gpu > 1:
             # nn.DataParallel would hand the single row to one GPU and split the cu_seq_lens tensors across all.
             raise UserError(
@@ -158,7 +167,7 @@ class PackedCollator:
         if self.layout == ROWS:
             tensors = self._rows(features)
         elif self.layout == FLATTENED:
-            tensors = self._flattened(features)
+            tensors = self._flattened(features, self.pad_token_id, self.flat_row_multiple)
         else:
             raise RuntimeError("PackedCollator used before bind_to(model): the attention implementation decides "
                                "the layout.")
@@ -184,9 +193,11 @@ class PackedCollator:
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
 
     @staticmethod
-    def _flattened(features: list[dict[str, Any]]) -> dict[str, Any]:
-        """Every example of every row, end to end in one row, no padding; the kwargs and dtypes are those of
-        transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True)."""
+    def _flattened(features: list[dict[str, Any]], pad_token_id: int = 0,
+                   multiple: Optional[int] = None) -> dict[str, Any]:
+        """Every example of every row, end to end in one row; the kwargs and dtypes are those of transformers'
+        DataCollatorWithFlattening(return_flash_attn_kwargs=True). With `multiple`, the row ends in one padding
+        example (positions from 0, labels ignored) that makes its length a multiple of it."""
         import torch
 
         ids, labels, positions = [], [], []
@@ -194,6 +205,10 @@ class PackedCollator:
             ids += feature["input_ids"]
             labels += feature["labels"]
             positions += feature["position_ids"]
+        missing = -len(ids) % multiple if multiple else 0
+        ids += [pad_token_id] * missing
+        labels += [IGNORE] * missing
+        positions += range(missing)
         starts = [i for i, position in enumerate(positions) if position == 0]
         for start in starts:
             labels[start] = IGNORE
@@ -213,22 +228,16 @@ def bind_packed_collator(trainer) -> None:
     if bind_to is not None:
         from .arguments import kernels_keep_state_per_shape
 
-        use_segmented_sdpa(trainer.model, few_shapes=kernels_keep_state_per_shape(trainer.args))
-        bind_to(trainer.model, trainer.args.n_gpu)
+        use_segmented_sdpa(trainer.model)
+        bind_to(trainer.model, trainer.args.n_gpu, few_shapes=kernels_keep_state_per_shape(trainer.args))
 
 
-def use_segmented_sdpa(model, few_shapes: bool = False) -> str:
+def use_segmented_sdpa(model) -> str:
     """Switch a model that attends with SDPA to SEGMENTED_SDPA (the same kernel, once per packed example); return
     the attention implementation the model trains with. Idempotent; nothing is saved with the model (transformers
-    keeps the implementation out of config.json), so a saved run loads with plain SDPA.
-
-    Not where the kernels keep state per shape (`few_shapes`: the CPU in bf16/fp16): there per-example calls on a
-    flattened row of a new length every step grow memory by ~100 MB a step (measured over 24 steps of the SFT bench;
-    fp32 does not grow); the padded rows' few shapes do not. Bounding the shapes instead (the row padded to the rows'
-    width, each example's query/key/value to a multiple of 32) stopped the growth but stepped slower than the rows
-    (bench/README.md, issue #12)."""
+    keeps the implementation out of config.json), so a saved run loads with plain SDPA."""
     implementation = getattr(model.config, "_attn_implementation", None)
-    if implementation != "sdpa" or few_shapes:
+    if implementation != "sdpa":
         return implementation
     _register_segmented_sdpa()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -260,6 +269,15 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     bounds = bounds.tolist()
     lengths = [end - start for start, end in zip(bounds, bounds[1:])]
     window = kwargs.get("sliding_window")
+    dtype = query.dtype
+    if query.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        # The CPU's half-precision flash kernel keeps state per shape, and every example is a new shape: run it in
+        # fp32, which keeps none (autocast would cast back to bf16). Under autocast with an fp32 base the rotary
+        # embedding already made query fp32, hence the autocast check.
+        with torch.autocast("cpu", enabled=False):
+            output, _ = segmented_sdpa_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                               dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return output.to(dtype), None
     outputs = []
     # split, not slicing: the backward of a split is one concatenation, while each slice's backward would fill a
     # zero tensor the size of the whole row (once per example, for query, key and value).

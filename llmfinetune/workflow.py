@@ -75,6 +75,10 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     training_args = arguments.build_training_arguments(job, task, output_dir, deepspeed)
     dist = world()
     check_launch(dist.world_size)
+    if training_args.device.type == "cpu":
+        from .allocator import keep_step_memory_mapped
+
+        keep_step_memory_mapped()
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_job(job, output_dir / "job.yaml")
@@ -94,12 +98,14 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     from .checkpoints import MarkCompleteCheckpoints, StopOnNonFiniteLoss, resume_point
 
     set_seed(training_args.seed)  # new heads are initialised while loading: make them reproducible
-    model, fresh_modules = models.load_model(model_path, job, task.model_class, prepared.model_kwargs, tokenizer)
+    base_dtype = method.base_dtype(job, task, training_args)
+    model, fresh_modules = models.load_model(model_path, job, task.model_class, prepared.model_kwargs, tokenizer,
+                                             dtype=base_dtype)
     if not task.loss_sums_over_items:
         # BERT-style heads average their own loss yet accept **kwargs, so Trainer would multiply that average by
         # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
         model.accepts_loss_kwargs = False
-    model = method.wrap(model, job, task, fresh_modules)
+    model = method.wrap(model, job, task, fresh_modules, trainable_fp32=base_dtype is not None)
     from .generation_eval import TrainingJudge
 
     judge = TrainingJudge(job, task, tokenizer, splits, eval_split, output_dir, dist.world_size)

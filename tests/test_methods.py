@@ -241,3 +241,52 @@ def test_export_merge_of_a_qlora_run_loads_the_base_unquantized(tiny_models, tmp
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, result.model.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
     assert json.loads((target / "labels.json").read_text())["id2label"]
+
+
+def _trained_dtypes(tiny_models, tmp_path, task, caplog, initializer=None, model_config=None, lora=None, **base):
+    """(dtypes of the frozen parameters, dtypes of the trained ones, the base_dtype log lines) after a short run."""
+    import logging
+
+    from conftest import TASK_DATA
+    from llmfinetune.workflow import run
+
+    data = make_dataset(tmp_path / "data", task)
+    config = job_dict(task, "lora", tiny_models[TASK_DATA[task][1]], data, tmp_path / "run", max_steps=2,
+                      save_strategy="no", **base)
+    if initializer is not None:
+        config["model_config"]["initialization"] = {"initializer": initializer}
+    config["model_config"].update(model_config or {})
+    config["ft_config"]["train_config"]["lora_config"].update(lora or {})
+    with caplog.at_level(logging.INFO, logger="llmfinetune.methods.lora"):
+        model = run(parse_job(config)).model
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    return frozen, trained, [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA in bf16")]
+
+
+def test_lora_in_bf16_holds_a_causal_lms_frozen_base_in_bf16_and_trains_in_fp32(tiny_models, tmp_path, caplog):
+    frozen, trained, lines = _trained_dtypes(tiny_models, tmp_path, "text-generation", caplog, bf16=True,
+                                             packing=True)
+    assert frozen == {torch.bfloat16} and trained == {torch.float32} and len(lines) == 1
+    assert "initializer.dtype: float32" in lines[0]  # how to keep an fp32 base
+
+
+@pytest.mark.parametrize("task, initializer, bf16", [
+    ("text-generation", {"dtype": "float32"}, True),  # the user's written dtype wins
+    ("text-generation", {"from_pretrained_kwargs": {"dtype": "float32"}}, True),
+    ("text-generation", None, False),  # fp32 training
+    ("sequenceclassification", None, True),  # encoder tasks keep the base their accuracy was measured with
+])
+def test_lora_keeps_an_fp32_base_where_the_job_or_the_task_says_so(tiny_models, tmp_path, caplog, task, initializer,
+                                                                   bf16):
+    frozen, trained, lines = _trained_dtypes(tiny_models, tmp_path, task, caplog, initializer, bf16=bf16)
+    assert frozen == {torch.float32} and trained == {torch.float32} and lines == []
+
+
+def test_lora_in_bf16_trains_modules_in_full_and_new_token_rows_in_fp32(tiny_models, tmp_path, caplog):
+    """peft makes its adapters fp32, not a module it trains in full (modules_to_save): the optimizer must not step
+    on bf16 weights. Rows of added tokens train in fp32 too."""
+    added = {"add_special_tokens": {"sep_token": "<new_sep>"}}
+    frozen, trained, lines = _trained_dtypes(tiny_models, tmp_path, "text-generation", caplog, model_config=added,
+                                             bf16=True, lora={"modules_to_save": ["norm"]})
+    assert frozen == {torch.bfloat16} and trained == {torch.float32} and len(lines) == 1

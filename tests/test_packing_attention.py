@@ -293,14 +293,59 @@ def test_check_refuses_packing_with_an_attention_implementation_not_known_to_iso
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_a_packed_sdpa_model_trains_per_example_except_in_half_precision_on_the_cpu(tiny_models, tmp_path, bf16):
+def test_a_packed_sdpa_model_trains_per_example_in_one_flattened_row(tiny_models, tmp_path, bf16):
+    """In fp32 the row is the examples end to end; on the CPU in bf16, where kernels keep state per shape, it ends in
+    one padding example that makes its length a multiple of FLAT_ROW_MULTIPLE (a few shapes for every layer)."""
+    from llmfinetune.packing import FLAT_ROW_MULTIPLE, IGNORE
+
     trainer, _ = _flash_trainer(tiny_models, tmp_path, attention="sdpa", bf16=bf16)
-    attention = trainer.model.config._attn_implementation
+    assert (trainer.model.config._attn_implementation, trainer.data_collator.layout) == (SEGMENTED_SDPA, FLATTENED)
     batch = next(iter(trainer.get_train_dataloader()))
-    if bf16:  # per-shape kernel state would grow memory every step (use_segmented_sdpa)
-        assert (attention, trainer.data_collator.layout) == ("sdpa", ROWS) and batch["input_ids"].shape[0] == 3
+    assert batch["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in batch
+    bounds = batch["cu_seq_lens_q"].tolist()
+    length = batch["input_ids"].shape[1]
+    assert bounds[-1] == length
+    if bf16:
+        assert length % FLAT_ROW_MULTIPLE == 0
+        padding = slice(bounds[-2], length)  # the padding example: positions from 0, nothing learned
+        assert batch["position_ids"][0, padding].tolist() == list(range(length - bounds[-2]))
+        assert set(batch["labels"][0, padding].tolist()) == {IGNORE}
     else:
-        assert (attention, trainer.data_collator.layout) == (SEGMENTED_SDPA, FLATTENED)
-        assert batch["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in batch
+        assert batch["labels"][0, bounds[-2]:].ne(IGNORE).any()  # the last example is a real one
     trainer.save_model(str(tmp_path / "saved"))
     assert json.loads((tmp_path / "saved" / "config.json").read_text()).get("attn_implementation") in (None, "sdpa")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "fp32-weights-under-autocast"])
+def test_on_the_cpu_in_half_precision_each_packed_example_attends_in_fp32(autocast):
+    """The half-precision CPU flash kernel keeps state per shape and every example is a new shape, so the segmented
+    attention runs each example in fp32 there, with a bf16 base as with an fp32 base under autocast (whose rotary
+    embedding hands the attention fp32 queries). Each example's logits still equal its logits alone."""
+    import torch
+
+    model = _load("qwen2", "sdpa")
+    examples, rows = _packed_rows()
+    with torch.no_grad():
+        reference = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0] for ids in examples]
+        if not autocast:
+            model.to(torch.bfloat16)
+        use_segmented_sdpa(model)
+        batch = PackedCollator(pad_token_id=0, layout=FLATTENED, flat_row_multiple=16)(rows)
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        seen = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(query, *args, **kwargs):
+            seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+            return sdpa(query, *args, **kwargs)
+
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logits = model(**inputs).logits.float()
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert batch["input_ids"].shape[1] % 16 == 0 and len(seen) == 2 * (len(examples) + 1)  # 2 layers, + padding
+    assert set(seen) == {(torch.float32, False)}
+    for (row, start, end), expected in zip(_spans(batch), reference):
+        torch.testing.assert_close(logits[row, start:end], expected, atol=0.05, rtol=0.05)

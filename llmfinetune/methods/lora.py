@@ -67,7 +67,24 @@ class LoRA(Method):
         except (TypeError, ValueError) as exc:
             raise UserError(f"ft_config.train_config.lora_config: {exc}") from None
 
-    def wrap(self, model, job, task, new_weights):
+    def base_dtype(self, job, task, training_args):
+        """bf16 for the frozen base under bf16 mixed precision, where the task measured it (Task.half_precision_base)
+        and the job leaves the dtype open: autocast then casts no frozen weight every step, and the residual stream
+        is half the bytes. Not beside quantization (its own compute dtype), DeepSpeed or FSDP (they hold the weights
+        in their own precision)."""
+        import torch
+
+        init = job.model.initialization.initializer
+        written = "dtype" in init.model_fields_set or {"dtype", "torch_dtype"} & init.from_pretrained_kwargs.keys()
+        if (not task.half_precision_base or not training_args.bf16 or written or job.model.quantization_bit
+                or training_args.deepspeed or training_args.fsdp):
+            return None
+        logger.info("LoRA in bf16: the frozen base is loaded in bf16, adapters and every trained weight stay fp32; "
+                    "set model_config.initialization.initializer.dtype: float32 for an fp32 base.")
+        return torch.bfloat16
+
+    def wrap(self, model, job, task, new_weights, trainable_fp32=False):
+        import torch
         from peft import get_peft_model
 
         if job.model.quantization_bit:
@@ -96,6 +113,12 @@ class LoRA(Method):
             # directory (gigabytes for an 8B model), though every row the resize added is trained and saved in the
             # adapter (trainable_token_indices, or modules_to_save) and the other rows are the base model's.
             peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
+        if trainable_fp32:
+            # peft makes its adapters fp32, not the modules it trains in full (a new head, modules_to_save) nor
+            # added embedding rows: the optimizer must not step on bf16 weights.
+            for parameter in peft_model.parameters():
+                if parameter.requires_grad and parameter.dtype != torch.float32:
+                    parameter.data = parameter.data.float()
         trainable, total = peft_model.get_nb_trainable_parameters()
         logger.info("LoRA r=%s on %s; also trained in full: %s; embedding rows trained: %s; trainable %d of %d "
                     "parameters (%.2f%%)", config.r, sorted(config.target_modules)

@@ -71,6 +71,10 @@ class Task:
     # Whether the model's loss divides by the item count Trainer passes (num_items_in_batch), as the causal-LM loss
     # functions of transformers do; classification and masked-LM heads take a plain mean instead.
     loss_sums_over_items: ClassVar[bool] = False
+    # Whether LoRA under bf16 mixed precision loads the frozen base in bf16 (methods/lora.py, base_dtype). Measured
+    # for causal LMs (SFT bench, bf16 with AMX: +11% tokens/s, -140 MiB, the same losses to 4 decimals), as
+    # LLaMA-Factory and TRL users load them; the encoder tasks keep the fp32 base their accuracy was measured with.
+    half_precision_base: ClassVar[bool] = False
     # from_pretrained arguments the model class always needs, whatever the data (a reward model has one output).
     model_init_kwargs: ClassVar[dict[str, Any]] = {}
 

@@ -15,6 +15,7 @@ class CausalLM(Task):
     name = "text-generation"
     model_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
+    half_precision_base = True
     loss_only_eval = True
     reports_perplexity = True
     loss_sums_over_items = True

@@ -165,6 +165,7 @@ class Preference(Task):
     name = "preference"
     model_class = "AutoModelForCausalLM"
     peft_task_type = "CAUSAL_LM"
+    half_precision_base = True
     loss_only_eval = True
 
     # The layout is told from the columns (prompt/chosen/rejected, prompt/completion/label), not input_columns.

@@ -36,6 +36,19 @@ class CausalLMTrainer(Trainer):
 
         bind_packed_collator(self)
 
+    def compute_loss_context_manager(self):
+        """Under autocast peft's adapters need not cast their input to their fp32 weights: autocast casts it back to
+        bf16 for the matmul anyway (the same values), and with a bf16 base that was two copies of the layer's input
+        each way, per adapted layer and step."""
+        import contextlib
+
+        from peft.helpers import disable_input_dtype_casting
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(super().compute_loss_context_manager())
+        stack.enter_context(disable_input_dtype_casting(self.model, active=self.args.bf16 or self.args.fp16))
+        return stack
+
 
 class TargetsOnlyTrainer(CausalLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -278,6 +278,11 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
             output, _ = segmented_sdpa_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                                dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
         return output.to(dtype), None
+    if kwargs.get("softcap") is not None:
+        raise ValueError("SDPA does not support attention logit softcapping; use eager or flex attention.")
+    # torch's SDPA directly, not transformers' wrapper: the wrapper transposes and copies every example's output,
+    # here the outputs are joined once. GQA in the kernel (enable_gqa) instead of repeated key/value heads.
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
     outputs = []
     # split, not slicing: the backward of a split is one concatenation, while each slice's backward would fill a
     # zero tensor the size of the whole row (once per example, for query, key and value).
@@ -288,7 +293,7 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
             offsets = torch.arange(length, device=query.device)
             distance = offsets[:, None] - offsets[None, :]
             mask = ((distance >= 0) & (distance < window))[None, None]
-        output, _ = sdpa_attention_forward(module, *qkv, mask, dropout=dropout, scaling=scaling,
-                                           is_causal=mask is None, **kwargs)
-        outputs.append(output)
-    return torch.cat(outputs, dim=1), None
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            *qkv, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and length > 1, scale=scaling,
+            enable_gqa=gqa))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None

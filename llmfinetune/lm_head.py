@@ -35,6 +35,10 @@ class CausalLMTrainer(Trainer):
         from .packing import bind_packed_collator
 
         bind_packed_collator(self)
+        if self.args.device.type == "cpu":
+            from .kernels import swap_rms_norms
+
+            swap_rms_norms(self.model)
 
     def compute_loss_context_manager(self):
         """Under autocast peft's adapters need not cast their input to their fp32 weights: autocast casts it back to

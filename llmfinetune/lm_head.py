@@ -13,6 +13,7 @@ replica's slice with the whole batch's mask).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -44,14 +45,28 @@ class CausalLMTrainer(Trainer):
         """Under autocast peft's adapters need not cast their input to their fp32 weights: autocast casts it back to
         bf16 for the matmul anyway (the same values), and with a bf16 base that was two copies of the layer's input
         each way, per adapted layer and step."""
-        import contextlib
-
-        from peft.helpers import disable_input_dtype_casting
-
         stack = contextlib.ExitStack()
         stack.enter_context(super().compute_loss_context_manager())
-        stack.enter_context(disable_input_dtype_casting(self.model, active=self.args.bf16 or self.args.fp16))
+        if self.args.bf16 or self.args.fp16:
+            stack.enter_context(_adapters_keep_input_dtype(self.model))
         return stack
+
+
+@contextlib.contextmanager
+def _adapters_keep_input_dtype(model):
+    """peft's disable_input_dtype_casting for LoRA layers only: it also sets the flag on layers that lack it
+    (TrainableTokensLayer, for added tokens), which then fail reading it back."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    saved = [getattr(module, "cast_input_dtype_enabled", True) for module in layers]
+    for module in layers:
+        module.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for module, value in zip(layers, saved):
+            module.cast_input_dtype_enabled = value
 
 
 class TargetsOnlyTrainer(CausalLMTrainer):

@@ -4,6 +4,7 @@ export merge into an unquantized base. bitsandbytes needs CUDA, so the 4-bit loa
 check what is handed to transformers and peft."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -290,3 +291,30 @@ def test_lora_in_bf16_trains_modules_in_full_and_new_token_rows_in_fp32(tiny_mod
     frozen, trained, lines = _trained_dtypes(tiny_models, tmp_path, "text-generation", caplog, model_config=added,
                                              bf16=True, lora={"modules_to_save": ["norm"]})
     assert frozen == {torch.bfloat16} and trained == {torch.float32} and len(lines) == 1
+
+
+def test_under_autocast_adapters_take_their_input_as_it_comes_and_get_the_flag_back(tiny_models, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """peft casts an adapter's input to its fp32 weights, which autocast casts straight back to bf16: SFT steps skip
+    that (the same values), and afterwards (generation without autocast) the adapters cast again."""
+    from peft.tuners.lora import LoraLayer
+
+    from llmfinetune import lm_head
+
+    seen = []
+    original = lm_head._adapters_keep_input_dtype
+
+    def spy(model):
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        with original(model):
+            seen.append({m.cast_input_dtype_enabled for m in layers})
+            yield
+
+    monkeypatch.setattr(lm_head, "_adapters_keep_input_dtype", contextlib.contextmanager(spy))
+    data = make_dataset(tmp_path / "data", "text-generation")
+    from llmfinetune.workflow import run
+
+    model = run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run",
+                                   max_steps=2, save_strategy="no", bf16=True))).model
+    assert seen and all(flags == {False} for flags in seen)
+    assert {getattr(m, "cast_input_dtype_enabled", True) for m in model.modules() if isinstance(m, LoraLayer)} == {True}

@@ -1,11 +1,12 @@
 """Host memory for training on the CPU: keep the step's large tensors in malloc's heap instead of fresh mappings.
 
 glibc serves every allocation above its mmap threshold (dynamic, at most 32 MiB by default) with a new mapping and
-unmaps it on free, and gives freed heap memory back beyond a trim threshold. A training step on the CPU allocates and frees the same large tensors every step (the SFT bench's
-LM-head logits are ~35 MB in fp32), so each step paid a page fault per 4 KiB page of each of them again: a
-1088 x 8000 fill took 36 ms against ~5 ms from memory already mapped. With both thresholds raised they come from
-the heap and stay mapped from step to step: on the SFT peer bench (CPU with AMX) fp32 ~2100 against 1423 tokens/s
-(peak RSS ~1615 against 1257 MiB, below LLaMA-Factory's ~1650), bf16 +5-10%.
+unmaps it on free, and gives freed heap memory back beyond a trim threshold. A training step on the CPU allocates
+and frees the same large tensors every step (the SFT bench's LM-head logits are ~35 MB in fp32), so each step paid a
+page fault per 4 KiB page of each of them again (tests/test_allocator.py: ~160,000 faults over five steps of such
+sizes, ~17,000 with the thresholds raised). With both thresholds raised they come from the heap and stay mapped
+from step to step: on the SFT peer bench (CPU with AMX; runs one after the other) fp32 ~2100 against 1423
+tokens/s (peak RSS ~1615 against 1257 MiB, below LLaMA-Factory's ~1650), bf16 +5-10%.
 
 Only for training on the CPU (GPU runs keep their host memory returnable), only with glibc, and never when the user
 set MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (glibc then follows those) or preloads another allocator

@@ -20,11 +20,6 @@ import torch
 from transformers import Trainer
 
 IGNORE = -100
-# On the CPU in bf16/fp16 oneDNN compiles and keeps a matmul per new shape: a head of a new row count every step (the
-# step's number of targets) grew the SFT bench's RSS by ~10 MB a step, without end (1294 -> 1926 MiB over 60 steps;
-# with the count rounded up to 64 it levelled off at 1411). There the head also projects a few positions whose
-# logits no loss reads, up to a multiple of this.
-BOUNDED_HEAD_ROWS = 64
 logger = logging.getLogger(__name__)
 
 
@@ -116,13 +111,13 @@ class TargetsOnlyTrainer(CausalLMTrainer):
     def _bounded(self, learned, count: int):
         """The flat positions the head projects: the learned ones in order (targets' order), then, where kernels keep
         state per shape, as many of the first positions not learned as make the row count a multiple of
-        BOUNDED_HEAD_ROWS (as far as the batch has them; their logits are not read)."""
-        from .arguments import kernels_keep_state_per_shape
+        arguments.SHAPE_MULTIPLE (as far as the batch has them; their logits are not read)."""
+        from . import arguments
 
         flat = learned.flatten()
         positions = flat.nonzero().flatten()
-        missing = -count % BOUNDED_HEAD_ROWS
-        if not missing or not kernels_keep_state_per_shape(self.args):
+        missing = -count % arguments.SHAPE_MULTIPLE
+        if not missing or not arguments.kernels_keep_state_per_shape(self.args):
             return positions
         spare = (~flat).nonzero().flatten()[:missing]
         return torch.cat([positions, spare])

@@ -15,7 +15,7 @@ the attention implementation (packed_layout, the one decision):
   example's own square and reads no mask (fp32 SFT bench: attention 14% of a step before, +6% tokens/s after).
   On the CPU in bf16/fp16 (kernels_keep_state_per_shape) oneDNN and the half-precision flash kernel keep state per
   shape, so a row of a new length every step grew memory without end: there the flattened row is padded to a
-  multiple of FLAT_ROW_MULTIPLE tokens (a few shapes for every linear layer) and each example's attention runs in
+  multiple of arguments.SHAPE_MULTIPLE tokens (a few shapes for every linear layer) and each example's attention runs in
   fp32, whose kernel keeps no state per shape (bf16 SFT bench with AMX: attention 12.5 against 17 ms a layer).
 The first label of every example is ignored, as it is when the example is alone: there it would be predicted from
 the end of the previous example.
@@ -33,9 +33,6 @@ from .errors import UserError
 IGNORE = -100
 PACKING_KEY = "ft_config.train_config.base_config.packing"
 ROWS, FLATTENED = "rows", "flattened"
-# Where kernels keep state per shape: the flattened row's length is a multiple of this (a padding example at the
-# end), so every linear layer sees a few row counts. As the LM head's BOUNDED_HEAD_ROWS.
-FLAT_ROW_MULTIPLE = 64
 
 # Attention implementations whose masks come from masking_utils, which turns the per-row position ids into a
 # block-diagonal mask (tests/test_packing_attention.py runs each of them).
@@ -154,7 +151,9 @@ class PackedCollator:
 
     def bind_to(self, model, n_gpu: int = 1, few_shapes: bool = False) -> None:
         self.layout = packed_layout(getattr(model.config, "_attn_implementation", None))
-        self.flat_row_multiple = FLAT_ROW_MULTIPLE if few_shapes else None
+        from .arguments import SHAPE_MULTIPLE
+
+        self.flat_row_multiple = SHAPE_MULTIPLE if few_shapes else None
         if self.layout == FLATTENED and n_gpu > 1:
             # nn.DataParallel would hand the single row to one GPU and split the cu_seq_lens tensors across all.
             raise UserError(

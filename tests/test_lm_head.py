@@ -157,9 +157,9 @@ def test_on_the_cpu_in_half_precision_the_head_projects_a_bounded_row_count_with
     logits no loss reads); loss and gradients stay the standard ones. Compared in fp32 for exactness."""
     import torch
 
-    from llmfinetune import lm_head
+    from llmfinetune import arguments
 
-    monkeypatch.setattr(lm_head, "BOUNDED_HEAD_ROWS", 12)  # the batch has 16 positions, 8 learned
+    monkeypatch.setattr(arguments, "SHAPE_MULTIPLE", 12)  # the batch has 16 positions, 8 learned
     model = _qwen2(tiny_models)
     results = []
     for trainer in _trainers(model, tmp_path, bf16=True):

@@ -295,8 +295,9 @@ def test_check_refuses_packing_with_an_attention_implementation_not_known_to_iso
 @pytest.mark.parametrize("bf16", [False, True])
 def test_a_packed_sdpa_model_trains_per_example_in_one_flattened_row(tiny_models, tmp_path, bf16):
     """In fp32 the row is the examples end to end; on the CPU in bf16, where kernels keep state per shape, it ends in
-    one padding example that makes its length a multiple of FLAT_ROW_MULTIPLE (a few shapes for every layer)."""
-    from llmfinetune.packing import FLAT_ROW_MULTIPLE, IGNORE
+    one padding example that makes its length a multiple of SHAPE_MULTIPLE (a few shapes for every layer)."""
+    from llmfinetune.arguments import SHAPE_MULTIPLE
+    from llmfinetune.packing import IGNORE
 
     trainer, _ = _flash_trainer(tiny_models, tmp_path, attention="sdpa", bf16=bf16)
     assert (trainer.model.config._attn_implementation, trainer.data_collator.layout) == (SEGMENTED_SDPA, FLATTENED)
@@ -306,7 +307,7 @@ def test_a_packed_sdpa_model_trains_per_example_in_one_flattened_row(tiny_models
     length = batch["input_ids"].shape[1]
     assert bounds[-1] == length
     if bf16:
-        assert length % FLAT_ROW_MULTIPLE == 0
+        assert length % SHAPE_MULTIPLE == 0
         padding = slice(bounds[-2], length)  # the padding example: positions from 0, nothing learned
         assert batch["position_ids"][0, padding].tolist() == list(range(length - bounds[-2]))
         assert set(batch["labels"][0, padding].tolist()) == {IGNORE}

@@ -31,6 +31,7 @@ class CausalLMTrainer(Trainer):
         from .packing import bind_packed_collator
 
         bind_packed_collator(self)
+        self._lora_layers = None
         if self.args.device.type == "cpu":
             from .kernels import swap_rms_norms
 
@@ -43,17 +44,19 @@ class CausalLMTrainer(Trainer):
         stack = contextlib.ExitStack()
         stack.enter_context(super().compute_loss_context_manager())
         if self.args.bf16 or self.args.fp16:
-            stack.enter_context(_adapters_keep_input_dtype(self.model))
+            if self._lora_layers is None:
+                from peft.tuners.lora import LoraLayer
+
+                # Found once: the adapters do not change while training, and walking every module each step is waste.
+                self._lora_layers = [module for module in self.model.modules() if isinstance(module, LoraLayer)]
+            stack.enter_context(_adapters_keep_input_dtype(self._lora_layers))
         return stack
 
 
 @contextlib.contextmanager
-def _adapters_keep_input_dtype(model):
+def _adapters_keep_input_dtype(layers):
     """peft's disable_input_dtype_casting for LoRA layers only: it also sets the flag on layers that lack it
     (TrainableTokensLayer, for added tokens), which then fail reading it back."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
     saved = [getattr(module, "cast_input_dtype_enabled", True) for module in layers]
     for module in layers:
         module.cast_input_dtype_enabled = False

@@ -304,10 +304,10 @@ def test_under_autocast_adapters_take_their_input_as_it_comes_and_get_the_flag_b
     seen = []
     original = lm_head._adapters_keep_input_dtype
 
-    def spy(model):
-        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        with original(model):
-            seen.append({m.cast_input_dtype_enabled for m in layers})
+    def spy(layers):
+        assert layers and all(isinstance(m, LoraLayer) for m in layers)
+        with original(layers):
+            seen.append(({m.cast_input_dtype_enabled for m in layers}, len(layers)))
             yield
 
     monkeypatch.setattr(lm_head, "_adapters_keep_input_dtype", contextlib.contextmanager(spy))
@@ -316,5 +316,6 @@ def test_under_autocast_adapters_take_their_input_as_it_comes_and_get_the_flag_b
 
     model = run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run",
                                    max_steps=2, save_strategy="no", bf16=True))).model
-    assert seen and all(flags == {False} for flags in seen)
-    assert {getattr(m, "cast_input_dtype_enabled", True) for m in model.modules() if isinstance(m, LoraLayer)} == {True}
+    adapters = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert seen and all(flags == {False} and count == len(adapters) for flags, count in seen)
+    assert {getattr(m, "cast_input_dtype_enabled", True) for m in adapters} == {True}

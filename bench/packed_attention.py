@@ -19,22 +19,11 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def best_ms(run, repeats: int = 5, calls: int = 5) -> float:
-    for _ in range(2):
-        run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul_ceiling import best_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -137,7 +126,7 @@ def main() -> None:
                     for a, b in zip([output, *grads], [reference, *reference_grads]))
         if worst > tolerance:
             sys.exit(f"{name} differs from per example by {worst:.2e} (tolerance {tolerance:.0e})")
-        times[name] = best_ms(lambda function=function: forward_backward(function))
+        times[name] = best_seconds(lambda function=function: forward_backward(function)) * 1e3
         print(f"{name:>18}: {times[name]:7.2f} ms forward + backward (largest difference {worst:.1e} of the largest value)")
     for name, ms in times.items():
         if name != "per example":

@@ -72,17 +72,21 @@ def _probe(tokenizer, task: str, extra: str = ""):
 def trained_runs(tiny_models, encoder_only_bert, tmp_path_factory):
     """Two steps of every task x method, plus LoRA runs that add a token; name -> (run, base, job, RunResult)."""
     root = tmp_path_factory.mktemp("plain-reload")
-    cases = [(task, method, None) for task in TASK_DATA for method in ("full", "lora")]
-    cases += [(task, "lora", NEW_TOKEN[task]) for task in NEW_TOKEN]
+    cases = [(task, method, None, None) for task in TASK_DATA for method in ("full", "lora")]
+    cases += [(task, "lora", NEW_TOKEN[task], None) for task in NEW_TOKEN]
+    # The default job's shape: every bias and the pooler train beside the adapters, and are saved with them.
+    cases += [("sequenceclassification", "lora", None, {"bias": "all", "modules_to_save": ["pooler"]})]
     runs = {}
     patch = pytest.MonkeyPatch()
     # report.png/report.md (test_report.py) are not what this test reads; skip drawing them.
     patch.setattr("llmfinetune.workflow._write_report", lambda *args, **kwargs: None, raising=False)
-    for task, method, new_token in cases:
-        name = f"{task}-{method}" + ("-new-token" if new_token else "")
+    for task, method, new_token, lora in cases:
+        name = f"{task}-{method}" + ("-new-token" if new_token else "") + ("-biases-and-pooler" if lora else "")
         base = encoder_only_bert if TASK_DATA[task][1] == "bert" else tiny_models["qwen2"]
         raw = job_dict(task, method, base, make_dataset(root / name / "data", task), root / name / "run",
                        max_steps=2, save_steps=2, logging_steps=1)
+        if lora:
+            raw["ft_config"]["train_config"]["lora_config"].update(lora)
         if new_token:
             raw["model_config"]["add_special_tokens"] = dict([new_token])
         runs[name] = (task, method, base, new_token, run(parse_job(raw)))
@@ -149,3 +153,21 @@ def test_lora_trains_the_rows_of_added_tokens_and_leaves_the_others(trained_runs
     torch.testing.assert_close(scored, rows, rtol=1e-6, atol=1e-6)
     adapter = result.output_dir / "adapter_model.safetensors"
     assert adapter.stat().st_size < before.numel() * 4, "the adapter holds a whole embedding matrix"
+
+
+def test_lora_with_bias_all_trains_and_saves_every_encoder_bias(trained_runs):
+    """The default job trains every bias beside the adapters (lora_config.bias: all): they must change in training
+    and be in the adapter file, or a reload gets the base model's biases back."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _, _, base, _, result = trained_runs["sequenceclassification-lora-biases-and-pooler"]
+    original = {k: v for k, v in load_file(str(base / "model.safetensors")).items() if k.endswith(".bias")}
+    with safe_open(str(result.output_dir / "adapter_model.safetensors"), "pt") as saved:
+        biases = {key: saved.get_tensor(key) for key in saved.keys() if key.endswith(".bias")}
+    layer_biases = {key.split("bert.", 1)[-1].replace(".base_layer", ""): value for key, value in biases.items()
+                    if ".encoder.layer." in key}
+    expected = {key: value for key, value in original.items() if key.startswith("encoder.layer.")}
+    assert expected and set(layer_biases) == set(expected)
+    changed = [key for key in expected if not torch.equal(layer_biases[key], expected[key])]
+    assert len(changed) == len(expected), f"biases that did not train: {sorted(set(expected) - set(changed))}"

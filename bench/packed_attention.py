@@ -110,17 +110,20 @@ def main() -> None:
         for tensor in (query, key, value):
             tensor.grad = None
         function(query, key, value).backward(grad.transpose(1, 2))
-        return [tensor.grad.clone() for tensor in (query, key, value)]
+
+    def gradients(function):
+        forward_backward(function)
+        return [tensor.grad for tensor in (query, key, value)]
 
     reference = per_example(query, key, value).detach()
-    reference_grads = forward_backward(per_example)
+    reference_grads = gradients(per_example)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     print(f"{args.dtype}: {len(lengths)} examples, {total} tokens, {heads} heads ({args.kv_heads} key/value), "
           f"head dim {dim}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     times = {}
     for name, function in contenders.items():
         output = function(query, key, value).detach()
-        grads = forward_backward(function)
+        grads = gradients(function)
         # Relative to the largest reference value: bf16 rounds each contender's sums differently.
         worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
                     for a, b in zip([output, *grads], [reference, *reference_grads]))

@@ -70,7 +70,8 @@ def _probe(tokenizer, task: str, extra: str = ""):
 
 @pytest.fixture(scope="module")
 def trained_runs(tiny_models, encoder_only_bert, tmp_path_factory):
-    """Two steps of every task x method, plus LoRA runs that add a token; name -> (run, base, job, RunResult)."""
+    """Two steps of every task x method, plus LoRA runs that add a token and one of the default job's LoRA shape;
+    name -> (task, method, base, new token, RunResult)."""
     root = tmp_path_factory.mktemp("plain-reload")
     cases = [(task, method, None, None) for task in TASK_DATA for method in ("full", "lora")]
     cases += [(task, "lora", NEW_TOKEN[task], None) for task in NEW_TOKEN]
@@ -162,12 +163,12 @@ def test_lora_with_bias_all_trains_and_saves_every_encoder_bias(trained_runs):
     from safetensors.torch import load_file
 
     _, _, base, _, result = trained_runs["sequenceclassification-lora-biases-and-pooler"]
-    original = {k: v for k, v in load_file(str(base / "model.safetensors")).items() if k.endswith(".bias")}
     with safe_open(str(result.output_dir / "adapter_model.safetensors"), "pt") as saved:
         biases = {key: saved.get_tensor(key) for key in saved.keys() if key.endswith(".bias")}
     layer_biases = {key.split("bert.", 1)[-1].replace(".base_layer", ""): value for key, value in biases.items()
                     if ".encoder.layer." in key}
-    expected = {key: value for key, value in original.items() if key.startswith("encoder.layer.")}
+    expected = {key: value for key, value in load_file(str(base / "model.safetensors")).items()
+                if key.startswith("encoder.layer.") and key.endswith(".bias")}
     assert expected and set(layer_biases) == set(expected)
     changed = [key for key in expected if not torch.equal(layer_biases[key], expected[key])]
     assert len(changed) == len(expected), f"biases that did not train: {sorted(set(expected) - set(changed))}"

@@ -4,12 +4,16 @@
     python bench/mrpc_grid.py --seeds 1 --epochs 2 --set ft_config.train_config.base_config.learning_rate=1e-3
     python bench/mrpc_grid.py --data /tmp/mrpc_holdout         # any folder with train/validation files of MRPC's columns
     python bench/mrpc_grid.py --seeds 1 42 --epochs 2 --parallel 2   # two cells at once, one thread each
+    python bench/mrpc_grid.py --seeds 1 --epochs 2 --holdout 0:400     # train without train rows 0-399, score them
 
 Each cell is one `llmfinetune run-ft` of models/ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml (or --job)
 with local_path, input_columns, num_row, seed, num_train_epochs and output_dir overridden (plus any --set), run one
 after another (--parallel N: N at once; on this project's 2-core machine with avx512_bf16, in bf16, two one-thread
 cells take ~5 min each at 2 epochs). The table lists validation accuracy after every epoch, the final accuracy and F1, the optimizer steps,
 steps/s and the wall time of the whole command (the machine may be shared: steps / (steps/s) is the training time).
+--holdout START:END scores rows the recipe was never chosen on: it writes a folder whose train file is the train
+split without rows START..END-1 and whose validation file is those rows, and runs the grid on it (session 11 found
+the validation split easier than such slices by ~0.04 for the shipped recipe).
 Not part of CI: without ../shared/datasets/glue/mrpc (or --data) it prints one line and exits 0.
 """
 from __future__ import annotations
@@ -56,6 +60,22 @@ def run_cell(args, seed: int, epochs: int) -> dict:
             "steps_per_s": metrics["train_steps_per_second"], "wall": wall}
 
 
+def holdout_folder(data: Path, span: str, out: Path) -> Path:
+    """A train/validation folder whose validation file is train rows START..END-1 and whose train file is the rest;
+    written with datasets so the label names (ClassLabel) travel with the rows."""
+    from datasets import load_dataset
+
+    start, end = (int(part) for part in span.split(":"))
+    train = load_dataset("parquet", data_files={"train": str(data / "train.parquet")})["train"]
+    if not 0 <= start < end <= len(train):
+        raise SystemExit(f"--holdout {span}: expected START:END with 0 <= START < END <= {len(train)} (train rows)")
+    folder = out / f"holdout-{start}-{end}"
+    folder.mkdir(parents=True, exist_ok=True)
+    train.select([i for i in range(len(train)) if not start <= i < end]).to_parquet(str(folder / "train.parquet"))
+    train.select(range(start, end)).to_parquet(str(folder / "validation.parquet"))
+    return folder
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| seed | epochs | accuracy after each epoch | final accuracy | F1 | steps | steps/s | wall time |",
              "|---|---|---|---|---|---|---|---|"]
@@ -81,12 +101,17 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more job overrides (the recipe)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS unless already set")
     parser.add_argument("--parallel", type=int, default=1, help="cells run at once (each with --threads threads)")
+    parser.add_argument("--holdout", metavar="START:END",
+                        help="hold train rows START..END-1 out of training and score them instead of validation")
     args = parser.parse_args(argv)
     if args.parallel < 1 or args.threads < 1:
         parser.error(f"--parallel and --threads take 1 or more, got {args.parallel} and {args.threads}")
     if not Path(args.data).is_dir():
         print(f"skipped: no MRPC data at {args.data} (this benchmark needs GLUE MRPC train/validation files)")
         return 0
+    if args.holdout:
+        args.data = str(holdout_folder(Path(args.data), args.holdout, Path(args.out)))
+        args.out = str(Path(args.out) / "runs")
     from concurrent.futures import ThreadPoolExecutor
 
     cells = [(seed, epochs) for epochs in args.epochs for seed in args.seeds]

@@ -39,6 +39,8 @@ OWN_KEYS = {
     "save_on_interrupt": "Ctrl-C during training saves a checkpoint before exiting (default true)",
     "packing": "text-generation: several examples per row of max_length tokens, each attending only to itself",
     "lm_head_on_targets_only": "text-generation: vocabulary logits only where a token is learned (default true)",
+    "last_layer_cls_only": "sequenceclassification: the last layer computes only the first position, the one a "
+                           "BERT-family head reads (default true; cls_head.FIRST_POSITION_HEADS)",
     "generation_eval": "text-generation: generate for the eval rows and score the answers (exact match, ROUGE, "
                        "BLEU) at the end of training and optionally at each evaluation (generation_eval.SETTINGS)",
     "pad_to_max_length": "the original's padding switch; accepted, no effect (config.NO_EFFECT says why)",
@@ -49,7 +51,8 @@ NON_NEGATIVE = ("learning_rate", "weight_decay", "warmup_steps", "num_train_epoc
 # Types of our own keys, and ranges of fields whose type alone lets nonsense through (checked in `translate`).
 OWN_TYPES = {"checkpoints_output_dir": str, "max_length": int, "mlm_probability": float, "whole_word_mask": bool,
              "resume_from_checkpoint": Optional[Union[bool, str]], "save_on_interrupt": bool, "packing": bool,
-             "lm_head_on_targets_only": bool, "generation_eval": Optional[Union[bool, dict]], "pad_to_max_length": bool}
+             "lm_head_on_targets_only": bool, "last_layer_cls_only": bool,
+             "generation_eval": Optional[Union[bool, dict]], "pad_to_max_length": bool}
 # Our defaults where transformers' would surprise a user of a small job: logs every 500 steps, wandb if installed.
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
             "include_num_input_tokens_seen": "non_padding",

@@ -28,7 +28,7 @@ CACHE_LAYOUT = 1  # bump when the saved layout changes
 # part of the cache key (max_length, packing, whole_word_mask's offsets, and any key added later): a needless miss
 # costs a re-tokenization, a wrong hit trains on the wrong data. TrainingArguments fields never reach tokenization.
 NOT_TOKENIZATION_KEYS = ("checkpoints_output_dir", "resume_from_checkpoint", "save_on_interrupt",
-                         "mlm_probability", "lm_head_on_targets_only")
+                         "mlm_probability", "lm_head_on_targets_only", "last_layer_cls_only")
 # Libraries whose version can change the tokens made from the same text, or how the saved datasets read back.
 VERSIONED = ("transformers", "tokenizers", "datasets")
 DONE = "complete.json"

@@ -116,6 +116,8 @@ def _job(task, tiny_models, tmp_path, key=None, value=None):
     ("text-generation", f"{BASE}.whole_word_mask", True),
     ("maskedlm", f"{BASE}.lm_head_on_targets_only", False),
     ("sequenceclassification", f"{BASE}.lm_head_on_targets_only", False),
+    ("text-generation", f"{BASE}.last_layer_cls_only", False),
+    ("tokenclassification", f"{BASE}.last_layer_cls_only", False),
     ("maskedlm", f"{DATA}.label_column", "label"),
     ("text-generation", f"{DATA}.label_column", "label"),
     ("sequenceclassification", f"{DATA}.response_column", "answer"),
@@ -155,6 +157,7 @@ def test_the_tasks_that_read_a_key_take_it(tiny_models, tmp_path):
     for task, key, value in [("maskedlm", f"{BASE}.whole_word_mask", True),
                              ("maskedlm", f"{BASE}.mlm_probability", 0.3),
                              ("text-generation", f"{BASE}.lm_head_on_targets_only", False),
+                             ("sequenceclassification", f"{BASE}.last_layer_cls_only", False),
                              ("text-generation", f"{DATA}.response_column", "answer"),
                              ("tokenclassification", f"{DATA}.label_column", "ner_tags"),
                              ("text-generation", "model_config.max_input_words", 100)]:

@@ -42,6 +42,7 @@ READ_BY = {
     f"{BASE}.packing": (("text-generation",), False),
     f"{BASE}.lm_head_on_targets_only": (("text-generation",), True),
     f"{BASE}.generation_eval": (("text-generation",), None),
+    f"{BASE}.last_layer_cls_only": (("sequenceclassification",), True),
     f"{BASE}.mlm_probability": (("maskedlm",), 0.15),
     f"{BASE}.whole_word_mask": (("maskedlm",), False),
     # Token classification tags given words one by one; cutting them would need cutting the tags too.

@@ -45,6 +45,13 @@ class SequenceClassification(Task):
 
         return prepare_classification(used, encode, names, eval_split)
 
+    def trainer_class(self, job):
+        if not job.base_config.get("last_layer_cls_only", True):
+            return super().trainer_class(job)
+        from ..cls_head import FirstPositionTrainer
+
+        return FirstPositionTrainer
+
     def collator(self, tokenizer, job):
         from transformers import DataCollatorWithPadding
 

@@ -110,7 +110,9 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
 
     judge = TrainingJudge(job, task, tokenizer, splits, eval_split, output_dir, dist.world_size)
 
-    trainer = task.trainer_class(job)(
+    from .sampling import with_shuffled_length_groups
+
+    trainer = with_shuffled_length_groups(task.trainer_class(job))(
         model=model,
         args=training_args,
         train_dataset=prepared.train,

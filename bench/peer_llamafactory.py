@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from devices import native_bf16  # noqa: E402
+from devices import cpu_flags, native_bf16  # noqa: E402
 SHARED = REPO.parent / "shared" / "datasets" / "AdvertiseGen"
 SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -299,9 +299,7 @@ def main() -> None:
             if bf16:
                 contenders.append((f"LLaMA-Factory neat_packing {precision}", "lf", bf16, True))
         contenders.append((f"llmfinetune packing {precision}", "ours", bf16, False))
-    lscpu = subprocess.run("lscpu | grep -o 'avx512_bf16\\|amx[a-z_]*\\|avx2' | sort -u | tr '\\n' ' '",
-                           shell=True, capture_output=True, text=True).stdout.strip()
-    print(f"CPU flags: {lscpu or 'none of avx2/avx512_bf16/amx'}; {os.cpu_count()} CPUs; {args.rounds} rounds of "
+    print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} CPUs; {args.rounds} rounds of "
           f"{args.steps} steps; workdir {work}", flush=True)
     results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
     for round_number in range(1, args.rounds + 1):

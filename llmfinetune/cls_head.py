@@ -27,10 +27,13 @@ FIRST_POSITION_HEADS = frozenset({
 })
 
 
+def _transformers_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+
+
 def first_position_module(model):
     """The last layer's attention output module when the model's head reads position 0 only, else None."""
-    if hasattr(model, "get_base_model"):  # peft
-        model = model.get_base_model()
+    model = _transformers_model(model)
     if type(model).__name__ not in FIRST_POSITION_HEADS:
         return None
     encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
@@ -50,12 +53,11 @@ class FirstPositionTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        model = self.accelerator.unwrap_model(self.model)
+        model = _transformers_model(self.accelerator.unwrap_model(self.model))
         self._first_position = first_position_module(model)
         if self._first_position is None:
-            name = type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__
             logger.info("last_layer_cls_only steps aside (%s is not one of cls_head.FIRST_POSITION_HEADS): the last "
-                        "layer computes every position.", name)
+                        "layer computes every position.", type(model).__name__)
 
     def compute_loss_context_manager(self):
         stack = contextlib.ExitStack()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -197,11 +198,15 @@ def _placement_timeout(exc: BaseException, wanted: dict[str, Any], cluster: dict
                                               or "worker group startup timed out" in said):
         return None
     asked = ", ".join(f"{name} {amount:g}" for name, amount in scaling_arguments(wanted)["resources_per_worker"].items())
+    # Ray's own sentence says how long it waited; its controller's log lines reach the driver asynchronously and can
+    # be lost at shutdown, so the error carries it.
+    waited = re.search(r"worker group startup timed out after [0-9.]+ seconds waiting for \d+ workers?", said)
     return UserError(
         f"scaling_config.pg_timeout_s: Ray could not place {wanted['num_workers']} worker(s) asking for ("
         f"{asked}) each within {wanted['pg_timeout_s']:g} s on this machine ({cluster['num_cpus']} CPU(s), "
         f"{cluster['num_gpus']} GPU(s){''.join(f', {v} {k}' for k, v in cluster['resources'].items())}). Lower "
         "scaling_config's num_workers, num_*_per_worker or resources_per_worker, or raise pg_timeout_s."
+        + (f" (Ray: {waited.group(0)}.)" if waited else "")
     )
 
 

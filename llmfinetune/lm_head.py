@@ -32,17 +32,24 @@ class CausalLMTrainer(Trainer):
 
         bind_packed_collator(self)
         self._lora_layers = None
+        self._rotary_modules = []
         if self.args.device.type == "cpu":
-            from .kernels import swap_rms_norms
+            from .kernels import rotary_modules, swap_rms_norms
 
             swap_rms_norms(self.model)
+            self._rotary_modules = rotary_modules(self.model)
 
     def compute_loss_context_manager(self):
-        """Under autocast peft's adapters need not cast their input to their fp32 weights: autocast casts it back to
+        """On the CPU the hand-written rotary embedding (kernels.rotary_swapped) while the loss is computed. Under
+        autocast peft's adapters need not cast their input to their fp32 weights: autocast casts it back to
         bf16 for the matmul anyway (the same values), and with a bf16 base that was two copies of the layer's input
         each way, per adapted layer and step."""
         stack = contextlib.ExitStack()
         stack.enter_context(super().compute_loss_context_manager())
+        if self._rotary_modules:
+            from .kernels import rotary_swapped
+
+            stack.enter_context(rotary_swapped(self._rotary_modules))
         if self.args.bf16 or self.args.fp16:
             if self._lora_layers is None:
                 from peft.tuners.lora import LoraLayer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmfinetune.kernels import SWAPPABLE, swap_rms_norms
+from llmfinetune.kernels import ROTARY_SWAPPABLE, SWAPPABLE, rotary_modules, swap_rms_norms
 from test_packing_attention import _tiny_config
 
 NORM_OF = {"llama": "LlamaRMSNorm", "mistral": "MistralRMSNorm", "mixtral": "MixtralRMSNorm",
@@ -72,3 +72,86 @@ def test_sft_on_the_cpu_trains_with_it(tiny_models, tmp_path):
                                    max_steps=1, save_strategy="no"))).model
     norms = [m for m in model.modules() if type(m).__name__ == "Qwen2RMSNorm"]
     assert norms and all(getattr(m.forward, "__func__", None) is _forward for m in norms)
+
+
+def test_the_norm_backward_leaves_its_fp32_input_as_it_was():
+    """In fp32 `hidden.float()` is the saved input itself: a backward that wrote into it would hand the next reader
+    (output_hidden_states, another op that saved the same tensor) a changed residual stream."""
+    import torch
+
+    from llmfinetune.kernels import _RMSNorm
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 16, requires_grad=True)
+    before = hidden.detach().clone()
+    _RMSNorm.apply(hidden, torch.rand(16) + 0.5, 1e-6).square().sum().backward()
+    assert torch.equal(hidden.detach(), before)
+
+
+ROTARY_OTHERS = {"phi3", "olmo2", "cohere", "stablelm", "gpt_neox"}  # their apply_rotary_pos_emb is not Llama's
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", sorted(ROTARY_SWAPPABLE))
+def test_the_swapped_rotary_embedding_computes_what_the_architectures_own_does(model_type, dtype):
+    """fp32: logits and gradients equal within 1e-5 of the largest value. bf16 (the whole model in bf16): the two
+    round differently, and a gradient near zero can differ by more than its own size, so each is held to the fp32
+    model's: the swapped one no farther from it than twice the architecture's own, plus one bf16 step."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.kernels import rotary_modules, rotary_swapped
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config(model_type))
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    reference = _step(model, ids, "fp32")
+    if dtype == "bf16":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    own = _step(model, ids, dtype)
+    modules = rotary_modules(model)
+    assert len(modules) == 1
+    original = modules[0].apply_rotary_pos_emb
+    with rotary_swapped(modules):
+        assert modules[0].apply_rotary_pos_emb.original is original
+        swapped = _step(model, ids, dtype)
+    assert modules[0].apply_rotary_pos_emb is original
+    assert swapped[1].keys() == own[1].keys()
+    pairs = [("logits", swapped[0], own[0], reference[0])]
+    pairs += [(name, swapped[1][name], own[1][name], reference[1][name]) for name in own[1]]
+    for name, ours, theirs, truth in pairs:
+        ours, theirs, truth = ours.float(), theirs.float(), truth.float()
+        scale = truth.abs().max().item() or 1.0
+        if dtype == "fp32":
+            assert (ours - theirs).abs().max().item() <= 1e-5 * scale, name
+        else:
+            allowed = 2 * (theirs - truth).abs().max().item() + 2 ** -8 * scale
+            assert (ours - truth).abs().max().item() <= allowed, name
+
+
+@pytest.mark.parametrize("model_type", sorted(ROTARY_OTHERS))
+def test_other_rotary_embeddings_are_left_alone(model_type):
+    from transformers import AutoModelForCausalLM
+
+    assert rotary_modules(AutoModelForCausalLM.from_config(_tiny_config(model_type))) == []
+
+
+def test_sft_on_the_cpu_rotates_with_it_while_it_computes_the_loss(tiny_models, tmp_path, monkeypatch):
+    from conftest import job_dict, make_dataset
+    from llmfinetune import kernels
+    from llmfinetune.config import parse_job
+    from llmfinetune.workflow import run
+
+    calls = []
+    forward = kernels._Rotary.forward
+    monkeypatch.setattr(kernels._Rotary, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    data = make_dataset(tmp_path / "data", "text-generation")
+    trainer = run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run",
+                                     max_steps=1, save_strategy="no")))
+    import transformers.models.qwen2.modeling_qwen2 as modeling
+
+    assert calls  # q and k of every layer, in the step
+    assert not hasattr(modeling.apply_rotary_pos_emb, "original")  # and put back after it
+    assert trainer is not None

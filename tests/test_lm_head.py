@@ -179,3 +179,54 @@ def test_on_the_cpu_in_half_precision_the_head_projects_a_bounded_row_count_with
     learned = torch.tensor([[True, False, False]])
     projected = _trainers(model, tmp_path / "fp32")[0]._bounded(learned, 1)
     assert projected.tolist() == [0]  # fp32: no kernel state per shape, nothing extra
+
+
+def _mlp_rows(mlp):
+    """How many rows the MLP computes, per forward: its own output, before any later hook reshapes it."""
+    seen = []
+    mlp.register_forward_hook(lambda module, args, output: seen.append(output.flatten(0, -2).shape[0]))
+    return seen
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("llmfinetune.lm_head", fromlist=["x"]).LAST_MLP_ROWWISE))
+def test_the_last_layers_mlp_runs_on_the_learned_positions_with_the_standard_loss(model_type, tmp_path):
+    """Its output is read, position by position, only by the final norm and the LM head: loss and every gradient
+    stay the standard ones while it computes LEARNED rows of 16 (the layer before it computes all 16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.lm_head import last_block
+    from test_packing_attention import _tiny_config
+
+    torch.manual_seed(0)
+    config = _tiny_config(model_type)
+    config.vocab_size = 16
+    model = AutoModelForCausalLM.from_config(config)
+    for parameter in model.parameters():  # Gemma's and OLMo-2's zero-initialised norms would hide a wrong row
+        parameter.data.add_(torch.randn_like(parameter) * 0.1)
+    last = last_block(model).mlp
+    assert last is model.get_decoder().layers[-1].mlp
+    last_rows, first_rows = _mlp_rows(last), _mlp_rows(model.get_decoder().layers[0].mlp)
+    results = []
+    for trainer in _trainers(model, tmp_path):
+        loss = trainer.compute_loss(model, _batch(), num_items_in_batch=6)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad()
+    assert (last_rows, first_rows) == ([LEARNED, 16], [16, 16])  # the fast trainer first, then the standard one
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("by_argument", [True, False])
+def test_with_gradient_checkpointing_the_last_mlp_runs_on_every_position(by_argument, tiny_models, tmp_path):
+    """The checkpointed layer runs its forward again in the backward, after the hooks are gone. Trainer enables it
+    from the argument; a model can also come with it enabled."""
+    model = _qwen2(tiny_models).train()
+    model.gradient_checkpointing_enable()
+    fast, _ = _trainers(model, tmp_path, gradient_checkpointing=by_argument)
+    seen = _mlp_rows(model.get_decoder().layers[-1].mlp)
+    fast.compute_loss(model, _batch(), num_items_in_batch=6).backward()
+    assert seen[0] == 16

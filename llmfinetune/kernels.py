@@ -6,8 +6,10 @@ RMSNorm with a hand-written backward.
 Llama-style RMSNorm (x in fp32, scaled by 1/rms, cast back, times the weight) is ~15 element-wise passes over the
 hidden states forward and backward when autograd records it op by op, and a CPU runs each as its own loop: on the
 SFT bench (bf16 with AMX, 17 norms a step over ~2000 x 512) a norm took 5.3-5.7 ms forward + backward, 3.0 ms
-with the backward below, which saves one normalised copy of the input and reads the input again instead. Same
-forward to the bit; input gradients within one bf16 rounding.
+with a hand-written backward, which saves one normalised copy of the input and reads the input again instead. The
+backward below is four passes (the mean of the product in one read, by einsum) and only reads its saved input: an
+earlier one scaled `hidden.float()` in place, which for an fp32 input is the input itself. Same forward to the bit;
+input gradients within one bf16 rounding.
 
 Swapped in by instance (the module's class, weights and state dict are untouched, so a saved run is a plain model)
 for the norm classes whose forward is exactly that computation (SWAPPABLE: tests/test_kernels.py compares each one's

@@ -115,12 +115,19 @@ class _Rotary(torch.autograd.Function):
 
 def _fast_rotary(original):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        unsqueeze_dim = kwargs.pop("unsqueeze_dim", args[0] if args else 1)
-        if (len(args) > 1 or kwargs or cos.requires_grad or sin.requires_grad or q.shape[-1] != cos.shape[-1]
-                or q.shape[-1] % 2):
+        """transformers' function where its arguments are the plain case; the original itself otherwise."""
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
+        if (len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or cos.requires_grad or sin.requires_grad
+                or q.shape[-1] != cos.shape[-1] or q.shape[-1] % 2):
             return original(q, k, cos, sin, *args, **kwargs)
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+        wide_cos, wide_sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        try:  # the output takes q's (k's) shape: cos and sin must broadcast to it, not widen it
+            fits = all(torch.broadcast_shapes(states.shape, wide_cos.shape) == states.shape for states in (q, k))
+        except RuntimeError:
+            fits = False
+        if not fits:
+            return original(q, k, cos, sin, *args, **kwargs)
+        return _Rotary.apply(q, wide_cos, wide_sin), _Rotary.apply(k, wide_cos, wide_sin)
     apply_rotary_pos_emb.original = original
     return apply_rotary_pos_emb
 

@@ -155,3 +155,29 @@ def test_sft_on_the_cpu_rotates_with_it_while_it_computes_the_loss(tiny_models, 
     assert calls  # q and k of every layer, in the step
     assert not hasattr(modeling.apply_rotary_pos_emb, "original")  # and put back after it
     assert trainer is not None
+
+
+def test_the_swapped_rotary_function_hands_other_calls_to_transformers():
+    """Layouts and arguments other than the model's own call: (batch, tokens, heads, dim) with unsqueeze_dim=2 is
+    computed the same, by the hand-written function; cos that needs a gradient, or one that would widen q, goes to
+    transformers' function (seen by the autograd node it leaves)."""
+    import torch
+    import transformers.models.llama.modeling_llama as modeling
+
+    from llmfinetune.kernels import rotary_swapped
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 6, 4, 8, requires_grad=True), torch.randn(2, 6, 2, 8, requires_grad=True)
+    cos, sin = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    original = modeling.apply_rotary_pos_emb
+    with rotary_swapped([modeling]):
+        swapped = modeling.apply_rotary_pos_emb
+        got = swapped(q, k, cos, sin, unsqueeze_dim=2)
+        assert type(got[0].grad_fn).__name__ == "_RotaryBackward"
+        for a, b in zip(got, original(q, k, cos, sin, unsqueeze_dim=2)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        needs_grad = swapped(q, k, cos.clone().requires_grad_(), sin, unsqueeze_dim=2)
+        widening = swapped(q[:1], k[:1], cos, sin, unsqueeze_dim=2)  # cos's batch of 2 would widen q's batch of 1
+        assert type(needs_grad[0].grad_fn).__name__ == type(widening[0].grad_fn).__name__ == "AddBackward0"
+        assert widening[0].shape == original(q[:1], k[:1], cos, sin, unsqueeze_dim=2)[0].shape
+    assert modeling.apply_rotary_pos_emb is original

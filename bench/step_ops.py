@@ -1,0 +1,71 @@
+"""Where a training step's time goes, op by op, without the torch profiler: the wall time of every aten op (forward
+and backward) over a range of training steps of a real `run-ft`, summed per op and divided by the step count.
+
+    python bench/step_ops.py [--steps 10:20] [--top 40] -- run-ft --ft=JOB.yaml
+
+Why not the profiler: on the SFT peer bench it put 2-3x the time on the LM head's ops and on the first matrix
+products of a step, from page faults it caused itself (bench/README, #12, sessions 10 and 14). A TorchDispatchMode
+sees the same aten calls and costs only a clock read per op (~10 us; the printed wall time per step includes it).
+Give the job enough steps (max_steps) to reach the end of --steps.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="10:20", help="first:last training step timed (last excluded)")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the llmfinetune command line")
+    args = parser.parse_args()
+    first, last = (int(part) for part in args.steps.split(":"))
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+
+    import torch
+    import transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seconds, calls = collections.defaultdict(float), collections.Counter()
+
+    class OpTimer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, op_args=(), kwargs=None):
+            start = time.perf_counter()
+            out = func(*op_args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            seconds[name] += time.perf_counter() - start
+            calls[name] += 1
+            return out
+
+    state = {"step": 0, "start": None}
+    training_step = transformers.Trainer.training_step
+
+    def timed_step(self, *step_args, **step_kwargs):
+        state["step"] += 1
+        if state["step"] == first:
+            state["start"] = time.perf_counter()
+        if state["step"] == last:
+            report(time.perf_counter() - state["start"], last - first)
+        if first <= state["step"] < last:
+            with OpTimer():
+                return training_step(self, *step_args, **step_kwargs)
+        return training_step(self, *step_args, **step_kwargs)
+
+    def report(wall: float, steps: int) -> None:
+        print(f"steps {first}-{last - 1}: {wall / steps * 1e3:.1f} ms a step (optimizer and data included), "
+              f"{sum(seconds.values()) / steps * 1e3:.1f} ms of it in aten ops; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads", flush=True)
+        for name, total in sorted(seconds.items(), key=lambda item: -item[1])[:args.top]:
+            print(f"{total / steps * 1e3:9.2f} ms/step {calls[name] // steps:6d} calls  {name}", flush=True)
+
+    transformers.Trainer.training_step = timed_step
+    from llmfinetune.cli import main as llmfinetune_main
+
+    sys.exit(llmfinetune_main(command))
+
+
+if __name__ == "__main__":
+    main()

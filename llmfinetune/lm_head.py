@@ -186,8 +186,9 @@ def _mlp_at(mlp, rows):
         return (args[0].flatten(0, -2).index_select(0, rows), *args[1:])
 
     def put_back(module, args, output):
-        full = output.new_zeros(shape[0].numel() // output.shape[-1], output.shape[-1])
-        return full.index_copy(0, rows, output).view(shape[0])
+        leading = shape[0][:-1]
+        full = output.new_zeros(leading.numel(), output.shape[-1])
+        return full.index_copy(0, rows, output).view(*leading, output.shape[-1])
 
     return [mlp.register_forward_pre_hook(select), mlp.register_forward_hook(put_back)]
 

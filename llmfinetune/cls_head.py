@@ -17,6 +17,8 @@ import logging
 
 from transformers import Trainer
 
+from .models import transformers_model
+
 logger = logging.getLogger(__name__)
 
 # Heads that read only position 0 of the last layer, in models whose last layer calls
@@ -27,13 +29,9 @@ FIRST_POSITION_HEADS = frozenset({
 })
 
 
-def _transformers_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
-
-
 def first_position_module(model):
     """The last layer's attention output module when the model's head reads position 0 only, else None."""
-    model = _transformers_model(model)
+    model = transformers_model(model)
     if type(model).__name__ not in FIRST_POSITION_HEADS:
         return None
     encoder = getattr(getattr(model, model.base_model_prefix, None), "encoder", None)
@@ -53,7 +51,7 @@ class FirstPositionTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        model = _transformers_model(self.accelerator.unwrap_model(self.model))
+        model = transformers_model(self.accelerator.unwrap_model(self.model))
         self._first_position = first_position_module(model)
         if self._first_position is None:
             logger.info("last_layer_cls_only steps aside (%s is not one of cls_head.FIRST_POSITION_HEADS): the last "

@@ -19,6 +19,8 @@ import logging
 import torch
 from transformers import Trainer
 
+from .models import transformers_model
+
 IGNORE = -100
 logger = logging.getLogger(__name__)
 
@@ -141,9 +143,11 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         that block is checkpointed: it would run its forward again in the backward, after the hooks are gone."""
         if not hasattr(self, "_last_block"):
             self._last_block = last_block(self.accelerator.unwrap_model(model))
-        checkpointed = (self.args.gradient_checkpointing or getattr(self._last_block, "gradient_checkpointing", False)
-                        or type(self._last_block).__name__ == "CheckpointWrapper")
-        return None if self._last_block is None or checkpointed else self._last_block.mlp
+        block = self._last_block
+        if (block is None or self.args.gradient_checkpointing or getattr(block, "gradient_checkpointing", False)
+                or type(block).__name__ == "CheckpointWrapper"):
+            return None
+        return block.mlp
 
     def _steps_aside(self, model) -> bool:
         if not hasattr(self, "_targets_only_off"):
@@ -167,7 +171,7 @@ def last_block(model):
     """The last decoder layer when its MLP's output matters only at the positions the LM head projects, so the MLP
     may run on those rows alone (_mlp_at): the other rows' values reach nothing the loss reads. On the SFT bench
     (~58% of positions learned) that is ~40% of one layer's MLP, both ways. None where that is not proven."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in LAST_MLP_ROWWISE:
         return None
@@ -208,7 +212,7 @@ def standard_loss_reason(trainer, model):
 
 
 def _output_layer(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     getter = getattr(base, "get_output_embeddings", None)
     layer = getter() if getter else None
     return layer if isinstance(layer, torch.nn.Module) else None

@@ -245,3 +245,8 @@ def _quantization_config(bits: int, job: Job):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype), compute_dtype
     return BitsAndBytesConfig(load_in_8bit=True), compute_dtype
+
+
+def transformers_model(model):
+    """The transformers model itself, under peft's wrapper or not."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

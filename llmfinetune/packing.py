@@ -238,8 +238,10 @@ def use_segmented_sdpa(model) -> str:
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "sdpa":
         return implementation
+    from .models import transformers_model
+
     _register_segmented_sdpa()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     base.set_attn_implementation(SEGMENTED_SDPA)
     return SEGMENTED_SDPA
 

@@ -7,6 +7,8 @@ import logging
 
 import pytest
 
+from llmfinetune.lm_head import LAST_MLP_ROWWISE
+
 IGNORE = -100
 INPUTS = [[1, 2, 3, 5, 6, 7, 9, 4], [1, 2, 8, 9, 4, 3, 0, 0]]
 LABELS = [[IGNORE, IGNORE, IGNORE, 5, 6, 7, 9, 4], [IGNORE, IGNORE, 8, 9, 4, IGNORE, IGNORE, IGNORE]]
@@ -188,7 +190,7 @@ def _mlp_rows(mlp):
     return seen
 
 
-@pytest.mark.parametrize("model_type", sorted(__import__("llmfinetune.lm_head", fromlist=["x"]).LAST_MLP_ROWWISE))
+@pytest.mark.parametrize("model_type", sorted(LAST_MLP_ROWWISE))
 def test_the_last_layers_mlp_runs_on_the_learned_positions_with_the_standard_loss(model_type, tmp_path):
     """Its output is read, position by position, only by the final norm and the LM head: loss and every gradient
     stay the standard ones while it computes LEARNED rows of 16 (the layer before it computes all 16)."""

@@ -111,13 +111,11 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         # LabelSmoother's (1 - e) * nll + e * mean over the vocabulary of -log p, summed over the targets: the same
         # per-target term as cross_entropy's label_smoothing (tested equal).
         smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
+        total = targets_cross_entropy(logits, chosen, smoothing, may_overwrite=not return_outputs)
         if num_items_in_batch is None:
-            loss = (torch.nn.functional.cross_entropy(logits.float(), chosen, label_smoothing=smoothing) if count
-                    else logits.sum() * 0.0)
+            loss = total / count if count else logits.sum() * 0.0
         else:
-            loss = torch.nn.functional.cross_entropy(logits.float(), chosen, reduction="sum",
-                                                     label_smoothing=smoothing)
-            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+            loss = total / torch.as_tensor(num_items_in_batch, device=total.device)
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
                 # As Trainer.compute_loss: num_items_in_batch counts every process's targets, and DDP averages
                 # gradients over processes, so the sum is scaled back up by the process count.
@@ -156,6 +154,81 @@ class TargetsOnlyTrainer(CausalLMTrainer):
                 logger.info("lm_head_on_targets_only steps aside (%s): using the standard loss.", reason)
             self._targets_only_off = reason is not None
         return self._targets_only_off
+
+
+# Rows of logits handled at a time by targets_cross_entropy: its temporaries stay a few MB, the same sizes every step.
+CROSS_ENTROPY_ROWS = 256
+
+
+def targets_cross_entropy(logits, targets, smoothing: float = 0.0, may_overwrite: bool = False):
+    """The sum over rows of cross_entropy(logits, targets, label_smoothing=smoothing), computed in fp32, with less
+    memory than cross_entropy: its forward keeps only each row's log-sum-exp (not the log-probabilities), and its
+    backward writes the gradient into the logits themselves when nothing else reads them (_overwritable; the
+    caller says whether it hands them out). On the CPU each fresh (rows x vocabulary) tensor is new memory to
+    page-fault in whenever the row count grows: cross_entropy made three per step (log-probabilities, the zero-filled
+    gradient of the loss, the gradient of the logits)."""
+    return _TargetsCrossEntropy.apply(logits, targets, smoothing, may_overwrite and _overwritable(logits))
+
+
+# Autograd nodes that do not keep their output for their own backward: a logits tensor they produced may be
+# overwritten by the loss's backward (a tanh, for one, keeps its output; so may anything not listed). The caller
+# vouches that nothing but the loss reads the logits after the forward.
+_OUTPUT_NOT_SAVED = frozenset({"MmBackward0", "AddmmBackward0", "AddBackward0", "MulBackward0", "DivBackward0",
+                               "ToCopyBackward0"})
+_VIEWS = frozenset({"ViewBackward0", "UnsafeViewBackward0", "SliceBackward0", "ReshapeAliasBackward0"})
+
+
+def _overwritable(logits) -> bool:
+    node = logits.grad_fn
+    while node is not None and node.name() in _VIEWS:
+        node = node.next_functions[0][0]
+    return node is not None and node.name() in _OUTPUT_NOT_SAVED
+
+
+class _TargetsCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, smoothing, overwrite):
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        row_sums = torch.empty_like(lse) if smoothing else None
+        for rows in _row_blocks(logits.shape[0]):
+            block = logits[rows].float()
+            lse[rows] = torch.logsumexp(block, dim=-1)
+            if smoothing:
+                row_sums[rows] = block.sum(dim=-1)
+        picked = logits.gather(1, targets[:, None]).squeeze(1).float()
+        # Per row: lse - (1 - e) * x_target - (e / V) * sum_j x_j
+        total = lse.sum() - (1.0 - smoothing) * picked.sum()
+        if smoothing:
+            total = total - smoothing / logits.shape[-1] * row_sums.sum()
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.smoothing, ctx.overwrite = smoothing, overwrite
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, targets, lse = ctx.saved_tensors
+        smoothing, scale = ctx.smoothing, grad_total.float()
+        positive = bool(scale > 0)
+        # scale * softmax = exp(x - lse + log(scale)): the scale costs no pass of its own when it is positive
+        shift = lse - scale.log() if positive else lse
+        in_place = ctx.overwrite and logits.dtype == torch.float32
+        grad = logits if ctx.overwrite else torch.empty_like(logits)
+        for rows in _row_blocks(logits.shape[0]):
+            # in fp32 whatever the logits' dtype, as cross_entropy computes its gradient
+            block = logits[rows].sub_(shift[rows, None]) if in_place else logits[rows].float() - shift[rows, None]
+            block.exp_()
+            if not positive:
+                block.mul_(scale)
+            block.scatter_add_(1, targets[rows, None], (-(1.0 - smoothing) * scale).expand(block.shape[0], 1))
+            if smoothing:
+                block.sub_(smoothing / logits.shape[-1] * scale)
+            if not in_place:
+                grad[rows] = block
+        return grad, None, None, None
+
+
+def _row_blocks(count: int):
+    return [slice(start, min(start + CROSS_ENTROPY_ROWS, count)) for start in range(0, count, CROSS_ENTROPY_ROWS)]
 
 
 # Model types whose decoder layers end in `hidden = residual + mlp(norm(hidden))` (a scale or a norm after the MLP

@@ -48,6 +48,17 @@ MEASURE = textwrap.dedent('''
 
     LOSSES = []
     MARKS = []  # (time, tokens seen) at every loss log: the rate after the first log leaves compilation out
+    # Minor page faults (new memory touched) when training starts and at every loss log: on this VM kind a fault
+    # has cost 1-30 us, so memory a side maps afresh every step is time that follows the host's load.
+    FAULTS = []
+    _training_step = transformers.Trainer.training_step
+
+    def _stepped(self, *args, **kwargs):
+        if not FAULTS:
+            FAULTS.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        return _training_step(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = _stepped
 
     def _count(self, inputs):
         if self.args.include_num_input_tokens_seen == "no" or "input_ids" not in inputs:
@@ -67,6 +78,7 @@ MEASURE = textwrap.dedent('''
         if "loss" in logs:
             LOSSES.append((self.state.global_step, float(logs["loss"])))
             MARKS.append((time.perf_counter(), int(self.state.num_input_tokens_seen)))
+            FAULTS.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         if "train_runtime" in logs:
             LOSSES.append(("end", float(logs["train_runtime"]), int(self.state.num_input_tokens_seen)))
         return _log(self, logs, *args, **kwargs)
@@ -81,7 +93,10 @@ MEASURE = textwrap.dedent('''
         steady = ((MARKS[-1][1] - MARKS[0][1]) / (MARKS[-1][0] - MARKS[0][0])) if len(MARKS) > 1 else None
         print("BENCH " + json.dumps({"seconds": end[1], "tokens": end[2], "steady_tokens_per_second": steady,
                                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                    "losses": [entry for entry in LOSSES if entry[0] != "end"]}), flush=True)
+                                    "losses": [entry for entry in LOSSES if entry[0] != "end"],
+                                    "faults_first_log": FAULTS[1] - FAULTS[0] if len(FAULTS) > 1 else None,
+                                    "faults_after_first_log": FAULTS[-1] - FAULTS[1] if len(FAULTS) > 2 else None}),
+              flush=True)
 ''')
 LF_DRIVER = MEASURE + textwrap.dedent('''
     from llamafactory.cli import main
@@ -237,6 +252,10 @@ def _busy_share(seconds: float) -> float:
     return 1.0 - (idle2 - idle) / max(total2 - total, 1)
 
 
+def _thousands(count) -> str:
+    return "?" if count is None else f"{count / 1000:.0f}k"
+
+
 def setup_venv(venv: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
@@ -318,7 +337,9 @@ def main() -> None:
             print(f"round {round_number} {name}: {result['tokens_per_second']:.0f} tokens/s "
                   f"({steady or 0:.0f} after the first 10 steps), "
                   f"{result['tokens']} tokens in {result['seconds']:.1f} s, peak RSS {result['peak_rss_mib']:.0f} "
-                  f"MiB, losses {[round(loss, 4) for _, loss in result['losses']]}", flush=True)
+                  f"MiB, page faults {_thousands(result.get('faults_first_log'))} in the first 10 steps and "
+                  f"{_thousands(result.get('faults_after_first_log'))} after, "
+                  f"losses {[round(loss, 4) for _, loss in result['losses']]}", flush=True)
 
     print(f"\n{'contender':<34} {'tokens/s (median)':>17} {'peak RSS MiB':>12}  train loss at steps 10..{args.steps}")
     medians = {}

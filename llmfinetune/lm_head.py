@@ -106,7 +106,7 @@ class TargetsOnlyTrainer(CausalLMTrainer):
             self._targets_only_off = True
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if len(projected) != count:
-            logits = outputs["logits"] = logits[:count]  # callers see the learned positions only
+            outputs["logits"] = logits[:count]  # callers see the learned positions only
         chosen = targets[targets != IGNORE]
         # LabelSmoother's (1 - e) * nll + e * mean over the vocabulary of -log p, summed over the targets: the same
         # per-target term as cross_entropy's label_smoothing (tested equal).
@@ -161,12 +161,14 @@ CROSS_ENTROPY_ROWS = 256
 
 
 def targets_cross_entropy(logits, targets, smoothing: float = 0.0, may_overwrite: bool = False):
-    """The sum over rows of cross_entropy(logits, targets, label_smoothing=smoothing), computed in fp32, with less
-    memory than cross_entropy: its forward keeps only each row's log-sum-exp (not the log-probabilities), and its
-    backward writes the gradient into the logits themselves when nothing else reads them (_overwritable; the
-    caller says whether it hands them out). On the CPU each fresh (rows x vocabulary) tensor is new memory to
-    page-fault in whenever the row count grows: cross_entropy made three per step (log-probabilities, the zero-filled
-    gradient of the loss, the gradient of the logits)."""
+    """The sum over the first len(targets) rows of cross_entropy(logits, targets, label_smoothing=smoothing),
+    computed in fp32, with less memory than cross_entropy: its forward keeps only each row's log-sum-exp (not the
+    log-probabilities), and its backward writes the gradient into the logits themselves when nothing else reads them
+    (_overwritable; the caller says whether it hands them out). Rows past the targets (the head's extra rows where
+    kernels keep state per shape) get a zero gradient, in place too, where slicing them off would have made a
+    zero-filled gradient of all rows. On the CPU each fresh (rows x vocabulary) tensor is new memory to page-fault in
+    whenever the row count grows: cross_entropy made three per step (log-probabilities, the zero-filled gradient of
+    the loss, the gradient of the logits)."""
     return _TargetsCrossEntropy.apply(logits, targets, smoothing, may_overwrite and _overwritable(logits))
 
 
@@ -188,14 +190,14 @@ def _overwritable(logits) -> bool:
 class _TargetsCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, smoothing, overwrite):
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
         row_sums = torch.empty_like(lse) if smoothing else None
-        for rows in _row_blocks(logits.shape[0]):
+        for rows in _row_blocks(len(targets)):
             block = logits[rows].float()
             lse[rows] = torch.logsumexp(block, dim=-1)
             if smoothing:
                 row_sums[rows] = block.sum(dim=-1)
-        picked = logits.gather(1, targets[:, None]).squeeze(1).float()
+        picked = logits[:len(targets)].gather(1, targets[:, None]).squeeze(1).float()
         # Per row: lse - (1 - e) * x_target - (e / V) * sum_j x_j
         total = lse.sum() - (1.0 - smoothing) * picked.sum()
         if smoothing:
@@ -213,7 +215,8 @@ class _TargetsCrossEntropy(torch.autograd.Function):
         shift = lse - scale.log() if positive else lse
         in_place = ctx.overwrite and logits.dtype == torch.float32
         grad = logits if ctx.overwrite else torch.empty_like(logits)
-        for rows in _row_blocks(logits.shape[0]):
+        grad[len(targets):] = 0
+        for rows in _row_blocks(len(targets)):
             # in fp32 whatever the logits' dtype, as cross_entropy computes its gradient
             block = logits[rows].sub_(shift[rows, None]) if in_place else logits[rows].float() - shift[rows, None]
             block.exp_()

@@ -169,6 +169,10 @@ def targets_cross_entropy(logits, targets, smoothing: float = 0.0, may_overwrite
     zero-filled gradient of all rows. On the CPU each fresh (rows x vocabulary) tensor is new memory to page-fault in
     whenever the row count grows: cross_entropy made three per step (log-probabilities, the zero-filled gradient of
     the loss, the gradient of the logits)."""
+    if type(logits) is not torch.Tensor:
+        # A DTensor (tensor parallelism, sharded over the vocabulary) or another subclass: its own cross_entropy.
+        return torch.nn.functional.cross_entropy(logits[:len(targets)].float(), targets, reduction="sum",
+                                                 label_smoothing=smoothing)
     return _TargetsCrossEntropy.apply(logits, targets, smoothing, may_overwrite and _overwritable(logits))
 
 

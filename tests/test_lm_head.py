@@ -295,3 +295,21 @@ def test_the_gradient_is_written_into_the_heads_logits_but_not_into_a_tensor_ano
     torch.nn.functional.cross_entropy(torch.tanh(hidden @ weight), targets, reduction="sum").backward()
     for got in results:
         torch.testing.assert_close(got, weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_tensor_subclass_gets_its_own_cross_entropy(monkeypatch):
+    """A DTensor's vocabulary may be sharded: the row blocks and in-place gradient assume one plain tensor."""
+    import torch
+
+    from llmfinetune import lm_head
+
+    class Sharded(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(lm_head._TargetsCrossEntropy, "apply", lambda *args: pytest.fail("plain-tensor path taken"))
+    logits = torch.randn(5, 11).as_subclass(Sharded)
+    targets = torch.tensor([1, 2, 3])
+    got = lm_head.targets_cross_entropy(logits, targets, 0.1, may_overwrite=True)
+    want = torch.nn.functional.cross_entropy(logits[:3].as_subclass(torch.Tensor), targets, reduction="sum",
+                                             label_smoothing=0.1)
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want)

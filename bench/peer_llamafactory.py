@@ -13,9 +13,10 @@ other, neat packing does not), and llmfinetune `packing: true`, all on the CPU, 
 
 Every side is measured by the same code: non-pad tokens (input_ids != pad, counted in the Trainer, since
 LLaMA-Factory's own count includes pack padding) over the Trainer's train_runtime, peak RSS of the process, minor
-page faults (new memory mapped) in the first 10 steps and after, and the train loss every 10 steps. LLaMA-Factory runs in its own venv (--lf-venv; --setup creates it: torch 2.13.0 CPU and
-llamafactory from the registry, with the two workarounds that LLaMA-Factory 0.9.5 needs beside the CPU torch). Without
-that venv the bench prints one line saying so and exits 0. The last lines printed are the ratios.
+page faults (new memory mapped) in the first 10 steps and after, and the train loss every 10 steps. LLaMA-Factory
+runs in its own venv (--lf-venv; --setup creates it: torch 2.13.0 CPU and llamafactory from the registry, with the
+two workarounds that LLaMA-Factory 0.9.5 needs beside the CPU torch). Without that venv the bench prints one line
+saying so and exits 0. The last lines printed are the ratios.
 """
 from __future__ import annotations
 

@@ -156,7 +156,8 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         return self._targets_only_off
 
 
-# Rows of logits handled at a time by targets_cross_entropy: its temporaries stay a few MB, the same sizes every step.
+# Rows of logits handled at a time by targets_cross_entropy: its temporaries are 256 x vocabulary fp32 (8 MB at the
+# SFT bench's 8000), the same sizes every step.
 CROSS_ENTROPY_ROWS = 256
 
 

@@ -1,7 +1,12 @@
 """Where a training step's time goes, op by op, without the torch profiler: the wall time of every aten op (forward
 and backward) over a range of training steps of a real `run-ft`, summed per op and divided by the step count.
 
-    python bench/step_ops.py [--steps 10:20] [--top 40] -- run-ft --ft=JOB.yaml
+    python bench/step_ops.py [--steps 10:20] [--top 40] [--shapes] -- run-ft --ft=JOB.yaml
+
+--shapes splits every op by the shapes of its tensor arguments, and prints the matrix products' (mm, addmm, bmm)
+GFLOP/s, to compare with bench/matmul_ceiling.py's isolated rates and to see what the small LoRA products cost. A
+dimension that is no parameter's size (nor 1) is printed as T: token counts change every step, and one product of
+the model should be one line.
 
 Why not the profiler: on the SFT peer bench it put 2-3x the time on the LM head's ops and on the first matrix
 products of a step, from page faults it caused itself (bench/README, #12, sessions 10 and 14). A TorchDispatchMode
@@ -20,6 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="10:20", help="first:last training step timed (last excluded)")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--shapes", action="store_true", help="matrix products by operand shapes, with GFLOP/s")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the llmfinetune command line")
     args = parser.parse_args()
     first, last = (int(part) for part in args.steps.split(":"))
@@ -30,23 +36,33 @@ def main() -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seconds, calls = collections.defaultdict(float), collections.Counter()
+    flops = collections.Counter()
+    products = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1)}  # which operands are multiplied
 
     class OpTimer(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, op_args=(), kwargs=None):
             start = time.perf_counter()
             out = func(*op_args, **(kwargs or {}))
             name = func.overloadpacket.__name__
+            if args.shapes:
+                shapes = [arg.shape for arg in op_args if isinstance(arg, torch.Tensor)]
+                name = f"{name} " + ", ".join(
+                    "x".join(str(d) if d in state["model_dims"] else "T" for d in shape) for shape in shapes)
+                if func.overloadpacket.__name__ in products:
+                    left, right = (op_args[i].shape for i in products[func.overloadpacket.__name__])
+                    flops[name] += 2 * left.numel() * right[-1]
             seconds[name] += time.perf_counter() - start
             calls[name] += 1
             return out
 
-    state = {"step": 0, "start": None}
+    state = {"step": 0, "start": None, "model_dims": set()}
     training_step = transformers.Trainer.training_step
 
     def timed_step(self, *step_args, **step_kwargs):
         state["step"] += 1
         if state["step"] == first:
             state["start"] = time.perf_counter()
+            state["model_dims"] = {1} | {size for parameter in self.model.parameters() for size in parameter.shape}
         if state["step"] == last:
             report(time.perf_counter() - state["start"], last - first)
         if first <= state["step"] < last:
@@ -59,7 +75,8 @@ def main() -> None:
               f"{sum(seconds.values()) / steps * 1e3:.1f} ms of it in aten ops; torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads", flush=True)
         for name, total in sorted(seconds.items(), key=lambda item: -item[1])[:args.top]:
-            print(f"{total / steps * 1e3:9.2f} ms/step {calls[name] // steps:6d} calls  {name}", flush=True)
+            rate = f"  {flops[name] / total / 1e9:.0f} GFLOP/s" if flops[name] else ""
+            print(f"{total / steps * 1e3:9.2f} ms/step {calls[name] // steps:6d} calls  {name}{rate}", flush=True)
 
     transformers.Trainer.training_step = timed_step
     from llmfinetune.cli import main as llmfinetune_main

@@ -191,6 +191,11 @@ def load_model(model_path: str, job: Job, model_class: str, model_kwargs: dict[s
     if dtype is not None:
         kwargs.setdefault("dtype", dtype)
     kwargs.setdefault("dtype", init.dtype if init.dtype == "auto" else getattr(torch, init.dtype))
+    # transformers (5.2x, with its `kernels` dependency installed) turns hub kernels on unless told otherwise, and
+    # then re-kernelizes at every train()/eval() switch, which drops the forward methods the package swaps in
+    # (kernels.swap_rms_norms) and makes the math depend on what the hub serves that day. Off unless the job's
+    # from_pretrained_kwargs asks for them.
+    kwargs.setdefault("use_kernels", False)
     auto_class = getattr(transformers, model_class)
     try:
         model, info = auto_class.from_pretrained(model_path, output_loading_info=True, **model_kwargs, **kwargs)

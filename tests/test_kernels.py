@@ -180,3 +180,28 @@ def test_the_swapped_rotary_function_hands_other_calls_to_transformers():
         assert type(needs_grad[0].grad_fn).__name__ == type(widening[0].grad_fn).__name__ == "AddBackward0"
         assert widening[0].shape == original(q[:1], k[:1], cos, sin, unsqueeze_dim=2)[0].shape
     assert modeling.apply_rotary_pos_emb is original
+
+
+@pytest.mark.parametrize("written, expected", [({}, False), ({"use_kernels": True}, True)])
+def test_hub_kernels_stay_off_unless_the_job_asks(written, expected, tiny_models, tmp_path, monkeypatch):
+    """transformers 5.25 with its `kernels` dependency loads with hub kernels on and re-kernelizes at every
+    train()/eval(), which dropped the swapped norms above: the package loads with use_kernels=False."""
+    import transformers
+    from conftest import job_dict
+    from llmfinetune import models
+    from llmfinetune.config import parse_job
+
+    config = job_dict("text-generation", "lora", tiny_models["qwen2"], tmp_path, tmp_path / "run")
+    config["model_config"]["initialization"] = {"initializer": {"from_pretrained_kwargs": written}}
+    job = parse_job(config)
+    captured = {}
+
+    def from_pretrained(path, **kwargs):
+        captured.update(kwargs)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    tokenizer = models.load_tokenizer(str(tiny_models["qwen2"]), job)
+    with pytest.raises(RuntimeError, match="captured"):
+        models.load_model(str(tiny_models["qwen2"]), job, "AutoModelForCausalLM", {}, tokenizer)
+    assert captured["use_kernels"] is expected

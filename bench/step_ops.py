@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="10:20", help="first:last training step timed (last excluded)")
     parser.add_argument("--top", type=int, default=40)
-    parser.add_argument("--shapes", action="store_true", help="matrix products by operand shapes, with GFLOP/s")
+    parser.add_argument("--shapes", action="store_true", help="every op by its arguments' shapes; matrix products with GFLOP/s")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the llmfinetune command line")
     args = parser.parse_args()
     first, last = (int(part) for part in args.steps.split(":"))
@@ -43,15 +43,16 @@ def main() -> None:
         def __torch_dispatch__(self, func, types, op_args=(), kwargs=None):
             start = time.perf_counter()
             out = func(*op_args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
+            elapsed = time.perf_counter() - start  # before the naming below, which is not the op's time
+            op = name = func.overloadpacket.__name__
             if args.shapes:
                 shapes = [arg.shape for arg in op_args if isinstance(arg, torch.Tensor)]
-                name = f"{name} " + ", ".join(
+                name = f"{op} " + ", ".join(
                     "x".join(str(d) if d in state["model_dims"] else "T" for d in shape) for shape in shapes)
-                if func.overloadpacket.__name__ in products:
-                    left, right = (op_args[i].shape for i in products[func.overloadpacket.__name__])
+                if op in products:
+                    left, right = (op_args[i].shape for i in products[op])
                     flops[name] += 2 * left.numel() * right[-1]
-            seconds[name] += time.perf_counter() - start
+            seconds[name] += elapsed
             calls[name] += 1
             return out
 

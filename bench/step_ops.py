@@ -25,7 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="10:20", help="first:last training step timed (last excluded)")
     parser.add_argument("--top", type=int, default=40)
-    parser.add_argument("--shapes", action="store_true", help="every op by its arguments' shapes; matrix products with GFLOP/s")
+    parser.add_argument("--shapes", action="store_true",
+                        help="every op by its arguments' shapes; matrix products with GFLOP/s")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the llmfinetune command line")
     args = parser.parse_args()
     first, last = (int(part) for part in args.steps.split(":"))

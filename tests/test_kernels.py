@@ -3,6 +3,8 @@ logits are unchanged to the bit and its gradients equal autograd's, in fp32 and 
 norms are left alone; SFT on the CPU trains with it."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from llmfinetune.kernels import ROTARY_SWAPPABLE, SWAPPABLE, rotary_modules, swap_rms_norms
@@ -205,3 +207,112 @@ def test_hub_kernels_stay_off_unless_the_job_asks(written, expected, tiny_models
     with pytest.raises(RuntimeError, match="captured"):
         models.load_model(str(tiny_models["qwen2"]), job, "AutoModelForCausalLM", {}, tokenizer)
     assert captured["use_kernels"] is expected
+
+
+def _lora_model(dtype="fp32", dropout=0.0, use_dora=False, target_modules=("q_proj", "v_proj", "gate_proj")):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config("qwen2"))  # q/v with a bias, gate_proj without
+    if dtype == "bf16":  # as the LoRA method holds the base in bf16, adapters in fp32, under autocast
+        model.to(torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, use_dora=use_dora,
+                                             target_modules=list(target_modules)))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters an output and every gradient a path
+            param.data.normal_(0, 0.2)
+    return model
+
+
+def _lora_step(model, ids, dtype):
+    import torch
+
+    from llmfinetune.lm_head import _adapters_keep_input_dtype
+    from peft.tuners.lora import LoraLayer
+
+    model.zero_grad()
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"), _adapters_keep_input_dtype(layers):
+        logits = model(input_ids=ids, use_cache=False).logits
+    (logits.float().square().mean()).backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_swapped_lora_layer_computes_what_peft_does(dtype):
+    """Logits and every adapter's gradient with and without the one-function LoRA layer (fp32; and bf16 base under
+    autocast, where it rounds the adapter's sum once instead of three times), and the swapped layers leave an autograd
+    node of their own (the function ran, not peft's fallback)."""
+    import torch
+
+    from llmfinetune.kernels import swap_lora_linears
+
+    model = _lora_model(dtype)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits, grads = _lora_step(model, ids, dtype)
+    assert len(grads) == 2 * 3 * model.config.num_hidden_layers
+    assert swap_lora_linears(model) == 3 * model.config.num_hidden_layers
+    nodes = []
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.register_forward_hook(lambda module, args, output: nodes.append(type(output.grad_fn).__name__))
+    swapped_logits, swapped_grads = _lora_step(model, ids, dtype)
+    assert nodes == ["_LoraLinearBackward"]
+    assert swapped_grads.keys() == grads.keys()
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    torch.testing.assert_close(swapped_logits, logits, rtol=tolerance, atol=tolerance * logits.abs().max().item())
+    for name, grad in grads.items():
+        scale = grad.abs().max().item() or 1.0
+        assert (swapped_grads[name] - grad).abs().max().item() <= tolerance * scale, name
+
+
+@pytest.mark.parametrize("case", ["dropout", "dora", "disabled", "merged", "two adapters"])
+def test_the_swapped_lora_layer_hands_other_cases_to_peft(case):
+    """Dropout, DoRA, disabled or merged adapters, several active adapters: peft's own forward (its autograd nodes),
+    with its own results."""
+    import torch
+
+    from llmfinetune.kernels import swap_lora_linears
+
+    model = _lora_model(dropout=0.1 if case == "dropout" else 0.0, use_dora=case == "dora",
+                        target_modules=("q_proj",))
+    model.train()
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    context = model.disable_adapter() if case == "disabled" else contextlib.nullcontext()
+    if case == "merged":
+        model.merge_adapter()
+    if case == "two adapters":
+        from peft import LoraConfig
+
+        model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"]))
+        model.base_model.set_adapter(["default", "other"])
+    expected = []
+    for swapped in (False, True):
+        if swapped:
+            swap_lora_linears(model)
+        nodes = []
+        hook = layer.register_forward_hook(lambda module, args, output: nodes.append(type(output.grad_fn).__name__))
+        torch.manual_seed(2)
+        with context if not swapped else (model.disable_adapter() if case == "disabled" else contextlib.nullcontext()):
+            logits = model(input_ids=ids, use_cache=False).logits
+        hook.remove()
+        assert nodes and nodes != ["_LoraLinearBackward"], case
+        expected.append(logits)
+    torch.testing.assert_close(expected[1], expected[0], rtol=0, atol=0)
+
+
+def test_sft_on_the_cpu_trains_lora_with_it(tiny_models, tmp_path, monkeypatch):
+    from conftest import job_dict, make_dataset
+    from llmfinetune import kernels
+    from llmfinetune.config import parse_job
+    from llmfinetune.workflow import run
+
+    calls = []
+    forward = kernels._LoraLinear.forward
+    monkeypatch.setattr(kernels._LoraLinear, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    data = make_dataset(tmp_path / "data", "text-generation")
+    run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run",
+                           max_steps=1, save_strategy="no")))
+    assert calls

@@ -1,6 +1,7 @@
 """The hand-written RMSNorm backward (kernels.py): for every architecture whose norm class it may replace, the model's
 logits are unchanged to the bit and its gradients equal autograd's, in fp32 and (within bf16 rounding) in bf16; other
-norms are left alone; SFT on the CPU trains with it."""
+norms are left alone; SFT on the CPU trains with it. The same for the rotary embedding and peft's LoRA Linear (which
+hands every case but the plain one to peft)."""
 from __future__ import annotations
 
 import contextlib
@@ -209,7 +210,8 @@ def test_hub_kernels_stay_off_unless_the_job_asks(written, expected, tiny_models
     assert captured["use_kernels"] is expected
 
 
-def _lora_model(dtype="fp32", dropout=0.0, use_dora=False, target_modules=("q_proj", "v_proj", "gate_proj")):
+def _lora_model(dtype="fp32", dropout=0.0, use_dora=False, target_modules=("q_proj", "v_proj", "gate_proj"),
+                bias="none"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -219,7 +221,7 @@ def _lora_model(dtype="fp32", dropout=0.0, use_dora=False, target_modules=("q_pr
     if dtype == "bf16":  # as the LoRA method holds the base in bf16, adapters in fp32, under autocast
         model.to(torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, use_dora=use_dora,
-                                             target_modules=list(target_modules)))
+                                             target_modules=list(target_modules), bias=bias))
     for name, param in model.named_parameters():
         if "lora_B" in name:  # B starts at zero: give the adapters an output and every gradient a path
             param.data.normal_(0, 0.2)
@@ -240,19 +242,20 @@ def _lora_step(model, ids, dtype):
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_the_swapped_lora_layer_computes_what_peft_does(dtype):
-    """Logits and every adapter's gradient with and without the one-function LoRA layer (fp32; and bf16 base under
-    autocast, where it rounds the adapter's sum once instead of three times), and the swapped layers leave an autograd
-    node of their own (the function ran, not peft's fallback)."""
+@pytest.mark.parametrize("dtype, bias", [("fp32", "none"), ("bf16", "none"), ("fp32", "all")])
+def test_the_swapped_lora_layer_computes_what_peft_does(dtype, bias):
+    """Logits and every trained weight's gradient with and without the one-function LoRA layer (fp32; a bf16 base
+    under autocast, where it rounds the adapter's sum once instead of three times; base biases trained, bias: all),
+    and the swapped layers leave an autograd node of their own (the function ran, not peft's fallback)."""
     import torch
 
     from llmfinetune.kernels import swap_lora_linears
 
-    model = _lora_model(dtype)
+    model = _lora_model(dtype, bias=bias)
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     logits, grads = _lora_step(model, ids, dtype)
-    assert len(grads) == 2 * 3 * model.config.num_hidden_layers
+    adapters = 2 * 3 * model.config.num_hidden_layers
+    assert len(grads) == adapters if bias == "none" else len(grads) > adapters
     assert swap_lora_linears(model) == 3 * model.config.num_hidden_layers
     nodes = []
     layer = model.base_model.model.model.layers[0].self_attn.q_proj

@@ -141,18 +141,25 @@ def test_other_rotary_embeddings_are_left_alone(model_type):
     assert rotary_modules(AutoModelForCausalLM.from_config(_tiny_config(model_type))) == []
 
 
-def test_sft_on_the_cpu_rotates_with_it_while_it_computes_the_loss(tiny_models, tmp_path, monkeypatch):
+def _forwards_in_one_sft_step(function, tiny_models, tmp_path, monkeypatch) -> int:
+    """How many times the autograd function's forward ran in one LoRA SFT step of the tiny Qwen2 on the CPU."""
     from conftest import job_dict, make_dataset
-    from llmfinetune import kernels
     from llmfinetune.config import parse_job
     from llmfinetune.workflow import run
 
     calls = []
-    forward = kernels._Rotary.forward
-    monkeypatch.setattr(kernels._Rotary, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    forward = function.forward
+    monkeypatch.setattr(function, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
     data = make_dataset(tmp_path / "data", "text-generation")
     run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run",
                            max_steps=1, save_strategy="no")))
+    return len(calls)
+
+
+def test_sft_on_the_cpu_rotates_with_it_while_it_computes_the_loss(tiny_models, tmp_path, monkeypatch):
+    from llmfinetune import kernels
+
+    calls = _forwards_in_one_sft_step(kernels._Rotary, tiny_models, tmp_path, monkeypatch)
     import transformers.models.qwen2.modeling_qwen2 as modeling
 
     assert calls  # q and k of every layer, in the step
@@ -307,15 +314,6 @@ def test_the_swapped_lora_layer_hands_other_cases_to_peft(case):
 
 
 def test_sft_on_the_cpu_trains_lora_with_it(tiny_models, tmp_path, monkeypatch):
-    from conftest import job_dict, make_dataset
     from llmfinetune import kernels
-    from llmfinetune.config import parse_job
-    from llmfinetune.workflow import run
 
-    calls = []
-    forward = kernels._LoraLinear.forward
-    monkeypatch.setattr(kernels._LoraLinear, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
-    data = make_dataset(tmp_path / "data", "text-generation")
-    run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run",
-                           max_steps=1, save_strategy="no")))
-    assert calls
+    assert _forwards_in_one_sft_step(kernels._LoraLinear, tiny_models, tmp_path, monkeypatch)

@@ -1,5 +1,6 @@
-"""Hand-written forward/backward pairs for causal-LM training on the CPU, where autograd runs every element-wise op of
-a Llama-style block as its own pass over memory: RMSNorm and the rotary embedding.
+"""Hand-written forward/backward pairs for training on the CPU, where autograd runs every element-wise op of a
+Llama-style block as its own pass over memory: RMSNorm and the rotary embedding (causal LM), peft's LoRA Linear (any
+task).
 
 RMSNorm with a hand-written backward.
 
@@ -29,10 +30,10 @@ a scaling pass and an add over the layer's output, and in the backward the scale
 and its add. Written as one function (_LoraLinear) the adapter's output is accumulated into the base product's by
 the matrix product itself (addmm_ with alpha = scaling), the scaling is applied to the rank-r tensors, and the input
 gradient of A is accumulated into the base's the same way: per q_proj of the SFT bench (fp32, 1890 tokens, 512 x
-512, r 8) 16.3 against 19.2 ms forward + backward. Swapped in by instance (swap_lora_linears) and used only for the
-plain case (one active adapter, no dropout, no DoRA or other variant, an nn.Linear base, not merged); anything else
-runs peft's forward. Under autocast the adapters are cast to the autocast dtype before the function, as autocast
-itself would, and the function runs in that dtype.
+512, r 8) 16.3 against 19.2 ms forward + backward. Swapped in by instance (swap_lora_linears, by the workflow for
+every task training on the CPU) and used only for the plain case (one active adapter, no dropout, no DoRA or other variant, an nn.Linear base, not merged); anything else
+runs peft's forward. Under autocast every operand is cast to the autocast dtype before the function, as autocast
+itself casts them for each product, and the function runs in that dtype.
 """
 from __future__ import annotations
 
@@ -205,7 +206,8 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def _plain_lora(layer, x, args, kwargs):
-    """(weight, bias, lora_a, lora_b, scaling) when `layer` computes plain LoRA on `x` now; None otherwise."""
+    """(x, weight, bias, lora_a, lora_b, scaling), all of one dtype, when `layer` computes plain LoRA on `x` now;
+    None otherwise."""
     if args or kwargs or layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
         return None
     active = layer.active_adapters
@@ -221,15 +223,19 @@ def _plain_lora(layer, x, args, kwargs):
     if (any(type(module) is not torch.nn.Linear or _intercepted(module) for module in modules)
             or lora_a.bias is not None or lora_b.bias is not None):
         return None
-    weight, bias, a, b = base.weight, base.bias, lora_a.weight, lora_b.weight
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if x.device.type != "cpu" or x.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+    operands = (x, base.weight, base.bias, lora_a.weight, lora_b.weight)
+    if x.device.type != "cpu":
         return None
-    if a.dtype != dtype:
-        if not torch.is_autocast_enabled("cpu"):
-            return None  # peft would cast x to the adapters' dtype: its own path
-        a, b = a.to(dtype), b.to(dtype)  # as autocast casts them for their products
-    return weight, bias, a, b, layer.scaling[name]
+    if torch.is_autocast_enabled("cpu"):
+        # Every operand in autocast's dtype, as autocast casts them for each of the layer's products (x once here,
+        # where peft's two products of x cast it twice).
+        dtype = torch.get_autocast_dtype("cpu")
+        if any(t is not None and t.dtype not in (dtype, torch.float32) for t in operands):
+            return None
+        operands = tuple(t if t is None else t.to(dtype) for t in operands)
+    elif any(t is not None and t.dtype != x.dtype for t in operands):
+        return None  # peft would cast x to the adapters' dtype: its own path
+    return (*operands, layer.scaling[name])
 
 
 def _intercepted(module) -> bool:
@@ -244,7 +250,7 @@ def _lora_forward(self, x, *args, **kwargs):
     if plain is None:
         return type(self).forward(self, x, *args, **kwargs)
     with torch.autocast("cpu", enabled=False):
-        return _LoraLinear.apply(x, *plain)
+        return _LoraLinear.apply(*plain)
 
 
 def swap_lora_linears(model) -> int:

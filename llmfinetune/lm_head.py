@@ -36,10 +36,9 @@ class CausalLMTrainer(Trainer):
         self._lora_layers = None
         self._rotary_modules = []
         if self.args.device.type == "cpu":
-            from .kernels import rotary_modules, swap_lora_linears, swap_rms_norms
+            from .kernels import rotary_modules, swap_rms_norms
 
             swap_rms_norms(self.model)
-            swap_lora_linears(self.model)
             self._rotary_modules = rotary_modules(self.model)
 
     def compute_loss_context_manager(self):

@@ -106,6 +106,10 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
         model.accepts_loss_kwargs = False
     model = method.wrap(model, job, task, fresh_modules, trainable_fp32=base_dtype is not None)
+    if training_args.device.type == "cpu":
+        from .kernels import swap_lora_linears
+
+        swap_lora_linears(model)  # peft's plain LoRA layers as one function (kernels.py); a no-op without LoRA
     from .generation_eval import TrainingJudge
 
     judge = TrainingJudge(job, task, tokenizer, splits, eval_split, output_dir, dist.world_size)

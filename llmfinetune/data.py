@@ -204,10 +204,23 @@ def _check_json_file(path: Path) -> None:
     """Name the exact line of a malformed JSON-lines file; pyarrow only says 'JSON parse error'."""
     with path.open("rb") as handle:
         head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1]
-    if head == b"[":
-        return  # one JSON array; pyarrow reports it well enough
+    if head == b"[" and _one_json_array(path):
+        return  # pyarrow reports a broken array well enough
     for _ in read_jsonl(path):
         pass
+
+
+def _one_json_array(path: Path) -> bool:
+    """Whether a file starting with '[' holds one JSON array: its first line opens one that goes on, or is the
+    file's only line. A first line that is a whole value with more lines after it is a row of JSON lines."""
+    with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
+        lines = (line for line in handle if line.strip())
+        first, after = next(lines, ""), next(lines, None)
+    try:
+        json.loads(first)
+    except ValueError:
+        return True
+    return after is None
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

@@ -283,6 +283,15 @@ def test_json_line_that_is_not_an_object(tmp_path):
     assert message == f"{path}:2: expected a JSON object per line, got list."
 
 
+def test_json_lines_whose_first_line_is_an_array(tmp_path):
+    """A first line starting with '[' is not always a JSON array file: here it is a whole row of its own (found by
+    tests/test_fuzz_inputs.py), and the error names it as for any other line."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('[1, 2]\n{"text": "a"}\n', encoding="utf-8")
+    message = load_error(make_job(tmp_path, {"train_file": str(path)}))
+    assert message == f"{path}:1: expected a JSON object per line, got list."
+
+
 @pytest.mark.parametrize("name", ["train.jsonl", "train.csv", "train.parquet", "train.json"])
 def test_empty_file(tmp_path, name):
     path = tmp_path / name

@@ -216,11 +216,13 @@ def _one_json_array(path: Path) -> bool:
     with path.open("r", encoding="utf-8-sig", errors="replace") as handle:
         lines = (line for line in handle if line.strip())
         first, after = next(lines, ""), next(lines, None)
+    if after is None:
+        return True  # not parsed here: an array on one line may be the whole (large) file, which datasets parses
     try:
         json.loads(first)
     except ValueError:
         return True
-    return after is None
+    return False
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

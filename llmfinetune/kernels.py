@@ -31,9 +31,10 @@ and its add. Written as one function (_LoraLinear) the adapter's output is accum
 the matrix product itself (addmm_ with alpha = scaling), the scaling is applied to the rank-r tensors, and the input
 gradient of A is accumulated into the base's the same way: per q_proj of the SFT bench (fp32, 1890 tokens, 512 x
 512, r 8) 16.3 against 19.2 ms forward + backward. Swapped in by instance (swap_lora_linears, by the workflow for
-every task training on the CPU) and used only for the plain case (one active adapter, no dropout, no DoRA or other variant, an nn.Linear base, not merged); anything else
-runs peft's forward. Under autocast every operand is cast to the autocast dtype before the function, as autocast
-itself casts them for each product, and the function runs in that dtype.
+every task training on the CPU) and used only for the plain case (one active adapter, no dropout, no DoRA or other
+variant, an nn.Linear base, not merged); anything else runs peft's forward. Under autocast every operand is cast
+to the autocast dtype before the function, as autocast itself casts them for each product, and the function runs in
+that dtype.
 """
 from __future__ import annotations
 
@@ -208,7 +209,8 @@ class _LoraLinear(torch.autograd.Function):
 def _plain_lora(layer, x, args, kwargs):
     """(x, weight, bias, lora_a, lora_b, scaling), all of one dtype, when `layer` computes plain LoRA on `x` now;
     None otherwise."""
-    if args or kwargs or layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
+    if (x.device.type != "cpu" or args or kwargs or layer.disable_adapters or layer.merged
+            or getattr(layer, "fan_in_fan_out", False)):
         return None
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in layer.lora_A or active[0] in getattr(layer, "lora_variant", {}):
@@ -224,8 +226,6 @@ def _plain_lora(layer, x, args, kwargs):
             or lora_a.bias is not None or lora_b.bias is not None):
         return None
     operands = (x, base.weight, base.bias, lora_a.weight, lora_b.weight)
-    if x.device.type != "cpu":
-        return None
     if torch.is_autocast_enabled("cpu"):
         # Every operand in autocast's dtype, as autocast casts them for each of the layer's products (x once here,
         # where peft's two products of x cast it twice).

@@ -141,8 +141,8 @@ def test_other_rotary_embeddings_are_left_alone(model_type):
     assert rotary_modules(AutoModelForCausalLM.from_config(_tiny_config(model_type))) == []
 
 
-def _forwards_in_one_sft_step(function, tiny_models, tmp_path, monkeypatch, task="text-generation",
-                              model="qwen2") -> int:
+def _forwards_in_one_training_step(function, tiny_models, tmp_path, monkeypatch, task="text-generation",
+                                   model="qwen2") -> int:
     """How many times the autograd function's forward ran in one LoRA training step on the CPU (by default SFT of
     the tiny Qwen2)."""
     from conftest import job_dict, make_dataset
@@ -161,7 +161,7 @@ def _forwards_in_one_sft_step(function, tiny_models, tmp_path, monkeypatch, task
 def test_sft_on_the_cpu_rotates_with_it_while_it_computes_the_loss(tiny_models, tmp_path, monkeypatch):
     from llmfinetune import kernels
 
-    calls = _forwards_in_one_sft_step(kernels._Rotary, tiny_models, tmp_path, monkeypatch)
+    calls = _forwards_in_one_training_step(kernels._Rotary, tiny_models, tmp_path, monkeypatch)
     import transformers.models.qwen2.modeling_qwen2 as modeling
 
     assert calls  # q and k of every layer, in the step
@@ -256,7 +256,8 @@ def _lora_step(model, ids, dtype):
                                          ("autocast", "all")])
 def test_the_swapped_lora_layer_computes_what_peft_does(dtype, bias):
     """Logits and every trained weight's gradient with and without the one-function LoRA layer (fp32; a bf16 base
-    under autocast, where it rounds the adapter's sum once instead of three times; base biases trained, bias: all),
+    under autocast, where it rounds the adapter's sum once instead of three times; an fp32 base under autocast, as
+    tasks other than causal LM train in bf16; base biases trained, bias: all),
     and the swapped layers leave an autograd node of their own (the function ran, not peft's fallback)."""
     import torch
 
@@ -296,7 +297,9 @@ def test_the_swapped_lora_layer_hands_other_cases_to_peft(case):
     model.train()
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    context = model.disable_adapter() if case == "disabled" else contextlib.nullcontext()
+    def adapters_as_the_case_says():
+        return model.disable_adapter() if case == "disabled" else contextlib.nullcontext()
+
     if case == "merged":
         model.merge_adapter()
     if case == "two adapters":
@@ -311,7 +314,7 @@ def test_the_swapped_lora_layer_hands_other_cases_to_peft(case):
         nodes = []
         hook = layer.register_forward_hook(lambda module, args, output: nodes.append(type(output.grad_fn).__name__))
         torch.manual_seed(2)
-        with context if not swapped else (model.disable_adapter() if case == "disabled" else contextlib.nullcontext()):
+        with adapters_as_the_case_says():
             logits = model(input_ids=ids, use_cache=False).logits
         hook.remove()
         assert nodes and nodes != ["_LoraLinearBackward"], case
@@ -323,4 +326,4 @@ def test_the_swapped_lora_layer_hands_other_cases_to_peft(case):
 def test_lora_on_the_cpu_trains_with_it(task, model, tiny_models, tmp_path, monkeypatch):
     from llmfinetune import kernels
 
-    assert _forwards_in_one_sft_step(kernels._LoraLinear, tiny_models, tmp_path, monkeypatch, task, model)
+    assert _forwards_in_one_training_step(kernels._LoraLinear, tiny_models, tmp_path, monkeypatch, task, model)

@@ -26,6 +26,7 @@ never read the boundaries.
 from __future__ import annotations
 
 import bisect
+import functools
 from typing import Any, Optional
 
 from .errors import UserError
@@ -39,6 +40,8 @@ ROWS, FLATTENED = "rows", "flattened"
 MASKED_FROM_POSITIONS = ("eager", "sdpa", "flex_attention")
 # The attention a packed SDPA model trains with (registered with transformers by use_segmented_sdpa).
 SEGMENTED_SDPA = "llmfinetune_sdpa_segments"
+# Where it runs the whole flattened row in torch's variable-length flash kernel (half precision; CUDA only in torch).
+VARLEN_FLASH_DEVICES = ("cuda",)
 
 # transformers architectures (config.json model_type) whose packed examples are proven isolated: every one is built
 # tiny and random in tests/test_packing_attention.py, and its packed logits must equal each example's logits alone,
@@ -271,6 +274,10 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     lengths = [end - start for start, end in zip(bounds, bounds[1:])]
     window = kwargs.get("sliding_window")
     dtype = query.dtype
+    if query.device.type in VARLEN_FLASH_DEVICES and not dropout and kwargs.get("softcap") is None:
+        output = _varlen_flash(module, query, key, value, kwargs, scaling, window)
+        if output is not None:
+            return output, None
     if query.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         # The CPU's half-precision flash kernel keeps state per shape, and every example is a new shape: run it in
         # fp32, which keeps none (autocast would cast back to bf16). Under autocast with an fp32 base the rotary
@@ -300,3 +307,56 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
             *qkv, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and length > 1, scale=scaling,
             enable_gqa=gqa).transpose(1, 2))
     return torch.cat(outputs, dim=1), None
+
+
+def _varlen_flash(module, query, key, value, kwargs: dict, scaling, window):
+    """On a GPU in half precision, the whole flattened row in one call of torch's variable-length flash kernel
+    (torch.nn.attention.varlen, the flash-attention kernel torch ships: no flash-attn package), instead of a kernel
+    launch per example and per layer. None where it cannot run (fp32 without autocast, a torch without it, a
+    sliding window its signature cannot express): the caller then runs the examples one by one."""
+    import torch
+
+    device = query.device.type
+    half = query.dtype in (torch.float16, torch.bfloat16)
+    if not half and not torch.is_autocast_enabled(device):
+        return None
+    varlen, parameters = _varlen_attention()
+    if varlen is None or (window is not None and "window_size" not in parameters):
+        return None
+    # Under autocast with fp32 weights the rotary embedding hands over fp32 queries; SDPA would run them in the
+    # autocast dtype, and so does this.
+    dtype = query.dtype if half else torch.get_autocast_dtype(device)
+    # (1, heads, tokens, head_dim) -> (tokens, heads, head_dim): the projections wrote (tokens, heads, head_dim), so
+    # this is usually that memory again, not a copy.
+    query, key, value = (tensor[0].transpose(0, 1).to(dtype).contiguous() for tensor in (query, key, value))
+    options = {"scale": scaling}
+    if "window_size" in parameters:
+        # masking_utils' window: key j is seen from query i when i - window < j <= i, i.e. window - 1 keys back.
+        options["window_size"] = (window - 1 if window is not None else -1, 0)
+    else:
+        options["is_causal"] = True
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" in parameters:
+            options["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    bounds_q, bounds_k = kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"])
+    longest_q = kwargs.get("max_length_q") or int((bounds_q[1:] - bounds_q[:-1]).max())
+    longest_k = kwargs.get("max_length_k") or longest_q
+    with torch.autocast(device, enabled=False):
+        output = varlen(query, key, value, bounds_q.to(torch.int32), bounds_k.to(torch.int32), int(longest_q),
+                        int(longest_k), **options)
+    return output.unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_attention():
+    """torch's varlen_attn and the names of its parameters (they changed between torch 2.10 and 2.12), or None."""
+    import inspect
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)

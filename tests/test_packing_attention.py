@@ -350,3 +350,76 @@ def test_on_the_cpu_in_half_precision_each_packed_example_attends_in_fp32(autoca
     assert set(seen) == {(torch.float32, False)}
     for (row, start, end), expected in zip(_spans(batch), reference):
         torch.testing.assert_close(logits[row, start:end], expected, atol=0.05, rtol=0.05)
+
+
+def _documented_varlen_attn(signature: str, calls: list):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn (CUDA-only in torch), written from its documentation:
+    (tokens, heads, head_dim) inputs, sequences bounded by cu_seq_q/k, window_size (left, right) keys around each
+    query (torch >= 2.11) or is_causal (torch 2.10), GQA only with enable_gqa (the 2.10 variant has none)."""
+    import torch
+
+    def window_size_variant(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                            window_size=(-1, -1), enable_gqa=False):
+        calls.append({"max_q": max_q, "window_size": window_size, "enable_gqa": enable_gqa, "dtype": query.dtype})
+        outputs = []
+        for start, end in zip(cu_seq_q.tolist(), cu_seq_q.tolist()[1:]):
+            q, k, v = (tensor[start:end].transpose(0, 1).float() for tensor in (query, key, value))
+            if k.shape[0] != q.shape[0]:
+                assert enable_gqa, "fewer key/value heads than query heads without enable_gqa"
+                k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+            offsets = torch.arange(end - start)
+            distance = offsets[:, None] - offsets[None, :]  # query index - key index
+            left, right = window_size
+            allowed = torch.ones_like(distance, dtype=torch.bool)
+            if left >= 0:
+                allowed &= distance <= left
+            if right >= 0:
+                allowed &= -distance <= right
+            outputs.append(torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=scale).transpose(0, 1).to(query.dtype))
+        return torch.cat(outputs)
+
+    def is_causal_variant(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None):
+        assert key.shape[1] == query.shape[1], "the 2.10 signature has no enable_gqa"
+        return window_size_variant(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                   window_size=(-1, 0) if is_causal else (-1, -1))
+
+    return window_size_variant if signature == "window_size" else is_causal_variant
+
+
+@pytest.mark.parametrize("signature", ["window_size", "is_causal"])
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_on_a_gpu_the_flattened_row_is_one_varlen_flash_call(model_type, signature, monkeypatch):
+    """On a GPU in half precision the segmented attention hands the whole flattened row to torch's variable-length
+    flash kernel in one call per layer. That kernel is CUDA-only, so here a stand-in written from its documentation
+    takes its place on the CPU: the layout, bounds, causal window (mistral's sliding window of 6 is shorter than
+    some examples), GQA and dtype the call receives keep every example's logits equal to the example alone. With the
+    torch 2.10 signature (no window, no GQA flag) key/value heads are repeated and a sliding window falls back to
+    the per-example path."""
+    import inspect
+
+    import torch
+
+    from llmfinetune import packing
+
+    calls = []
+    stand_in = _documented_varlen_attn(signature, calls)
+    monkeypatch.setattr(packing, "VARLEN_FLASH_DEVICES", ("cpu",))
+    monkeypatch.setattr(packing, "_varlen_attention",
+                        lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
+    model = _load(model_type, "sdpa")
+    examples, rows = _packed_rows()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in examples]
+        use_segmented_sdpa(model)
+        batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+    windowed = model_type == "mistral"
+    if signature == "is_causal" and windowed:
+        assert calls == []
+    else:
+        longest = max(length for lengths in LENGTHS for length in lengths)
+        assert len(calls) == 2 and all(call["max_q"] == longest and call["dtype"] == torch.bfloat16 for call in calls)
+        assert {call["window_size"] for call in calls} == {(5, 0) if windowed else (-1, 0)}
+    for (row, start, end), expected in zip(_spans(batch), alone):
+        torch.testing.assert_close(logits[row, start:end], expected, atol=2e-2, rtol=2e-2)

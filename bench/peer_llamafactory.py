@@ -41,6 +41,9 @@ CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
           "{% endif %}")
 JOB = {"rank": 8, "alpha": 16, "batch": 8, "cutoff": 256, "lr": 5e-4, "seed": 42}
+# The issue's CPU model: Qwen2-shaped, 27M parameters with the 8000-token vocabulary.
+QWEN2_27M = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
+             "num_key_value_heads": 2, "max_position_embeddings": 2048}
 
 # Run inside each contender's own interpreter: the same token count, loss record and RSS report on both sides.
 MEASURE = textwrap.dedent('''
@@ -94,6 +97,8 @@ MEASURE = textwrap.dedent('''
         steady = ((MARKS[-1][1] - MARKS[0][1]) / (MARKS[-1][0] - MARKS[0][0])) if len(MARKS) > 1 else None
         print("BENCH " + json.dumps({"seconds": end[1], "tokens": end[2], "steady_tokens_per_second": steady,
                                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                                    "gpu_peak_mib": (torch.cuda.max_memory_allocated() / 2**20
+                                                     if torch.cuda.is_available() else None),
                                     "losses": [entry for entry in LOSSES if entry[0] != "end"],
                                     "faults_first_log": FAULTS[1] - FAULTS[0] if len(FAULTS) > 1 else None,
                                     "faults_after_first_log": FAULTS[-1] - FAULTS[1] if len(FAULTS) > 2 else None}),
@@ -119,8 +124,9 @@ OURS_DRIVER = MEASURE + textwrap.dedent('''
 
 # ---------------------------------------------------------------- the job's assets
 
-def build_assets(out: Path, data: Path) -> None:
-    """Model, tokenizer and alpaca data, built once per workdir (seeded: the same every time)."""
+def build_assets(out: Path, data: Path, shape: dict = QWEN2_27M) -> None:
+    """Model (a random-init Qwen2 of this shape), tokenizer and alpaca data, built once per workdir (seeded: the
+    same every time)."""
     if (out / "model" / "model.safetensors").is_file():
         return
     splits = {name: [json.loads(line) for line in (data / f"{name}.json").read_text(encoding="utf-8").splitlines()
@@ -133,12 +139,12 @@ def build_assets(out: Path, data: Path) -> None:
         "file_name": "train.json", "formatting": "alpaca",
         "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}))
     texts = [row["content"] for row in splits["train"]] + [row["summary"] for row in splits["train"]]
-    tokenizer = _tokenizer(texts)
+    tokenizer = _tokenizer(texts, shape["max_position_embeddings"])
     tokenizer.save_pretrained(out / "model")
-    _model(tokenizer, out / "model")
+    _model(tokenizer, out / "model", shape)
 
 
-def _tokenizer(texts):
+def _tokenizer(texts, model_max_length: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -150,18 +156,17 @@ def _tokenizer(texts):
                                                         show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|startoftext|>", eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
-                                        model_max_length=2048, clean_up_tokenization_spaces=False)
+                                        model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     tokenizer.chat_template = CHATML
     return tokenizer
 
 
-def _model(tokenizer, folder: Path) -> None:
+def _model(tokenizer, folder: Path, shape: dict) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+    config = Qwen2Config(**{"vocab_size": len(tokenizer), **shape},
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     Qwen2ForCausalLM(config).save_pretrained(folder)
@@ -222,9 +227,14 @@ def our_job(work: Path, name: str, steps: int, bf16: bool, overrides: list[str])
     return path
 
 
-def run_contender(name: str, command: list[str], env: dict, log: Path) -> dict:
+def run_contender(name: str, command: list[str], env: dict, log: Path, timeout: float | None = None) -> dict:
     _wait_for_quiet()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as late:
+        log.write_text("\n".join(part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                                 for part in (late.stdout, late.stderr)))
+        sys.exit(f"{name} ran past {timeout:.0f} s and was stopped; its output is in {log}")
     log.write_text(done.stdout + "\n" + done.stderr)
     line = next((l for l in reversed(done.stdout.splitlines()) if l.startswith("BENCH ")), None)
     if done.returncode != 0 or line is None:

@@ -12,6 +12,10 @@ Why not the profiler: on the SFT peer bench it put 2-3x the time on the LM head'
 products of a step, from page faults it caused itself (bench/README, #12, sessions 10 and 14). A TorchDispatchMode
 sees the same aten calls and costs only a clock read per op (~10 us; the printed wall time per step includes it).
 Give the job enough steps (max_steps) to reach the end of --steps.
+
+--cuda: on a GPU, where ops return before their kernels run, the torch profiler instead (CPU and CUDA activities):
+each op's own kernel time a step, and the kernels' total against the step's wall time (the rest is the GPU
+waiting for the host).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--shapes", action="store_true",
                         help="every op by its arguments' shapes; matrix products with GFLOP/s")
+    parser.add_argument("--cuda", action="store_true", help="kernel times from the torch profiler (GPU runs)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the llmfinetune command line")
     args = parser.parse_args()
     first, last = (int(part) for part in args.steps.split(":"))
@@ -60,6 +65,35 @@ def main() -> None:
     state = {"step": 0, "start": None, "model_dims": set()}
     training_step = transformers.Trainer.training_step
 
+    def profiled_step(self, *step_args, **step_kwargs):
+        state["step"] += 1
+        if state["step"] == first:
+            torch.cuda.synchronize()
+            state["start"] = time.perf_counter()
+            state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+            state["profiler"].__enter__()
+        if state["step"] == last:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - state["start"]
+            state["profiler"].__exit__(None, None, None)
+            report_kernels(state["profiler"], wall, last - first)
+        return training_step(self, *step_args, **step_kwargs)
+
+    def report_kernels(profiler, wall: float, steps: int) -> None:
+        def kernel_us(event):
+            return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+
+        kernels = sum(event.device_time for event in profiler.events()
+                      if str(getattr(event, "device_type", "")).endswith("CUDA"))
+        print(f"steps {first}-{last - 1}: {wall / steps * 1e3:.1f} ms a step (optimizer and data included, "
+              f"profiler on), {kernels / steps / 1e3:.1f} ms of it in CUDA kernels; torch {torch.__version__}",
+              flush=True)
+        ops = sorted(profiler.key_averages(), key=lambda event: -kernel_us(event))
+        for event in ops[:args.top]:
+            print(f"{kernel_us(event) / steps / 1e3:9.2f} ms/step {event.count // steps:6d} calls  {event.key[:110]}",
+                  flush=True)
+
     def timed_step(self, *step_args, **step_kwargs):
         state["step"] += 1
         if state["step"] == first:
@@ -80,7 +114,7 @@ def main() -> None:
             rate = f"  {flops[name] / total / 1e9:.0f} GFLOP/s" if flops[name] else ""
             print(f"{total / steps * 1e3:9.2f} ms/step {calls[name] // steps:6d} calls  {name}{rate}", flush=True)
 
-    transformers.Trainer.training_step = timed_step
+    transformers.Trainer.training_step = profiled_step if args.cuda else timed_step
     from llmfinetune.cli import main as llmfinetune_main
 
     sys.exit(llmfinetune_main(command))

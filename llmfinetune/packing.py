@@ -270,14 +270,15 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     if bounds is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    bounds = bounds.tolist()
-    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
     window = kwargs.get("sliding_window")
     dtype = query.dtype
     if query.device.type in VARLEN_FLASH_DEVICES and not dropout and kwargs.get("softcap") is None:
         output = _varlen_flash(module, query, key, value, kwargs, scaling, window)
         if output is not None:
             return output, None
+    # Reading the bounds on the host waits for the GPU (a sync per layer): only the per-example path needs them.
+    bounds = bounds.tolist()
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
     if query.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         # The CPU's half-precision flash kernel keeps state per shape, and every example is a new shape: run it in
         # fp32, which keeps none (autocast would cast back to bf16). Under autocast with an fp32 base the rotary

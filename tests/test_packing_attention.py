@@ -362,7 +362,8 @@ def _documented_varlen_attn(signature: str, calls: list):
                             window_size=(-1, -1), enable_gqa=False):
         calls.append({"max_q": max_q, "window_size": window_size, "enable_gqa": enable_gqa, "dtype": query.dtype})
         outputs = []
-        for start, end in zip(cu_seq_q.tolist(), cu_seq_q.tolist()[1:]):
+        bounds = [int(bound) for bound in cu_seq_q]  # the kernel reads them on the device, not through tolist
+        for start, end in zip(bounds, bounds[1:]):
             q, k, v = (tensor[start:end].transpose(0, 1).float() for tensor in (query, key, value))
             if k.shape[0] != q.shape[0]:
                 assert enable_gqa, "fewer key/value heads than query heads without enable_gqa"
@@ -393,7 +394,8 @@ def test_on_a_gpu_the_flattened_row_is_one_varlen_flash_call(model_type, signatu
     """On a GPU in half precision the segmented attention hands the whole flattened row to torch's variable-length
     flash kernel in one call per layer. That kernel is CUDA-only, so here a stand-in written from its documentation
     takes its place on the CPU: the layout, bounds, causal window (mistral's sliding window of 6 is shorter than
-    some examples), GQA and dtype the call receives keep every example's logits equal to the example alone. With the
+    some examples), GQA and dtype the call receives keep every example's logits equal to the example alone, and
+    no layer reads the bounds on the host (on a GPU, a wait for the device in every layer). With the
     torch 2.10 signature (no window, no GQA flag) key/value heads are repeated and a sliding window falls back to
     the per-example path."""
     import inspect
@@ -409,15 +411,20 @@ def test_on_a_gpu_the_flattened_row_is_one_varlen_flash_call(model_type, signatu
                         lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
     model = _load(model_type, "sdpa")
     examples, rows = _packed_rows()
+    host_reads = []  # tolist() on a GPU tensor waits for the GPU: none may happen per layer on the kernel's path
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda tensor: host_reads.append(tensor.shape) or tolist(tensor))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in examples]
         use_segmented_sdpa(model)
         batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+        host_reads.clear()
         logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
     windowed = model_type == "mistral"
     if signature == "is_causal" and windowed:
         assert calls == []
     else:
+        assert host_reads == []
         longest = max(length for lengths in LENGTHS for length in lengths)
         assert len(calls) == 2 and all(call["max_q"] == longest and call["dtype"] == torch.bfloat16 for call in calls)
         assert {call["window_size"] for call in calls} == {(5, 0) if windowed else (-1, 0)}

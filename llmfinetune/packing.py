@@ -13,6 +13,8 @@ the attention implementation (packed_layout, the one decision):
   SDPA's causal kernel once per example from cu_seq_lens. Over padded rows with a block-diagonal mask the kernel
   computes every (query, key) pair of a row and reads the mask; per example it computes only the causal half of each
   example's own square and reads no mask (fp32 SFT bench: attention 14% of a step before, +6% tokens/s after).
+  On a GPU in half precision the row goes to torch's variable-length flash kernel instead, once per layer
+  (_varlen_flash; H200, 0.5B full fine-tune: ~14x the tokens/s of one SDPA launch per example, bench/README.md).
   On the CPU in bf16/fp16 (kernels_keep_state_per_shape) oneDNN and the half-precision flash kernel keep state per
   shape, so a row of a new length every step grew memory without end: there the flattened row is padded to a
   multiple of arguments.SHAPE_MULTIPLE tokens (a few shapes for every linear layer) and each example's attention runs in

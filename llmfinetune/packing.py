@@ -202,27 +202,29 @@ class PackedCollator:
         """Every example of every row, end to end in one row; the kwargs and dtypes are those of transformers'
         DataCollatorWithFlattening(return_flash_attn_kwargs=True). With `multiple`, the row ends in one padding
         example (positions from 0, labels ignored) that makes its length a multiple of it."""
+        import numpy as np
         import torch
 
-        ids, labels, positions = [], [], []
-        for feature in features:
-            ids += feature["input_ids"]
-            labels += feature["labels"]
-            positions += feature["position_ids"]
+        # numpy, not Python lists: on a GPU the host builds this row while the device waits (the Trainer syncs every
+        # step); a row of 32k tokens took 7.5 ms through lists and torch.tensor, 1.9 ms this way (one CPU, one run).
+        def joined(key):
+            return np.concatenate([np.asarray(feature[key], dtype=np.int64) for feature in features])
+
+        ids, labels, positions = joined("input_ids"), joined("labels"), joined("position_ids")
         missing = -len(ids) % multiple if multiple else 0
-        ids += [pad_token_id] * missing
-        labels += [IGNORE] * missing
-        positions += range(missing)
-        starts = [i for i, position in enumerate(positions) if position == 0]
-        for start in starts:
-            labels[start] = IGNORE
-        bounds = starts + [len(ids)]
-        lengths = [end - start for start, end in zip(bounds, bounds[1:])]
-        cu_seq_lens = torch.tensor(bounds, dtype=torch.int32)
-        return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
-                "position_ids": torch.tensor([positions], dtype=torch.long),
+        if missing:
+            ids = np.concatenate([ids, np.full(missing, pad_token_id, dtype=np.int64)])
+            labels = np.concatenate([labels, np.full(missing, IGNORE, dtype=np.int64)])
+            positions = np.concatenate([positions, np.arange(missing, dtype=np.int64)])
+        starts = np.flatnonzero(positions == 0)
+        labels[starts] = IGNORE
+        bounds = np.append(starts, len(ids))
+        longest = int(np.diff(bounds).max())
+        cu_seq_lens = torch.from_numpy(bounds.astype(np.int32))
+        return {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None],
+                "position_ids": torch.from_numpy(positions)[None],
                 "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                "max_length_q": max(lengths), "max_length_k": max(lengths)}
+                "max_length_q": longest, "max_length_k": longest}
 
 
 def bind_packed_collator(trainer) -> None:

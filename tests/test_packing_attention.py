@@ -11,7 +11,7 @@ import pytest
 from conftest import job_dict, make_dataset
 from llmfinetune.config import parse_job
 from llmfinetune.errors import UserError
-from llmfinetune.packing import (FLATTENED, ISOLATING_MODEL_TYPES, MASKED_FROM_POSITIONS, ROWS, SEGMENTED_SDPA,
+from llmfinetune.packing import (FLATTENED, IGNORE, ISOLATING_MODEL_TYPES, MASKED_FROM_POSITIONS, ROWS, SEGMENTED_SDPA,
                                  PackedCollator, packed_layout, use_segmented_sdpa)
 
 LENGTHS = [[5, 9, 7], [11, 4]]  # two packed rows, the second shorter (so padded in the rows layout)
@@ -430,3 +430,22 @@ def test_on_a_gpu_the_flattened_row_is_one_varlen_flash_call(model_type, signatu
         assert {call["window_size"] for call in calls} == {(5, 0) if windowed else (-1, 0)}
     for (row, start, end), expected in zip(_spans(batch), alone):
         torch.testing.assert_close(logits[row, start:end], expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("multiple", [None, 16])
+def test_the_flattened_row_ignores_every_examples_first_label(multiple):
+    """In one row the label at an example's start would be predicted from the previous example's last token: the
+    collator ignores it even where the rows it is given still carry it, and the padding example is ignored whole."""
+    _, rows = _packed_rows()
+    for row in rows:
+        row["labels"] = list(row["input_ids"])
+    batch = PackedCollator(pad_token_id=0, layout=FLATTENED, flat_row_multiple=multiple)(rows)
+    labels, ids = batch["labels"][0].tolist(), batch["input_ids"][0].tolist()
+    bounds = batch["cu_seq_lens_q"].tolist()
+    real = sum(len(row["input_ids"]) for row in rows)
+    assert bounds[-1] == len(ids) and (len(ids) % multiple == 0 if multiple else len(ids) == real)
+    for start, end in zip(bounds, bounds[1:]):
+        if start >= real:
+            assert labels[start:end] == [IGNORE] * (end - start)
+        else:
+            assert labels[start] == IGNORE and labels[start + 1:end] == ids[start + 1:end]

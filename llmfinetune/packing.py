@@ -277,7 +277,7 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     window = kwargs.get("sliding_window")
     dtype = query.dtype
     if query.device.type in VARLEN_FLASH_DEVICES and not dropout and kwargs.get("softcap") is None:
-        output = _varlen_flash(module, query, key, value, kwargs, scaling, window)
+        output = _varlen_flash(query, key, value, kwargs, scaling, window)
         if output is not None:
             return output, None
     # Reading the bounds on the host waits for the GPU (a sync per layer): only the per-example path needs them.
@@ -314,7 +314,7 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     return torch.cat(outputs, dim=1), None
 
 
-def _varlen_flash(module, query, key, value, kwargs: dict, scaling, window):
+def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
     """On a GPU in half precision, the whole flattened row in one call of torch's variable-length flash kernel
     (torch.nn.attention.varlen, the flash-attention kernel torch ships: no flash-attn package), instead of a kernel
     launch per example and per layer. None where it cannot run (fp32 without autocast, a torch without it, a

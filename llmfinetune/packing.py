@@ -318,7 +318,8 @@ def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
     """On a GPU in half precision, the whole flattened row in one call of torch's variable-length flash kernel
     (torch.nn.attention.varlen, the flash-attention kernel torch ships: no flash-attn package), instead of a kernel
     launch per example and per layer. None where it cannot run (fp32 without autocast, a torch without it, a
-    sliding window its signature cannot express): the caller then runs the examples one by one."""
+    sliding window its signature cannot express, a GPU older than Ampere): the caller then runs the examples one by
+    one."""
     import torch
 
     device = query.device.type
@@ -326,7 +327,7 @@ def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
     if not half and not torch.is_autocast_enabled(device):
         return None
     varlen, parameters = _varlen_attention()
-    if varlen is None or (window is not None and "window_size" not in parameters):
+    if varlen is None or (window is not None and "window_size" not in parameters) or not _flash_capable(query.device):
         return None
     # Under autocast with fp32 weights the rotary embedding hands over fp32 queries; SDPA would run them in the
     # autocast dtype, and so does this.
@@ -353,6 +354,20 @@ def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
         output = varlen(query, key, value, bounds_q.to(torch.int32), bounds_k.to(torch.int32), int(longest_q),
                         int(longest_k), **options)
     return output.unsqueeze(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_capable(device) -> bool:
+    """Whether torch's flash kernel runs on this device: NVIDIA GPUs from Ampere (compute capability 8.0) on; a T4
+    or V100 (fp16 there) raises inside the kernel, and ROCm builds are not proven here. Other device types are the
+    tests' stand-in."""
+    import torch
+
+    if device.type != "cuda":
+        return True
+    if torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @functools.lru_cache(maxsize=1)

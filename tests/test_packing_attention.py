@@ -449,3 +449,40 @@ def test_the_flattened_row_ignores_every_examples_first_label(multiple):
             assert labels[start:end] == [IGNORE] * (end - start)
         else:
             assert labels[start] == IGNORE and labels[start + 1:end] == ids[start + 1:end]
+
+
+def test_gpus_the_flash_kernel_cannot_run_on_keep_the_per_example_path(monkeypatch):
+    """torch's flash kernel needs an NVIDIA GPU from Ampere on: a T4 or V100 (fp16 there) would raise inside it, so
+    there, and on ROCm builds, the flattened row keeps SDPA once per example; its logits still equal each example
+    alone."""
+    import inspect
+
+    import torch
+
+    from llmfinetune import packing
+
+    cuda = torch.device("cuda", 0)
+    for capability, hip, expected in (((7, 5), None, False), ((7, 0), None, False), ((8, 0), None, True),
+                                      ((9, 0), None, True), ((9, 0), "6.2", False)):
+        packing._flash_capable.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        assert packing._flash_capable(cuda) is expected, (capability, hip)
+    packing._flash_capable.cache_clear()
+
+    calls = []
+    stand_in = _documented_varlen_attn("window_size", calls)
+    monkeypatch.setattr(packing, "VARLEN_FLASH_DEVICES", ("cpu",))
+    monkeypatch.setattr(packing, "_varlen_attention",
+                        lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
+    monkeypatch.setattr(packing, "_flash_capable", lambda device: False)
+    model = _load("qwen2", "sdpa")
+    examples, rows = _packed_rows()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in examples]
+        use_segmented_sdpa(model)
+        batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+    assert calls == []
+    for (row, start, end), expected in zip(_spans(batch), alone):
+        torch.testing.assert_close(logits[row, start:end], expected, atol=2e-2, rtol=2e-2)

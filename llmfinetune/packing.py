@@ -44,6 +44,7 @@ MASKED_FROM_POSITIONS = ("eager", "sdpa", "flex_attention")
 SEGMENTED_SDPA = "llmfinetune_sdpa_segments"
 # Where it runs the whole flattened row in torch's variable-length flash kernel (half precision; CUDA only in torch).
 VARLEN_FLASH_DEVICES = ("cuda",)
+FLASH_MAX_HEAD_DIM = 256  # the flash kernel's limit
 
 # transformers architectures (config.json model_type) whose packed examples are proven isolated: every one is built
 # tiny and random in tests/test_packing_attention.py, and its packed logits must equal each example's logits alone,
@@ -318,7 +319,7 @@ def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
     """On a GPU in half precision, the whole flattened row in one call of torch's variable-length flash kernel
     (torch.nn.attention.varlen, the flash-attention kernel torch ships: no flash-attn package), instead of a kernel
     launch per example and per layer. None where it cannot run (fp32 without autocast, a torch without it, a
-    sliding window its signature cannot express, a GPU older than Ampere): the caller then runs the examples one by
+    sliding window its signature cannot express, a GPU older than Ampere, heads over 256 wide): the caller then runs the examples one by
     one."""
     import torch
 
@@ -328,6 +329,8 @@ def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
         return None
     varlen, parameters = _varlen_attention()
     if varlen is None or (window is not None and "window_size" not in parameters) or not _flash_capable(query.device):
+        return None
+    if query.shape[-1] > FLASH_MAX_HEAD_DIM:
         return None
     # Under autocast with fp32 weights the rotary embedding hands over fp32 queries; SDPA would run them in the
     # autocast dtype, and so does this.

@@ -486,3 +486,23 @@ def test_gpus_the_flash_kernel_cannot_run_on_keep_the_per_example_path(monkeypat
     assert calls == []
     for (row, start, end), expected in zip(_spans(batch), alone):
         torch.testing.assert_close(logits[row, start:end], expected, atol=2e-2, rtol=2e-2)
+
+
+def test_heads_wider_than_the_flash_kernel_takes_keep_the_per_example_path(monkeypatch):
+    import inspect
+
+    import torch
+
+    from llmfinetune import packing
+
+    calls = []
+    stand_in = _documented_varlen_attn("window_size", calls)
+    monkeypatch.setattr(packing, "_varlen_attention",
+                        lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
+    bounds = torch.tensor([0, 3, 8], dtype=torch.int32)
+    kwargs = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": 5, "max_length_k": 5}
+    for width, runs in ((packing.FLASH_MAX_HEAD_DIM, True), (packing.FLASH_MAX_HEAD_DIM + 64, False)):
+        query = torch.randn(1, 2, 8, width, dtype=torch.bfloat16)
+        output = packing._varlen_flash(query, query, query, kwargs, None, None)
+        assert (output is not None) is runs and len(calls) == int(runs)
+        calls.clear()

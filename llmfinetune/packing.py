@@ -319,8 +319,8 @@ def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
     """On a GPU in half precision, the whole flattened row in one call of torch's variable-length flash kernel
     (torch.nn.attention.varlen, the flash-attention kernel torch ships: no flash-attn package), instead of a kernel
     launch per example and per layer. None where it cannot run (fp32 without autocast, a torch without it, a
-    sliding window its signature cannot express, a GPU older than Ampere, heads over 256 wide): the caller then runs the examples one by
-    one."""
+    sliding window its signature cannot express, a GPU older than Ampere, heads over 256 wide): the caller then
+    runs the examples one by one."""
     import torch
 
     device = query.device.type

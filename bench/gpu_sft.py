@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -125,7 +126,7 @@ def main() -> None:
     from safetensors import safe_open
 
     with safe_open(str(work / "model" / "model.safetensors"), "pt") as weights:
-        parameters = sum(_count(weights.get_slice(name).get_shape()) for name in weights.keys())
+        parameters = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"device: {device}; torch {torch.__version__}; model {parameters / 1e6:.0f}M parameters; "
           f"{args.steps} steps; peak {args.peak_tflops:.0f} TFLOP/s", flush=True)
@@ -177,13 +178,6 @@ def main() -> None:
     for name, result in results.items():
         if name.startswith("full") and "varlen" in name:
             print(f"MFU {name}: {result['mfu']:.1%} (goal >= 50% for full fine-tuning)")
-
-
-def _count(shape) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 if __name__ == "__main__":

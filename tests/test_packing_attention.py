@@ -388,6 +388,37 @@ def _documented_varlen_attn(signature: str, calls: list):
     return window_size_variant if signature == "window_size" else is_causal_variant
 
 
+def _install_stand_in_kernel(monkeypatch, signature: str = "window_size") -> list:
+    """The documented stand-in in place of torch's varlen kernel, and the CPU taken for a device that runs it; the
+    list of its calls."""
+    import inspect
+
+    from llmfinetune import packing
+
+    calls = []
+    stand_in = _documented_varlen_attn(signature, calls)
+    monkeypatch.setattr(packing, "VARLEN_FLASH_DEVICES", ("cpu",))
+    monkeypatch.setattr(packing, "_varlen_attention",
+                        lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
+    return calls
+
+
+def _assert_packed_bf16_logits_equal_alone(model_type: str, during_packed_forward=contextlib.nullcontext):
+    """Every example's logits in the flattened row (bf16 autocast) against the example alone, within bf16 rounding."""
+    import torch
+
+    model = _load(model_type, "sdpa")
+    examples, rows = _packed_rows()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in examples]
+        use_segmented_sdpa(model)
+        batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+        with during_packed_forward():
+            logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+    for (row, start, end), expected in zip(_spans(batch), alone):
+        torch.testing.assert_close(logits[row, start:end], expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("signature", ["window_size", "is_causal"])
 @pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
 def test_on_a_gpu_the_flattened_row_is_one_varlen_flash_call(model_type, signature, monkeypatch):
@@ -398,28 +429,21 @@ def test_on_a_gpu_the_flattened_row_is_one_varlen_flash_call(model_type, signatu
     no layer reads the bounds on the host (on a GPU, a wait for the device in every layer). With the
     torch 2.10 signature (no window, no GQA flag) key/value heads are repeated and a sliding window falls back to
     the per-example path."""
-    import inspect
-
     import torch
 
-    from llmfinetune import packing
-
-    calls = []
-    stand_in = _documented_varlen_attn(signature, calls)
-    monkeypatch.setattr(packing, "VARLEN_FLASH_DEVICES", ("cpu",))
-    monkeypatch.setattr(packing, "_varlen_attention",
-                        lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
-    model = _load(model_type, "sdpa")
-    examples, rows = _packed_rows()
+    calls = _install_stand_in_kernel(monkeypatch, signature)
     host_reads = []  # tolist() on a GPU tensor waits for the GPU: none may happen per layer on the kernel's path
-    tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda tensor: host_reads.append(tensor.shape) or tolist(tensor))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in examples]
-        use_segmented_sdpa(model)
-        batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
-        host_reads.clear()
-        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+
+    @contextlib.contextmanager
+    def reads_on_the_host():
+        tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = lambda tensor: host_reads.append(tensor.shape) or tolist(tensor)
+        try:
+            yield
+        finally:
+            torch.Tensor.tolist = tolist
+
+    _assert_packed_bf16_logits_equal_alone(model_type, reads_on_the_host)
     windowed = model_type == "mistral"
     if signature == "is_causal" and windowed:
         assert calls == []
@@ -428,8 +452,6 @@ def test_on_a_gpu_the_flattened_row_is_one_varlen_flash_call(model_type, signatu
         longest = max(length for lengths in LENGTHS for length in lengths)
         assert len(calls) == 2 and all(call["max_q"] == longest and call["dtype"] == torch.bfloat16 for call in calls)
         assert {call["window_size"] for call in calls} == {(5, 0) if windowed else (-1, 0)}
-    for (row, start, end), expected in zip(_spans(batch), alone):
-        torch.testing.assert_close(logits[row, start:end], expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("multiple", [None, 16])
@@ -455,8 +477,6 @@ def test_gpus_the_flash_kernel_cannot_run_on_keep_the_per_example_path(monkeypat
     """torch's flash kernel needs an NVIDIA GPU from Ampere on: a T4 or V100 (fp16 there) would raise inside it, so
     there, and on ROCm builds, the flattened row keeps SDPA once per example; its logits still equal each example
     alone."""
-    import inspect
-
     import torch
 
     from llmfinetune import packing
@@ -470,35 +490,18 @@ def test_gpus_the_flash_kernel_cannot_run_on_keep_the_per_example_path(monkeypat
         assert packing._flash_capable(cuda) is expected, (capability, hip)
     packing._flash_capable.cache_clear()
 
-    calls = []
-    stand_in = _documented_varlen_attn("window_size", calls)
-    monkeypatch.setattr(packing, "VARLEN_FLASH_DEVICES", ("cpu",))
-    monkeypatch.setattr(packing, "_varlen_attention",
-                        lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
+    calls = _install_stand_in_kernel(monkeypatch)
     monkeypatch.setattr(packing, "_flash_capable", lambda device: False)
-    model = _load("qwen2", "sdpa")
-    examples, rows = _packed_rows()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in examples]
-        use_segmented_sdpa(model)
-        batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
-        logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits.float()
+    _assert_packed_bf16_logits_equal_alone("qwen2")
     assert calls == []
-    for (row, start, end), expected in zip(_spans(batch), alone):
-        torch.testing.assert_close(logits[row, start:end], expected, atol=2e-2, rtol=2e-2)
 
 
 def test_heads_wider_than_the_flash_kernel_takes_keep_the_per_example_path(monkeypatch):
-    import inspect
-
     import torch
 
     from llmfinetune import packing
 
-    calls = []
-    stand_in = _documented_varlen_attn("window_size", calls)
-    monkeypatch.setattr(packing, "_varlen_attention",
-                        lambda: (stand_in, frozenset(inspect.signature(stand_in).parameters)))
+    calls = _install_stand_in_kernel(monkeypatch)
     bounds = torch.tensor([0, 3, 8], dtype=torch.int32)
     kwargs = {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": 5, "max_length_k": 5}
     for width, runs in ((packing.FLASH_MAX_HEAD_DIM, True), (packing.FLASH_MAX_HEAD_DIM + 64, False)):

@@ -129,6 +129,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
                    *judge.callbacks],
     )
     nan_guard.watch(trainer)
+    method.attach(trainer, half_precision_base=base_dtype is not None)
     resume = resume_point(job.base_config.get("resume_from_checkpoint"), output_dir)
     # How training read the data (SFT: format and chat template), for `eval` and `predict`; checked on resume.
     task.record_run_files(output_dir, splits, tokenizer, job, resuming=resume is not None, write=dist.is_main)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..config import as_number
 from ..errors import UserError
-from .base import Method
+from .base import Method, half_precision_base_allowed
 
 if TYPE_CHECKING:
     from ..models import NewWeights
@@ -68,16 +68,11 @@ class LoRA(Method):
             raise UserError(f"ft_config.train_config.lora_config: {exc}") from None
 
     def base_dtype(self, job, task, training_args):
-        """bf16 for the frozen base under bf16 mixed precision, where the task measured it (Task.half_precision_base)
-        and the job leaves the dtype open: autocast then casts no frozen weight every step, and the residual stream
-        is half the bytes. Not beside quantization (its own compute dtype), DeepSpeed or FSDP (they hold the weights
-        in their own precision)."""
+        """bf16 for the frozen base where base.half_precision_base_allowed: autocast then casts no frozen weight
+        every step, and the residual stream is half the bytes."""
         import torch
 
-        init = job.model.initialization.initializer
-        written = "dtype" in init.model_fields_set or {"dtype", "torch_dtype"} & init.from_pretrained_kwargs.keys()
-        if (not task.half_precision_base or not training_args.bf16 or written or job.model.quantization_bit
-                or training_args.deepspeed or training_args.fsdp):
+        if not half_precision_base_allowed(job, task, training_args):
             return None
         logger.info("LoRA in bf16: the frozen base is loaded in bf16, adapters and every trained weight stay fp32; "
                     "set model_config.initialization.initializer.dtype: float32 for an fp32 base.")

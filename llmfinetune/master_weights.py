@@ -1,0 +1,135 @@
+"""Full fine-tuning under bf16 with the model's weights in bf16 and an fp32 master copy of each in the optimizer
+(the scheme of Megatron and DeepSpeed's bf16 optimizer). Under plain autocast the weights stay fp32: every product
+casts its weight again each forward and backward, and the residual stream, norms and element-wise work run in fp32.
+On an H200 (0.5B Qwen2-shaped model, 8 x 4096 packed tokens) that was ~155 ms of element-wise work and casts beside
+~88 ms of matrix products in a 362 ms step (bench/README.md, "On a GPU").
+
+The optimizer is the one Trainer builds, stepping on fp32 masters instead of the model's weights: before each step
+the bf16 gradients are copied into fp32 ones on the masters, after it the masters are rounded into the weights. The
+masters travel in the optimizer's state dict (optimizer.pt of each checkpoint), so a resumed run continues from the
+same fp32 values; at the end of training the model gets them back as fp32 weights, so the saved model is what the
+optimizer trained, not its bf16 rounding. Only torch hooks: Trainer, accelerate and the LR scheduler see the
+optimizer they expect."""
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+MASTERS_KEY = "llmfinetune_fp32_master_weights"
+# Optimizers built by torch itself from their parameter groups: stepping on other tensors than the model's is all
+# they need. bitsandbytes, galore, schedule-free and the others keep their own state per model parameter.
+TORCH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+
+
+def unsupported_because(training_args) -> str | None:
+    """Why this run cannot train bf16 weights with fp32 masters (None: it can)."""
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if optim not in TORCH_OPTIMIZERS:
+        return f"optim {optim!r} keeps its own state per model weight (these work: {', '.join(TORCH_OPTIMIZERS)})"
+    if training_args.gradient_accumulation_steps > 1:
+        return "gradient_accumulation_steps > 1 would add the micro-batches' gradients up in bf16"
+    return None
+
+
+def keep_fp32_masters(trainer) -> None:
+    """Make `trainer` build its optimizer over fp32 masters of the model's bf16 trainable weights."""
+    create_optimizer = trainer.create_optimizer
+
+    def create_optimizer_over_masters(*args, **kwargs):
+        optimizer = create_optimizer(*args, **kwargs)
+        if not getattr(optimizer, "_llmfinetune_masters", None):
+            step_on_masters(optimizer)
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer_over_masters
+    trainer.add_callback(_MastersBackAtTheEnd(trainer))
+
+
+def step_on_masters(optimizer) -> None:
+    """Swap each bf16 parameter of `optimizer`'s groups for an fp32 copy, and hook its step and state dict."""
+    import torch
+
+    weights, masters = [], []
+    for group in optimizer.param_groups:
+        swapped = []
+        for weight in group["params"]:
+            if weight.dtype in (torch.bfloat16, torch.float16):
+                master = weight.detach().float().clone()
+                weights.append(weight)
+                masters.append(master)
+                swapped.append(master)
+            else:
+                swapped.append(weight)
+        group["params"] = swapped
+    optimizer._llmfinetune_masters = (weights, masters)
+
+    def grads_to_masters(optimizer, args, kwargs):
+        for weight, master in zip(weights, masters):
+            master.grad = None if weight.grad is None else weight.grad.float()
+
+    def masters_to_weights(optimizer, args, kwargs):
+        with torch.no_grad():
+            torch._foreach_copy_(weights, masters)
+        for master in masters:
+            master.grad = None
+
+    def save_masters(optimizer, state_dict):
+        state_dict[MASTERS_KEY] = masters
+
+    def load_masters(optimizer, state_dict):
+        saved = state_dict.pop(MASTERS_KEY, None)
+        if saved is None:
+            logger.warning("The checkpoint's optimizer state has no fp32 master weights (written by another setup): "
+                           "they start again from the checkpoint's bf16 weights.")
+            with torch.no_grad():
+                torch._foreach_copy_(masters, weights)
+            return state_dict
+        if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters)):
+            raise ValueError(f"The checkpoint holds {len(saved)} fp32 master weights that do not match this model's "
+                             f"{len(masters)} trained weights.")
+        with torch.no_grad():
+            torch._foreach_copy_(masters, [s.to(m.device) for s, m in zip(saved, masters)])
+        return state_dict
+
+    optimizer.register_step_pre_hook(grads_to_masters)
+    optimizer.register_step_post_hook(masters_to_weights)
+    optimizer.register_state_dict_post_hook(save_masters)
+    optimizer.register_load_state_dict_pre_hook(load_masters)
+
+
+def masters_into_model(optimizer) -> bool:
+    """Make the weights that trained with masters fp32 again, with the masters' values where the model still holds
+    their rounding (False where it holds other values, from the best checkpoint: they stay as they are)."""
+    import torch
+
+    weights, masters = optimizer._llmfinetune_masters
+    with torch.no_grad():
+        current = all(torch.equal(w, m.to(w.dtype)) for w, m in zip(weights, masters))
+        for weight, master in zip(weights, masters):
+            weight.data = master.clone() if current else weight.data.float()
+    return current
+
+
+def _optimizer_of(trainer):
+    optimizer = trainer.optimizer
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
+
+
+class _MastersBackAtTheEnd(TrainerCallback):
+    """Puts the masters into the model when training ends, before the workflow saves it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        optimizer = _optimizer_of(self.trainer)
+        if optimizer is None or not getattr(optimizer, "_llmfinetune_masters", None):
+            return
+        if masters_into_model(optimizer):
+            logger.info("Training ended: the fp32 master weights are the model's weights again.")
+        else:
+            logger.info("Training ended on the best checkpoint's weights (load_best_model_at_end): kept as that "
+                        "checkpoint holds them, bf16 values now in fp32.")

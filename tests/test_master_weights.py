@@ -1,0 +1,108 @@
+"""Full fine-tuning in bf16: bf16 weights, fp32 masters in the optimizer (master_weights.py); the masters are what
+the run saves, and what a resumed run continues from."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from conftest import job_dict, make_dataset
+from llmfinetune import master_weights
+from llmfinetune.config import parse_job
+
+
+def _full_job(tiny_models, tmp_path, out_name="run", initializer=None, **base):
+    data = make_dataset(tmp_path / "data", "text-generation")
+    settings = {"max_steps": 4, "save_steps": 2, "logging_steps": 1, "eval_strategy": "no", "bf16": True,
+                "packing": True, "learning_rate": 1e-3, **base}
+    raw = job_dict("text-generation", "full", tiny_models["qwen2"], data, tmp_path / out_name, **settings)
+    if initializer:
+        raw["model_config"]["initialization"] = {"initializer": initializer}
+    return parse_job(raw)
+
+
+def _saved_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_bf16_weights_train_on_fp32_masters_which_the_run_saves(tiny_models, tmp_path, monkeypatch, caplog):
+    from llmfinetune.workflow import run
+
+    at_the_end = []
+    original = master_weights.masters_into_model
+
+    def spy(optimizer):
+        weights, masters = optimizer._llmfinetune_masters
+        at_the_end.append(({w.dtype for w in weights}, {m.dtype for m in masters}, len(weights)))
+        return original(optimizer)
+
+    monkeypatch.setattr(master_weights, "masters_into_model", spy)
+    with caplog.at_level(logging.INFO):
+        result = run(_full_job(tiny_models, tmp_path))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("Full fine-tuning in bf16: the weights in bf16") for m in messages) == 1
+    trained = [p for p in result.model.parameters() if p.requires_grad]
+    assert at_the_end == [({torch.bfloat16}, {torch.float32}, len(trained))]
+
+    # The model holds the masters again, in fp32, and they carry more than bf16's 8 bits: updates too small for a
+    # bf16 weight added up in them.
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    assert any(not torch.equal(p, p.to(torch.bfloat16).float()) for p in trained)
+    saved = _saved_weights(result.output_dir)
+    for name, parameter in result.model.named_parameters():
+        if name in saved:
+            assert torch.equal(saved[name], parameter.detach()), name
+
+    # A checkpoint holds the bf16 weights, and the masters in the optimizer's state.
+    checkpoint = result.output_dir / "checkpoint-2"
+    assert {t.dtype for t in _saved_weights(checkpoint).values()} == {torch.bfloat16}
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    masters = state[master_weights.MASTERS_KEY]
+    assert len(masters) == len(trained) and {m.dtype for m in masters} == {torch.float32}
+
+
+def test_a_resumed_run_continues_from_the_masters_not_their_bf16_rounding(tiny_models, tmp_path):
+    from llmfinetune.workflow import run
+
+    straight = run(_full_job(tiny_models, tmp_path, "straight")).output_dir
+    stopped = run(_full_job(tiny_models, tmp_path, "stopped")).output_dir
+    for leftover in ("checkpoint-4", "trainer_state.json", "metrics.json", "model.safetensors"):
+        path = stopped / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = run(_full_job(tiny_models, tmp_path, "stopped", resume_from_checkpoint=True)).output_dir
+
+    expected, actual = _saved_weights(straight), _saved_weights(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+    losses = [[e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+              for out in (straight, resumed)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("base, initializer, reason", [
+    ({"gradient_accumulation_steps": 2}, None, "gradient_accumulation_steps > 1"),
+    ({"optim": "adafactor"}, None, "optim 'adafactor'"),
+    ({}, {"dtype": "float32"}, None),  # the job's written dtype wins, without a word
+    ({"bf16": False}, None, None),  # fp32 training
+])
+def test_fp32_weights_where_masters_cannot_work_or_the_job_says_so(tiny_models, tmp_path, caplog, base, initializer,
+                                                                  reason):
+    from llmfinetune import arguments
+    from llmfinetune.registry import METHODS, TASKS
+
+    job = _full_job(tiny_models, tmp_path, initializer=initializer, **base)
+    task = TASKS.get(job.task)
+    training_args = arguments.build_training_arguments(job, task, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="llmfinetune.methods.full"):
+        assert METHODS.get("full").base_dtype(job, task, training_args) is None
+    messages = [r.getMessage() for r in caplog.records]
+    if reason:
+        assert len(messages) == 1 and "fp32 weights under autocast" in messages[0] and reason in messages[0]
+    else:
+        assert messages == []

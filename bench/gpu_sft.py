@@ -6,11 +6,11 @@
 The job (issue #12, GPU part): the SFT peer bench's job (bench/peer_llamafactory.py: AdvertiseGen as alpaca rows in
 ChatML, byte-level BPE of 8000 tokens trained on the data, packing, lr 5e-4 cosine, seed 42) on a random-init model
 of Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864, vocabulary 151936, tied
-embeddings: 494M parameters), in bf16 (full: fp32 weights under bf16 autocast; LoRA: bf16 base, fp32 adapters).
-Contenders, each in its own process:
+embeddings: 494M parameters), in bf16 (full: bf16 weights with fp32 masters in the optimizer, master_weights.py;
+LoRA: bf16 base, fp32 adapters). Contenders, each in its own process:
 - full / LoRA (r 8 on q_proj,v_proj) with the default attention: the packed row in torch's variable-length flash
-  kernel (packing.py's _varlen_flash), 8 rows of 4096 tokens a step (~27.5k non-pad tokens; 16 rows ran out of the
-  H200's memory) and the issue's 8 x 256;
+  kernel (packing.py's _varlen_flash), 8 rows of 4096 tokens a step (~27.5k non-pad tokens) and the issue's 8 x 256;
+- full with fp32 weights under bf16 autocast (the path before master_weights.py), and 16 rows of 4096;
 - full with the same data through SDPA once per example (the path before the varlen kernel; bench-only switch).
 Before them, the packed row's logits under the varlen kernel are compared with every example run alone.
 
@@ -48,13 +48,16 @@ if os.environ.get("BENCH_SDPA_PER_EXAMPLE") == "1":
     llmfinetune.packing.VARLEN_FLASH_DEVICES = ()
 '''
 BASE = "ft_config.train_config.base_config."
-# name: (method, rows a step, row length, attention once per example), in the order they run.
+FP32_WEIGHTS = ["model_config.initialization.initializer.dtype=float32"]
+# name: (method, rows a step, row length, attention once per example, job overrides), in the order they run.
 CONTENDERS = {
-    "full varlen 8x4096": ("full", 8, 4096, False),
-    "lora varlen 8x4096": ("lora", 8, 4096, False),
-    "full per-example-sdpa 8x4096": ("full", 8, 4096, True),
-    "full varlen 8x256": ("full", 8, 256, False),
-    "lora varlen 8x256": ("lora", 8, 256, False),
+    "full varlen 8x4096": ("full", 8, 4096, False, []),
+    "full fp32-weights 8x4096": ("full", 8, 4096, False, FP32_WEIGHTS),
+    "full varlen 16x4096": ("full", 16, 4096, False, []),
+    "lora varlen 8x4096": ("lora", 8, 4096, False, []),
+    "full per-example-sdpa 8x4096": ("full", 8, 4096, True, []),
+    "full varlen 8x256": ("full", 8, 256, False, []),
+    "lora varlen 8x256": ("lora", 8, 256, False, []),
 }
 
 
@@ -145,10 +148,11 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(CONTENDERS)
     results = {}
     for name in names:
-        method, rows, length, per_example = CONTENDERS[name]
+        method, rows, length, per_example, overrides = CONTENDERS[name]
         slug = name.replace(" ", "_")
         job_path = our_job(work, slug, args.steps, True, [
-            f"ft_config.ft_method={method}", f"{BASE}per_device_train_batch_size={rows}", f"{BASE}max_length={length}"])
+            f"ft_config.ft_method={method}", f"{BASE}per_device_train_batch_size={rows}", f"{BASE}max_length={length}",
+            *overrides])
         if method == "full":
             job = json.loads(job_path.read_text())
             del job["ft_config"]["train_config"]["lora_config"]
@@ -175,6 +179,11 @@ def main() -> None:
         gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(fast["losses"], slow["losses"]))
         print(f"varlen kernel / SDPA per example (full, 8x4096): {fast['rate'] / slow['rate']:.2f}x tokens/s; "
               f"train losses at most {gap:.2%} apart")
+    autocast = results.get("full fp32-weights 8x4096")
+    if fast and autocast:
+        gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(fast["losses"], autocast["losses"]))
+        print(f"bf16 weights + fp32 masters / fp32 weights under autocast (full, 8x4096): "
+              f"{fast['rate'] / autocast['rate']:.2f}x tokens/s; train losses at most {gap:.2%} apart")
     for name, result in results.items():
         if name.startswith("full") and "varlen" in name:
             print(f"MFU {name}: {result['mfu']:.1%} (goal >= 50% for full fine-tuning)")

@@ -1,7 +1,7 @@
 """SFT on a GPU: tokens/s and MFU of llmfinetune on a ~0.5B Qwen2-shaped model, full and LoRA, per attention path.
 
     python bench/gpu_sft.py [--steps 40] [--data ../shared/datasets/AdvertiseGen] [--only NAME,NAME]
-                            [--peak-tflops 790] [--size 0.5b|tiny] [--skip-check] [--contender-timeout 300]
+                            [--peak-tflops 790] [--size 0.5b|27m|tiny] [--skip-check] [--contender-timeout 300]
 
 The job (issue #12, GPU part): the SFT peer bench's job (bench/peer_llamafactory.py: AdvertiseGen as alpaca rows in
 ChatML, byte-level BPE of 8000 tokens trained on the data, packing, lr 5e-4 cosine, seed 42) on a random-init model
@@ -10,14 +10,15 @@ embeddings: 494M parameters), in bf16 (full: bf16 weights with fp32 masters in t
 LoRA: bf16 base, fp32 adapters). Contenders, each in its own process:
 - full / LoRA (r 8 on q_proj,v_proj) with the default attention: the packed row in torch's variable-length flash
   kernel (packing.py's _varlen_flash), 8 rows of 4096 tokens a step (~27.5k non-pad tokens) and the issue's 8 x 256;
-- full with fp32 weights under bf16 autocast (the path before master_weights.py), and 16 rows of 4096;
+- full with fp32 weights under bf16 autocast (the path before master_weights.py), with 12 and 16 rows of 4096, and
+  with base_config.torch_compile (TrainingArguments' whole-model torch.compile);
 - full with the same data through SDPA once per example (the path before the varlen kernel; bench-only switch).
 Before them, the packed row's logits under the varlen kernel are compared with every example run alone.
 
 Reported: non-pad tokens/s after the first 10 steps (compilation and warm-up left out), MFU = 6 x parameters x
 tokens/s over --peak-tflops (790: the bf16 matrix rate measured on this workplace's H200; the issue's formula, which
 counts the LM head at every position although ours runs it at learned positions only, and counts weight gradients
-that LoRA does not compute), peak GPU memory, train losses. Needs CUDA; --size tiny runs the flow anywhere.
+that LoRA does not compute), peak GPU memory, train losses. Needs CUDA for the 0.5B model; --size 27m (the CPU peer bench's model) and tiny run on a CPU.
 """
 from __future__ import annotations
 
@@ -31,12 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-from peer_llamafactory import OURS_DRIVER, SHARED, build_assets, our_job, run_contender  # noqa: E402
+from peer_llamafactory import OURS_DRIVER, QWEN2_27M, SHARED, build_assets, our_job, run_contender  # noqa: E402
 
 SHAPES = {
     "0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
              "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768,
              "rope_theta": 1000000.0},
+    "27m": QWEN2_27M,  # the CPU peer bench's model: --size 27m measures the same contenders on a CPU
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 4096},
 }
@@ -49,14 +51,19 @@ if os.environ.get("BENCH_SDPA_PER_EXAMPLE") == "1":
 '''
 BASE = "ft_config.train_config.base_config."
 FP32_WEIGHTS = ["model_config.initialization.initializer.dtype=float32"]
+COMPILED = [f"{BASE}torch_compile=true"]
 # name: (method, rows a step, row length, attention once per example, job overrides), in the order they run.
 CONTENDERS = {
     "full varlen 8x4096": ("full", 8, 4096, False, []),
     "full fp32-weights 8x4096": ("full", 8, 4096, False, FP32_WEIGHTS),
+    "full varlen 12x4096": ("full", 12, 4096, False, []),
     "full varlen 16x4096": ("full", 16, 4096, False, []),
+    "full compiled 8x4096": ("full", 8, 4096, False, COMPILED),
+    "full compiled 12x4096": ("full", 12, 4096, False, COMPILED),
     "lora varlen 8x4096": ("lora", 8, 4096, False, []),
     "full per-example-sdpa 8x4096": ("full", 8, 4096, True, []),
     "full varlen 8x256": ("full", 8, 256, False, []),
+    "full fp32-weights 8x256": ("full", 8, 256, False, FP32_WEIGHTS),
     "lora varlen 8x256": ("lora", 8, 256, False, []),
 }
 
@@ -118,8 +125,8 @@ def main() -> None:
 
     import torch
 
-    if args.size != "tiny" and not torch.cuda.is_available():
-        print("skipped: no CUDA device (this bench measures a GPU; --size tiny runs its flow on the CPU)")
+    if args.size == "0.5b" and not torch.cuda.is_available():
+        print("skipped: no CUDA device (the 0.5B model needs a GPU; --size 27m or tiny run on the CPU)")
         return
     if not (args.data / "train.json").is_file():
         print(f"skipped: AdvertiseGen not found at {args.data} (train.json, validation.json; pass --data)")
@@ -179,11 +186,12 @@ def main() -> None:
         gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(fast["losses"], slow["losses"]))
         print(f"varlen kernel / SDPA per example (full, 8x4096): {fast['rate'] / slow['rate']:.2f}x tokens/s; "
               f"train losses at most {gap:.2%} apart")
-    autocast = results.get("full fp32-weights 8x4096")
-    if fast and autocast:
-        gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(fast["losses"], autocast["losses"]))
-        print(f"bf16 weights + fp32 masters / fp32 weights under autocast (full, 8x4096): "
-              f"{fast['rate'] / autocast['rate']:.2f}x tokens/s; train losses at most {gap:.2%} apart")
+    for shape in ("8x4096", "8x256"):
+        masters, autocast = results.get(f"full varlen {shape}"), results.get(f"full fp32-weights {shape}")
+        if masters and autocast:
+            gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(masters["losses"], autocast["losses"]))
+            print(f"bf16 weights + fp32 masters / fp32 weights under autocast (full, {shape}): "
+                  f"{masters['rate'] / autocast['rate']:.2f}x tokens/s; train losses at most {gap:.2%} apart")
     for name, result in results.items():
         if name.startswith("full") and "varlen" in name:
             print(f"MFU {name}: {result['mfu']:.1%} (goal >= 50% for full fine-tuning)")

@@ -106,3 +106,23 @@ def test_fp32_weights_where_masters_cannot_work_or_the_job_says_so(tiny_models, 
         assert len(messages) == 1 and "fp32 weights under autocast" in messages[0] and reason in messages[0]
     else:
         assert messages == []
+
+
+def test_the_best_checkpoint_loaded_at_the_end_is_kept_not_overwritten_by_the_last_masters(tiny_models, tmp_path,
+                                                                                          caplog):
+    """load_best_model_at_end puts a checkpoint's bf16 weights in the model before training ends: those are the
+    run's result, so the masters (the last step's) must not replace them."""
+    from llmfinetune.workflow import run
+
+    # Loss going up from step 2 (a learning rate far too high): the best checkpoint is the first.
+    job = _full_job(tiny_models, tmp_path, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss", learning_rate=0.5)
+    with caplog.at_level(logging.INFO, logger="llmfinetune.master_weights"):
+        result = run(job)
+    state = json.loads((result.output_dir / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"].endswith("checkpoint-2")
+    best = _saved_weights(result.output_dir / "checkpoint-2")
+    for name, parameter in result.model.named_parameters():
+        if name in best:
+            assert torch.equal(parameter.detach(), best[name].float()), name
+    assert any("best checkpoint's weights" in r.getMessage() for r in caplog.records)

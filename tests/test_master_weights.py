@@ -126,3 +126,26 @@ def test_the_best_checkpoint_loaded_at_the_end_is_kept_not_overwritten_by_the_la
         if name in best:
             assert torch.equal(parameter.detach(), best[name].float()), name
     assert any("best checkpoint's weights" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("first, then", [("fp32 weights", "masters"), ("masters", "fp32 weights")])
+def test_a_run_resumes_from_a_checkpoint_of_the_other_kind(tiny_models, tmp_path, caplog, first, then):
+    """A job whose precision setup changed between the stop and the resume (the dtype written or removed) still
+    resumes: masters that the checkpoint lacks start from its weights, and one line says so; fp32 weights start from
+    the checkpoint's bf16 ones (its masters unused: nothing in an fp32 run reads them)."""
+    from llmfinetune.workflow import run
+
+    fp32 = {"dtype": "float32"}
+    run(_full_job(tiny_models, tmp_path, "stopped", initializer=fp32 if first == "fp32 weights" else None))
+    stopped = tmp_path / "stopped"
+    for leftover in ("checkpoint-4", "trainer_state.json", "metrics.json", "model.safetensors"):
+        path = stopped / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with caplog.at_level(logging.WARNING, logger="llmfinetune.master_weights"):
+        result = run(_full_job(tiny_models, tmp_path, "stopped", initializer=fp32 if then == "fp32 weights" else None,
+                               resume_from_checkpoint=True))
+    warned = [r.getMessage() for r in caplog.records if "fp32 master weights" in r.getMessage()]
+    assert len(warned) == (1 if then == "masters" else 0)
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]

@@ -88,8 +88,10 @@ def step_on_masters(optimizer) -> None:
                 torch._foreach_copy_(masters, weights)
             return state_dict
         if len(saved) != len(masters) or any(s.shape != m.shape for s, m in zip(saved, masters)):
-            raise ValueError(f"The checkpoint holds {len(saved)} fp32 master weights that do not match this model's "
-                             f"{len(masters)} trained weights.")
+            from .errors import UserError
+
+            raise UserError(f"The checkpoint's optimizer.pt holds {len(saved)} fp32 master weights that do not match "
+                            f"the {len(masters)} weights this job trains: resume from a checkpoint of this job.")
         with torch.no_grad():
             torch._foreach_copy_(masters, [s.to(m.device) for s, m in zip(saved, masters)])
         return state_dict

@@ -149,3 +149,16 @@ def test_a_run_resumes_from_a_checkpoint_of_the_other_kind(tiny_models, tmp_path
     assert {p.dtype for p in result.model.parameters()} == {torch.float32}
     history = json.loads((result.output_dir / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
+
+
+def test_masters_of_another_model_are_refused_by_name():
+    from llmfinetune.errors import UserError
+
+    weights = [torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16)), torch.nn.Parameter(torch.ones(2))]
+    optimizer = torch.optim.AdamW(weights, lr=0.1)
+    master_weights.step_on_masters(optimizer)
+    state = optimizer.state_dict()
+    assert [m.shape for m in state[master_weights.MASTERS_KEY]] == [(3,)]  # only the bf16 weight has a master
+    state[master_weights.MASTERS_KEY] = [torch.zeros(4)]
+    with pytest.raises(UserError, match="1 fp32 master weights that do not match the 1 weights this job trains"):
+        optimizer.load_state_dict(state)

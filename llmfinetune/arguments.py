@@ -290,6 +290,7 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     if deepspeed:
         kwargs["deepspeed"] = _deepspeed_config(job, deepspeed)
     _check_fsdp(job, kwargs)
+    _check_liger(job, kwargs)
     if deepspeed and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # On CPU, DeepSpeed must own the gloo process group before TrainingArguments sizes the batch; otherwise
         # ZeRO-3 fails its batch check (train_batch_size != micro x accumulation x world).
@@ -320,6 +321,23 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
         return arguments_class(**kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"{job.source}: {BASE}: {first_line(exc, 1000)}") from None
+
+
+def _check_liger(job: "Job", kwargs: dict[str, Any]) -> None:
+    """`use_liger_kernel` (TrainingArguments' switch to Liger's Triton kernels) fails only once the Trainer is built,
+    after the model loaded, with an ImportError; and Triton kernels need a GPU. Said before anything loads."""
+    import importlib.util
+
+    import torch
+
+    if not kwargs.get("use_liger_kernel"):
+        return
+    if not torch.cuda.is_available() or kwargs.get("use_cpu"):
+        raise UserError(f"{job.source}: {BASE}.use_liger_kernel: Liger's kernels are Triton kernels for GPUs, and "
+                        "this run trains on the CPU; remove use_liger_kernel.")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UserError(f"{job.source}: {BASE}.use_liger_kernel: needs the liger-kernel package, which is not "
+                        "installed: `pip install liger-kernel`, or remove use_liger_kernel.")
 
 
 def _check_fsdp(job: "Job", kwargs: dict[str, Any]) -> None:

@@ -254,3 +254,25 @@ def test_fsdp_on_gpu_reaches_the_training_arguments(tmp_path, gpus, monkeypatch)
     assert given["fsdp"] == "full_shard"
     assert given["fsdp_config"] == {"version": 2, "transformer_layer_cls_to_wrap": "BertLayer"}
     assert "use_cpu" not in given
+
+
+# ---------------------------------------------------------------- Liger kernels
+
+def test_liger_kernels_are_refused_on_the_cpu_and_without_their_package_before_anything_loads(tmp_path, gpus,
+                                                                                              monkeypatch):
+    """TrainingArguments' use_liger_kernel otherwise fails with an ImportError once the model has loaded."""
+    import importlib.util
+
+    gpus(0)
+    with pytest.raises(UserError, match=r"base_config\.use_liger_kernel: Liger's kernels are Triton kernels for GPUs, "
+                                        r"and this run trains on the CPU"):
+        _training_arguments(_job(tmp_path, use_liger_kernel=True), tmp_path)
+    gpus(1)
+    with pytest.raises(UserError, match=r"base_config\.use_liger_kernel: Liger's kernels are Triton kernels"):
+        _training_arguments(_job(tmp_path, use_liger_kernel=True, use_cpu=True), tmp_path)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    with pytest.raises(UserError, match=r"use_liger_kernel: needs the liger-kernel package, which is not installed: "
+                                        r"`pip install liger-kernel`"):
+        _training_arguments(_job(tmp_path, use_liger_kernel=True), tmp_path)

@@ -2,14 +2,16 @@
 (the scheme of Megatron and DeepSpeed's bf16 optimizer). Under plain autocast the weights stay fp32: every product
 casts its weight again each forward and backward, and the residual stream, norms and element-wise work run in fp32.
 On an H200 (0.5B Qwen2-shaped model, 8 x 4096 packed tokens) that was ~155 ms of element-wise work and casts beside
-~88 ms of matrix products in a 362 ms step (bench/README.md, "On a GPU").
+~88 ms of matrix products in a 362 ms step; bf16 weights measured 1.08x the tokens/s there with 7 GB less memory,
+and 1.01-1.16x on an avx512_bf16 CPU (bench/README.md, "On a GPU", session 20).
 
 The optimizer is the one Trainer builds, stepping on fp32 masters instead of the model's weights: before each step
-the bf16 gradients are copied into fp32 ones on the masters, after it the masters are rounded into the weights. The
+the bf16 gradients are fp32 ones on the masters, clipped there, after it the masters are rounded into the weights. The
 masters travel in the optimizer's state dict (optimizer.pt of each checkpoint), so a resumed run continues from the
 same fp32 values; at the end of training the model gets them back as fp32 weights, so the saved model is what the
-optimizer trained, not its bf16 rounding. Only torch hooks: Trainer, accelerate and the LR scheduler see the
-optimizer they expect."""
+optimizer trained, not its bf16 rounding. Under gradient accumulation each micro-batch's gradients are added to the
+masters' fp32 ones after its backward (Trainer.training_step, wrapped on the instance), so the micro-batches never
+add up in bf16. Otherwise only torch hooks: Trainer, accelerate and the LR scheduler see the optimizer they expect."""
 from __future__ import annotations
 
 import logging
@@ -29,27 +31,58 @@ def unsupported_because(training_args) -> str | None:
     optim = getattr(training_args.optim, "value", training_args.optim)
     if optim not in TORCH_OPTIMIZERS:
         return f"optim {optim!r} keeps its own state per model weight (these work: {', '.join(TORCH_OPTIMIZERS)})"
-    if training_args.gradient_accumulation_steps > 1:
-        return "gradient_accumulation_steps > 1 would add the micro-batches' gradients up in bf16"
+    if training_args.gradient_accumulation_steps > 1 and training_args.world_size > 1:
+        # The micro-batches' gradients move into fp32 after each backward, out of the reach of DDP, which
+        # all-reduces what the weights hold at the last micro-batch.
+        return "gradient_accumulation_steps > 1 under several processes would all-reduce the last micro-batch only"
     return None
 
 
 def keep_fp32_masters(trainer) -> None:
-    """Make `trainer` build its optimizer over fp32 masters of the model's bf16 trainable weights."""
+    """Make `trainer` build its optimizer over fp32 masters of the model's bf16 trainable weights, and add each
+    micro-batch's gradients up in fp32 on the masters."""
     create_optimizer = trainer.create_optimizer
 
     def create_optimizer_over_masters(*args, **kwargs):
         optimizer = create_optimizer(*args, **kwargs)
         if not getattr(optimizer, "_llmfinetune_masters", None):
-            step_on_masters(optimizer)
+            step_on_masters(optimizer, trainer.args.max_grad_norm)
         return optimizer
 
+    training_step = trainer.training_step
+
+    def training_step_then_gradients_to_masters(*args, **kwargs):
+        loss = training_step(*args, **kwargs)
+        masters = getattr(_optimizer_of(trainer), "_llmfinetune_masters", None)
+        if masters:
+            gradients_to_masters(*masters, last=trainer.accelerator.sync_gradients)
+        return loss
+
     trainer.create_optimizer = create_optimizer_over_masters
+    trainer.training_step = training_step_then_gradients_to_masters
     trainer.add_callback(_MastersBackAtTheEnd(trainer))
 
 
-def step_on_masters(optimizer) -> None:
-    """Swap each bf16 parameter of `optimizer`'s groups for an fp32 copy, and hook its step and state dict."""
+def gradients_to_masters(weights, masters, last: bool) -> None:
+    """After a micro-batch's backward: its bf16 gradients added to the masters' fp32 ones. Before the last
+    micro-batch of a step the weights' gradients are emptied (the next backward brings only its own); at the last
+    they hold the step's total again, in bf16, for what Trainer does with them (the logged norm, its clipping)."""
+    for weight, master in zip(weights, masters):
+        if weight.grad is None:
+            continue
+        if master.grad is None:
+            master.grad = weight.grad.float()
+        else:
+            master.grad.add_(weight.grad)
+            if last:
+                weight.grad = master.grad.to(weight.dtype)
+        if not last:
+            weight.grad = None
+
+
+def step_on_masters(optimizer, max_grad_norm: float = 0.0) -> None:
+    """Swap each bf16 parameter of `optimizer`'s groups for an fp32 copy, and hook its step and state dict. The step
+    clips the masters' fp32 gradients to `max_grad_norm` itself: what Trainer clipped was their bf16 copy."""
     import torch
 
     weights, masters = [], []
@@ -68,7 +101,10 @@ def step_on_masters(optimizer) -> None:
 
     def grads_to_masters(optimizer, args, kwargs):
         for weight, master in zip(weights, masters):
-            master.grad = None if weight.grad is None else weight.grad.float()
+            if master.grad is None and weight.grad is not None:  # a step that no training_step prepared
+                master.grad = weight.grad.float()
+        if max_grad_norm and max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([m for m in masters if m.grad is not None], max_grad_norm)
 
     def masters_to_weights(optimizer, args, kwargs):
         with torch.no_grad():

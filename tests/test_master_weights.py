@@ -86,7 +86,6 @@ def test_a_resumed_run_continues_from_the_masters_not_their_bf16_rounding(tiny_m
 
 
 @pytest.mark.parametrize("base, initializer, reason", [
-    ({"gradient_accumulation_steps": 2}, None, "gradient_accumulation_steps > 1"),
     ({"optim": "adafactor"}, None, "optim 'adafactor'"),
     ({}, {"dtype": "float32"}, None),  # the job's written dtype wins, without a word
     ({"bf16": False}, None, None),  # fp32 training
@@ -162,3 +161,65 @@ def test_masters_of_another_model_are_refused_by_name():
     state[master_weights.MASTERS_KEY] = [torch.zeros(4)]
     with pytest.raises(UserError, match="1 fp32 master weights that do not match the 1 weights this job trains"):
         optimizer.load_state_dict(state)
+
+
+def test_under_several_processes_accumulation_keeps_fp32_weights():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(optim="adamw_torch_fused", gradient_accumulation_steps=2, world_size=2)
+    assert "all-reduce the last micro-batch only" in master_weights.unsupported_because(args)
+    assert master_weights.unsupported_because(SimpleNamespace(**{**vars(args), "world_size": 1})) is None
+    assert master_weights.unsupported_because(SimpleNamespace(**{**vars(args), "gradient_accumulation_steps": 1,
+                                                                 "world_size": 4})) is None
+
+
+def test_micro_batch_gradients_add_up_in_fp32_on_the_masters():
+    """Three micro-batches whose bf16 sum rounds away the small ones (1 + 2**-9 + 2**-9 is 1 in bf16)."""
+    weight = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    master = weight.detach().float()
+    for index, value in enumerate((1.0, 2.0 ** -9, 2.0 ** -9)):
+        weight.grad = torch.full((2,), value, dtype=torch.bfloat16)  # what one backward leaves
+        last = index == 2
+        master_weights.gradients_to_masters([weight], [master], last=last)
+        assert (weight.grad is None) == (not last)
+    assert torch.equal(master.grad, torch.full((2,), 1.0 + 2.0 ** -8))
+    assert torch.equal(weight.grad, master.grad.to(torch.bfloat16))  # the total again, for Trainer's clip and log
+
+
+def test_accumulated_micro_batches_step_as_one_batch_of_their_size(tiny_models, tmp_path):
+    """One SGD step of 2 micro-batches of 4 against one batch of 8, the same rows in order: the same update of the
+    fp32 masters (bf16 forward noise aside). A step that kept one micro-batch's gradient would be ~half of it."""
+    from safetensors.torch import load_file
+
+    from llmfinetune.workflow import run
+
+    final = {}
+    for rows, accumulation in ((8, 1), (4, 2)):
+        job = _full_job(tiny_models, tmp_path, f"run-{accumulation}", max_steps=1, save_strategy="no", packing=False,
+                        optim="sgd", learning_rate=1.0, max_grad_norm=0.0, train_sampling_strategy="sequential",
+                        per_device_train_batch_size=rows, gradient_accumulation_steps=accumulation)
+        final[accumulation] = dict(run(job).model.named_parameters())
+    initial = {name: weight.to(torch.bfloat16).float()
+               for name, weight in load_file(str(tiny_models["qwen2"] / "model.safetensors")).items()}
+    for name, weight in final[1].items():
+        update = weight.detach() - initial[name]
+        gap = final[2][name].detach() - weight.detach()
+        assert update.norm() > 0, name
+        assert gap.norm() <= 0.02 * update.norm(), (name, float(gap.norm() / update.norm()))
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_step_clips_the_masters_fp32_gradients_to_max_grad_norm(tiny_models, tmp_path, accumulation):
+    """One SGD step with learning rate 1: the masters move by the clipped gradient, whose norm is max_grad_norm."""
+    from safetensors.torch import load_file
+
+    from llmfinetune.workflow import run
+
+    job = _full_job(tiny_models, tmp_path, max_steps=1, save_strategy="no", optim="sgd", learning_rate=1.0,
+                    max_grad_norm=1e-3, per_device_train_batch_size=8 // accumulation,
+                    gradient_accumulation_steps=accumulation)
+    trained = dict(run(job).model.named_parameters())
+    initial = load_file(str(tiny_models["qwen2"] / "model.safetensors"))
+    moved = torch.stack([(trained[name].detach() - weight.to(torch.bfloat16).float()).norm()
+                         for name, weight in initial.items() if name in trained]).norm()
+    assert float(moved) == pytest.approx(1e-3, rel=1e-3)

@@ -157,13 +157,10 @@ def main() -> None:
     for name in names:
         method, rows, length, per_example, overrides = CONTENDERS[name]
         slug = name.replace(" ", "_")
+        # A full job is the peer bench's LoRA job with lora_config null (full fine-tuning refuses one that is set).
         job_path = our_job(work, slug, args.steps, True, [
             f"ft_config.ft_method={method}", f"{BASE}per_device_train_batch_size={rows}", f"{BASE}max_length={length}",
-            *overrides])
-        if method == "full":
-            job = json.loads(job_path.read_text())
-            del job["ft_config"]["train_config"]["lora_config"]
-            job_path.write_text(json.dumps(job, indent=1))
+            *(["ft_config.train_config.lora_config=null"] if method == "full" else []), *overrides])
         command = [sys.executable, str(work / "gpu_driver.py"), "run-ft", f"--ft={job_path}"]
         try:
             result = run_contender(name, command, {**env, "BENCH_SDPA_PER_EXAMPLE": "1" if per_example else "0"},
@@ -181,20 +178,22 @@ def main() -> None:
     print(f"\n{'contender':<30} {'tokens/s':>10} {'MFU':>7} {'GPU peak MiB':>13}")
     for name, result in results.items():
         print(f"{name:<30} {result['rate']:>10.0f} {result['mfu']:>7.1%} {result.get('gpu_peak_mib') or 0:>13.0f}")
-    fast, slow = results.get("full varlen 8x4096"), results.get("full per-example-sdpa 8x4096")
-    if fast and slow:
-        gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(fast["losses"], slow["losses"]))
-        print(f"varlen kernel / SDPA per example (full, 8x4096): {fast['rate'] / slow['rate']:.2f}x tokens/s; "
-              f"train losses at most {gap:.2%} apart")
+    compare(results, "full varlen 8x4096", "full per-example-sdpa 8x4096",
+            "varlen kernel / SDPA per example (full, 8x4096)")
     for shape in ("8x4096", "8x256"):
-        masters, autocast = results.get(f"full varlen {shape}"), results.get(f"full fp32-weights {shape}")
-        if masters and autocast:
-            gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(masters["losses"], autocast["losses"]))
-            print(f"bf16 weights + fp32 masters / fp32 weights under autocast (full, {shape}): "
-                  f"{masters['rate'] / autocast['rate']:.2f}x tokens/s; train losses at most {gap:.2%} apart")
+        compare(results, f"full varlen {shape}", f"full fp32-weights {shape}",
+                f"bf16 weights + fp32 masters / fp32 weights under autocast (full, {shape})")
     for name, result in results.items():
         if name.startswith("full") and "varlen" in name:
             print(f"MFU {name}: {result['mfu']:.1%} (goal >= 50% for full fine-tuning)")
+
+
+def compare(results: dict, ours: str, other: str, label: str) -> None:
+    """One line: the tokens/s ratio of two contenders and how far apart their train losses came."""
+    if ours in results and other in results:
+        first, second = results[ours], results[other]
+        gap = max(abs(a - b) / abs(b) for (_, a), (_, b) in zip(first["losses"], second["losses"]))
+        print(f"{label}: {first['rate'] / second['rate']:.2f}x tokens/s; train losses at most {gap:.2%} apart")
 
 
 if __name__ == "__main__":

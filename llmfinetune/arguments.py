@@ -323,16 +323,20 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
         raise UserError(f"{job.source}: {BASE}: {first_line(exc, 1000)}") from None
 
 
+def _trains_on_cpu(kwargs: dict[str, Any]) -> bool:
+    import torch
+
+    return not torch.cuda.is_available() or bool(kwargs.get("use_cpu"))
+
+
 def _check_liger(job: "Job", kwargs: dict[str, Any]) -> None:
     """`use_liger_kernel` (TrainingArguments' switch to Liger's Triton kernels) fails only once the Trainer is built,
     after the model loaded, with an ImportError; and Triton kernels need a GPU. Said before anything loads."""
     import importlib.util
 
-    import torch
-
     if not kwargs.get("use_liger_kernel"):
         return
-    if not torch.cuda.is_available() or kwargs.get("use_cpu"):
+    if _trains_on_cpu(kwargs):
         raise UserError(f"{job.source}: {BASE}.use_liger_kernel: Liger's kernels are Triton kernels for GPUs, and "
                         "this run trains on the CPU; remove use_liger_kernel.")
     if importlib.util.find_spec("liger_kernel") is None:
@@ -346,7 +350,7 @@ def _check_fsdp(job: "Job", kwargs: dict[str, Any]) -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    on_cpu = not cuda or bool(kwargs.get("use_cpu"))
+    on_cpu = _trains_on_cpu(kwargs)
     from_accelerate = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes")
     if kwargs.get("fsdp_config") and not kwargs.get("fsdp"):
         raise UserError(f"{job.source}: {BASE}.fsdp_config has no effect without {BASE}.fsdp: true (the Trainer "

@@ -90,7 +90,7 @@ def step_on_masters(optimizer, max_grad_norm: float = 0.0) -> None:
         swapped = []
         for weight in group["params"]:
             if weight.dtype in (torch.bfloat16, torch.float16):
-                master = weight.detach().float().clone()
+                master = weight.detach().float()  # a new fp32 tensor: the weight is bf16/fp16
                 weights.append(weight)
                 masters.append(master)
                 swapped.append(master)

@@ -24,6 +24,13 @@ def _full_job(tiny_models, tmp_path, out_name="run", initializer=None, **base):
     return parse_job(raw)
 
 
+def _stop_after_checkpoint_2(run_dir):
+    """What a run killed after checkpoint-2 of 4 leaves: its later files removed."""
+    for leftover in ("checkpoint-4", "trainer_state.json", "metrics.json", "model.safetensors"):
+        path = run_dir / leftover
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def _saved_weights(folder):
     from safetensors.torch import load_file
 
@@ -71,9 +78,7 @@ def test_a_resumed_run_continues_from_the_masters_not_their_bf16_rounding(tiny_m
 
     straight = run(_full_job(tiny_models, tmp_path, "straight")).output_dir
     stopped = run(_full_job(tiny_models, tmp_path, "stopped")).output_dir
-    for leftover in ("checkpoint-4", "trainer_state.json", "metrics.json", "model.safetensors"):
-        path = stopped / leftover
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _stop_after_checkpoint_2(stopped)
     resumed = run(_full_job(tiny_models, tmp_path, "stopped", resume_from_checkpoint=True)).output_dir
 
     expected, actual = _saved_weights(straight), _saved_weights(resumed)
@@ -137,9 +142,7 @@ def test_a_run_resumes_from_a_checkpoint_of_the_other_kind(tiny_models, tmp_path
     fp32 = {"dtype": "float32"}
     run(_full_job(tiny_models, tmp_path, "stopped", initializer=fp32 if first == "fp32 weights" else None))
     stopped = tmp_path / "stopped"
-    for leftover in ("checkpoint-4", "trainer_state.json", "metrics.json", "model.safetensors"):
-        path = stopped / leftover
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _stop_after_checkpoint_2(stopped)
     with caplog.at_level(logging.WARNING, logger="llmfinetune.master_weights"):
         result = run(_full_job(tiny_models, tmp_path, "stopped", initializer=fp32 if then == "fp32 weights" else None,
                                resume_from_checkpoint=True))

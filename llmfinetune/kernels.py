@@ -35,6 +35,11 @@ every task training on the CPU) and used only for the plain case (one active ada
 variant, an nn.Linear base, not merged); anything else runs peft's forward. Under autocast every operand is cast
 to the autocast dtype before the function, as autocast itself casts them for each product, and the function runs in
 that dtype.
+
+Under torch.compile (base_config.torch_compile) none of them is swapped in (eager_kernels_wanted): inductor fuses
+transformers' own element-wise ops, and these functions' in-place writes only give it less to fuse. On the SFT bench
+in bf16 (2 cores, avx512_bf16) compiled layers without them ran as fast as eager ones with them (bench/README.md,
+#12, session 21).
 """
 from __future__ import annotations
 
@@ -43,6 +48,11 @@ import sys
 import types
 
 import torch
+
+def eager_kernels_wanted(args) -> bool:
+    """Whether training with these TrainingArguments swaps in this module's functions: on the CPU, not compiled."""
+    return args.device.type == "cpu" and not args.torch_compile
+
 
 SWAPPABLE = frozenset({
     "LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen2MoeRMSNorm", "Qwen3RMSNorm",

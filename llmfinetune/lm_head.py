@@ -35,7 +35,9 @@ class CausalLMTrainer(Trainer):
         bind_packed_collator(self)
         self._lora_layers = None
         self._rotary_modules = []
-        if self.args.device.type == "cpu":
+        from .kernels import eager_kernels_wanted
+
+        if eager_kernels_wanted(self.args):
             from .kernels import rotary_modules, swap_rms_norms
 
             swap_rms_norms(self.model)

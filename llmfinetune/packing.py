@@ -255,9 +255,15 @@ def use_segmented_sdpa(model) -> str:
 
 
 def _register_segmented_sdpa() -> None:
+    import torch
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    global _per_example_uncompiled
+    # Left out of torch.compile's graphs (regional compilation splits the decoder layer around it): it reads the
+    # example bounds on the host and loops over them, a new graph for every count of examples. Made here, before any
+    # forward: called from traced code, torch.compiler.disable itself would break the graph.
+    _per_example_uncompiled = torch.compiler.disable(_per_example_sdpa)
     AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa_forward)
     # Calls without cu_seq_lens (generation, an unpacked evaluation) get SDPA's own masks and kernel.
     AttentionMaskInterface.register(SEGMENTED_SDPA, sdpa_mask)
@@ -268,7 +274,6 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     """transformers' SDPA attention, run per example of a flattened packed row (query/key/value of shape
     (1, heads, tokens, head_dim), examples bounded by cu_seq_lens_q). The mask masking_utils built for the row is
     not read: each example alone is causal (banded where a sliding window is shorter than it)."""
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
@@ -276,24 +281,39 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     window = kwargs.get("sliding_window")
-    dtype = query.dtype
     if query.device.type in VARLEN_FLASH_DEVICES and not dropout and kwargs.get("softcap") is None:
         output = _varlen_flash(query, key, value, kwargs, scaling, window)
         if output is not None:
             return output, None
+    if kwargs.get("softcap") is not None:
+        raise ValueError("SDPA does not support attention logit softcapping; use eager or flex attention.")
+    return _per_example_uncompiled(module, query, key, value, bounds, window, dropout, scaling), None
+
+
+def _per_example_sdpa(module, query, key, value, bounds, window, dropout, scaling):
+    import torch
+
     # Reading the bounds on the host waits for the GPU (a sync per layer): only the per-example path needs them.
     bounds = bounds.tolist()
     lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    dtype = query.dtype
     if query.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         # The CPU's half-precision flash kernel keeps state per shape, and every example is a new shape: run it in
         # fp32, which keeps none (autocast would cast back to bf16). Under autocast with an fp32 base the rotary
         # embedding already made query fp32, hence the autocast check.
         with torch.autocast("cpu", enabled=False):
-            output, _ = segmented_sdpa_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                               dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-        return output.to(dtype), None
-    if kwargs.get("softcap") is not None:
-        raise ValueError("SDPA does not support attention logit softcapping; use eager or flex attention.")
+            return _examples_sdpa(module, query.float(), key.float(), value.float(), lengths, window, dropout,
+                                  scaling).to(dtype)
+    return _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
+
+
+# The plain function until _register_segmented_sdpa wraps it (bench/packed_attention.py calls the forward unregistered).
+_per_example_uncompiled = _per_example_sdpa
+
+
+def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling):
+    import torch
+
     # torch's SDPA directly, not transformers' wrapper: the wrapper transposes and copies every example's output,
     # here the outputs are joined once, straight into the (1, tokens, heads, head_dim) layout the output projection
     # reads (a join along heads' tokens, then a transposed copy, was 1.7 ms more a layer forward + backward in fp32
@@ -312,7 +332,7 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
             *qkv, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and length > 1, scale=scaling,
             enable_gqa=gqa).transpose(1, 2))
-    return torch.cat(outputs, dim=1), None
+    return torch.cat(outputs, dim=1)
 
 
 def _varlen_flash(query, key, value, kwargs: dict, scaling, window):

@@ -106,9 +106,9 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
         model.accepts_loss_kwargs = False
     model = method.wrap(model, job, task, fresh_modules, trainable_fp32=base_dtype is not None)
-    if training_args.device.type == "cpu":
-        from .kernels import swap_lora_linears
+    from .kernels import eager_kernels_wanted, swap_lora_linears
 
+    if eager_kernels_wanted(training_args):
         swap_lora_linears(model)  # peft's plain LoRA layers as one function (kernels.py); a no-op without LoRA
     from .generation_eval import TrainingJudge
 

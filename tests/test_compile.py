@@ -66,3 +66,67 @@ def test_compiled_packed_sft_breaks_only_at_the_attention_and_trains_as_eager(ti
     assert graphs_after_step[0] > 0 and graphs_after_step[1:] == [graphs_after_step[1]] * 4, graphs_after_step
     assert not hand_written  # inductor fuses transformers' own ops; the hand-written functions are for eager runs
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def _varlen_custom_op():
+    """A custom op standing in for torch's varlen flash kernel (itself a custom op, CUDA-only) on the CPU: opaque to
+    torch.compile as the real one is, computed by test_packing_attention's reference written from its documentation."""
+    from typing import Optional
+
+    import torch
+
+    from test_packing_attention import _documented_varlen_attn
+
+    calls = []
+    reference = _documented_varlen_attn("window_size", calls)
+
+    @torch.library.custom_op("llmfinetune_tests::varlen_attn", mutates_args=())
+    def varlen_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                  cu_seq_k: torch.Tensor, max_q: int, max_k: int, scale: Optional[float], left: int, right: int,
+                  enable_gqa: bool) -> torch.Tensor:
+        return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=(left, right),
+                         enable_gqa=enable_gqa)
+
+    @varlen_op.register_fake
+    def _(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, left, right, enable_gqa):
+        return torch.empty_like(query)
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                    enable_gqa=False):
+        return varlen_op(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, *window_size, enable_gqa)
+
+    return varlen_attn, calls
+
+
+def test_the_gpu_attention_stays_inside_the_compiled_decoder_layer(monkeypatch):
+    """On a GPU in bf16 the flattened row's attention is torch's varlen flash kernel (packing._varlen_flash): under
+    torch_compile the decoder layer's graph holds it whole, with no break and no read of the bounds on the host, and
+    the logits are the eager ones."""
+    import inspect
+
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+
+    from llmfinetune import packing
+    from llmfinetune.packing import FLATTENED, PackedCollator, use_segmented_sdpa
+    from test_packing_attention import _load, _packed_rows
+
+    varlen_attn, calls = _varlen_custom_op()
+    monkeypatch.setattr(packing, "VARLEN_FLASH_DEVICES", ("cpu",))
+    monkeypatch.setattr(packing, "_varlen_attention",
+                        lambda: (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)))
+    model = _load("qwen2", "sdpa")
+    use_segmented_sdpa(model)
+    _, rows = _packed_rows()
+    batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(**inputs).logits
+        for layer in model.model.layers:
+            layer.compile(backend="eager")
+        dynamo_utils.counters.clear()
+        compiled = model(**inputs).logits
+    assert dynamo_utils.counters["stats"]["unique_graphs"] > 0
+    assert not dynamo_utils.counters["graph_break"], list(dynamo_utils.counters["graph_break"])
+    assert len(calls) == 2 * len(model.model.layers)  # eager, then compiled: one call per layer each
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

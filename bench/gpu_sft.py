@@ -52,6 +52,7 @@ if os.environ.get("BENCH_SDPA_PER_EXAMPLE") == "1":
 BASE = "ft_config.train_config.base_config."
 FP32_WEIGHTS = ["model_config.initialization.initializer.dtype=float32"]
 COMPILED = [f"{BASE}torch_compile=true"]
+LIGER = [f"{BASE}use_liger_kernel=true"]  # Liger's Triton RMSNorm, SwiGLU and rotary kernels (pip liger-kernel)
 # name: (method, rows a step, row length, attention once per example, job overrides), in the order they run.
 CONTENDERS = {
     "full varlen 8x4096": ("full", 8, 4096, False, []),
@@ -60,6 +61,7 @@ CONTENDERS = {
     "full varlen 16x4096": ("full", 16, 4096, False, []),
     "full compiled 8x4096": ("full", 8, 4096, False, COMPILED),
     "full compiled 12x4096": ("full", 12, 4096, False, COMPILED),
+    "full liger 8x4096": ("full", 8, 4096, False, LIGER),
     "lora varlen 8x4096": ("lora", 8, 4096, False, []),
     "full per-example-sdpa 8x4096": ("full", 8, 4096, True, []),
     "full varlen 8x256": ("full", 8, 256, False, []),

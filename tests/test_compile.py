@@ -1,5 +1,7 @@
 """torch_compile: true compiles the decoder layers (regional compilation), breaks their graph only around the packed
-per-example attention, stops compiling once the token count is dynamic, and trains as the eager run does."""
+per-example attention, stops compiling once the token count is dynamic, and trains as the eager run does, in every
+trainer family (SFT, plain Trainer, TRL). Backend aot_eager: Dynamo's graphs and AOTAutograd's backward without
+inductor's C++ compilation (minutes on 2 cores)."""
 import os
 
 import pytest
@@ -27,6 +29,7 @@ def _losses(result_dir):
 
 def test_compiled_packed_sft_breaks_only_at_the_attention_and_trains_as_eager(tiny_models, tmp_path, monkeypatch,
                                                                              regional_variable_restored):
+    import torch
     import torch._dynamo.utils as dynamo_utils
     import transformers
 
@@ -55,6 +58,7 @@ def test_compiled_packed_sft_breaks_only_at_the_attention_and_trains_as_eager(ti
     forward = kernels._LoraLinear.forward
     monkeypatch.setattr(kernels._LoraLinear, "forward",
                         staticmethod(lambda *args: hand_written.append(1) or forward(*args)))
+    torch._dynamo.reset()
     dynamo_utils.counters.clear()
     # aot_eager: Dynamo's graphs and AOTAutograd's backward without inductor's C++ compilation (minutes on 2 cores).
     compiled = train("compiled", torch_compile=True, torch_compile_backend="aot_eager")
@@ -130,3 +134,34 @@ def test_the_gpu_attention_stays_inside_the_compiled_decoder_layer(monkeypatch):
     assert not dynamo_utils.counters["graph_break"], list(dynamo_utils.counters["graph_break"])
     assert len(calls) == 2 * len(model.model.layers)  # eager, then compiled: one call per layer each
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task", ["sequenceclassification", "preference"])
+def test_other_tasks_train_compiled_as_eager(task, tiny_models, tmp_path, regional_variable_restored):
+    """The plain Trainer (an encoder's classification) and TRL's (DPO) compile their models' layers too, with the
+    eager run's losses."""
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+
+    from llmfinetune.workflow import run
+    from test_preference import make_data, preference_job
+
+    def train(name, **base):
+        settings = dict(max_steps=3, save_strategy="no", logging_steps=1, **base)
+        if task == "preference":
+            job = preference_job(tiny_models["qwen2"], make_data(tmp_path / "data"), tmp_path / name, **settings)
+        else:
+            from llmfinetune.config import parse_job
+
+            job = parse_job(job_dict(task, "lora", tiny_models["bert"], make_dataset(tmp_path / "data", task),
+                                     tmp_path / name, **settings))
+        run(job)
+        return _losses(tmp_path / name)
+
+    eager = train("eager")
+    torch._dynamo.reset()  # layers of the same class compiled by an earlier test would be reused, not counted
+    dynamo_utils.counters.clear()
+    compiled = train("compiled", torch_compile=True, torch_compile_backend="aot_eager")
+    assert dynamo_utils.counters["stats"]["unique_graphs"] > 0
+    assert not dynamo_utils.counters["graph_break"], list(dynamo_utils.counters["graph_break"])
+    assert compiled == pytest.approx(eager, rel=1e-4)

@@ -327,3 +327,67 @@ def test_lora_on_the_cpu_trains_with_it(task, model, tiny_models, tmp_path, monk
     from llmfinetune import kernels
 
     assert _forwards_in_one_training_step(kernels._LoraLinear, tiny_models, tmp_path, monkeypatch, task, model)
+
+
+bf16_packing = pytest.mark.skipif(
+    not __import__("torch").ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 kernels on this CPU")
+
+
+@bf16_packing
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [64, 100])
+def test_the_packed_frozen_linear_computes_what_linear_does(rows, bias):
+    import torch
+
+    from llmfinetune.kernels import swap_frozen_linears
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, rows, 48, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, rows, 80, dtype=torch.bfloat16)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    assert swap_frozen_linears(torch.nn.Sequential(layer)) == 1
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_PackedFrozenLinearBackward"
+    (out_grad,) = torch.autograd.grad(out, x, grad)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(out_grad, expected_grad, rtol=0, atol=0)
+
+
+@bf16_packing
+def test_the_packed_weight_is_made_again_when_the_weight_changes():
+    import torch
+
+    from llmfinetune.kernels import swap_frozen_linears
+
+    layer = torch.nn.Linear(32, 16, bias=False).to(torch.bfloat16).requires_grad_(False)
+    swap_frozen_linears(torch.nn.Sequential(layer))
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2)  # in place: the same tensor, a new version
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=0, atol=0)
+    layer.weight = torch.nn.Parameter(torch.randn(16, 32, dtype=torch.bfloat16), requires_grad=False)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=0, atol=0)
+    layer.weight.requires_grad_(True)  # trained weights keep Linear's own forward (no pack of a moving weight)
+    assert layer(x).grad_fn.name() != "_PackedFrozenLinearBackward"
+
+
+@bf16_packing
+@pytest.mark.parametrize("bf16", [True, False])
+def test_lora_sft_in_bf16_on_the_cpu_runs_the_frozen_layers_packed(bf16, tiny_models, tmp_path, monkeypatch):
+    """The frozen bf16 base (k, o, MLP projections and the LM head) runs packed; an fp32 run has no bf16 weights."""
+    from conftest import job_dict, make_dataset
+    from llmfinetune import kernels
+    from llmfinetune.config import parse_job
+    from llmfinetune.workflow import run
+
+    calls = []
+    forward = kernels._PackedFrozenLinear.forward
+    monkeypatch.setattr(kernels._PackedFrozenLinear, "forward",
+                        staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    data = make_dataset(tmp_path / "data", "text-generation")
+    run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run", max_steps=1,
+                           save_strategy="no", packing=True, bf16=bf16)))
+    assert bool(calls) == bf16

@@ -188,22 +188,25 @@ def rotary_swapped(modules):
 
 class _LoraLinear(torch.autograd.Function):
     """x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T, for weight (out, in), lora_a (r, in), lora_b (out, r),
-    all of one dtype."""
+    all of one dtype; with `packs` (a frozen weight's two packed layouts, _packs) the base products go through them."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, packs=None):
         flat = x.reshape(-1, x.shape[-1])
         down = flat @ lora_a.t()
-        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
+        if packs is not None:
+            out = torch.ops.mkldnn._linear_pointwise(flat, packs[0], bias, "none", [], "")
+        else:
+            out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
         out.addmm_(down, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(flat, weight, lora_a, lora_b, down)
-        ctx.scaling, ctx.input_shape = scaling, x.shape
+        ctx.scaling, ctx.input_shape, ctx.packs = scaling, x.shape, packs
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         flat, weight, lora_a, lora_b, down = ctx.saved_tensors
-        needs_x, needs_weight, needs_bias, needs_a, needs_b, _ = ctx.needs_input_grad
+        needs_x, needs_weight, needs_bias, needs_a, needs_b, *_ = ctx.needs_input_grad
         grad = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_weight = grad_bias = grad_a = grad_b = None
         if needs_b:
@@ -215,17 +218,19 @@ class _LoraLinear(torch.autograd.Function):
             if needs_a:
                 grad_a = torch.mm(grad_down.t(), flat)
             if needs_x:
-                grad_x = torch.mm(grad, weight).addmm_(grad_down, lora_a).view(ctx.input_shape)
+                grad_x = (torch.ops.mkldnn._linear_pointwise(grad, ctx.packs[1], None, "none", [], "")
+                          if ctx.packs is not None else torch.mm(grad, weight))
+                grad_x = grad_x.addmm_(grad_down, lora_a).view(ctx.input_shape)
         if needs_weight:
             grad_weight = torch.mm(grad.t(), flat)
         if needs_bias:
             grad_bias = grad.sum(0)
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
 
 
 def _plain_lora(layer, x, args, kwargs):
-    """(x, weight, bias, lora_a, lora_b, scaling), all of one dtype, when `layer` computes plain LoRA on `x` now;
-    None otherwise."""
+    """(x, weight, bias, lora_a, lora_b, scaling, packs), all of one dtype, when `layer` computes plain LoRA on `x`
+    now; None otherwise. packs: the base's packed weight where swap_frozen_linears gave it the packed forward."""
     if (x.device.type != "cpu" or args or kwargs or layer.disable_adapters or layer.merged
             or getattr(layer, "fan_in_fan_out", False)):
         return None
@@ -252,14 +257,21 @@ def _plain_lora(layer, x, args, kwargs):
         operands = tuple(t if t is None else t.to(dtype) for t in operands)
     elif any(t is not None and t.dtype != x.dtype for t in operands):
         return None  # peft would cast x to the adapters' dtype: its own path
-    return (*operands, layer.scaling[name])
+    x, weight, bias = operands[:3]
+    packed = (_runs_packed(base) and x.dtype == weight.dtype == torch.bfloat16 and not weight.requires_grad
+              and (bias is None or not bias.requires_grad))
+    return (*operands, layer.scaling[name], _packs(base) if packed else None)
 
 
 def _intercepted(module) -> bool:
     """Whether something runs around or instead of the module's forward (DeepSpeed ZeRO-3 gathers weights in hooks,
     accelerate's offload replaces the forward): the function would skip it."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or hasattr(module, "_hf_hook"))
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or ("forward" in module.__dict__ and not _runs_packed(module)) or hasattr(module, "_hf_hook"))
+
+
+def _runs_packed(module) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is _frozen_linear_forward
 
 
 def _lora_forward(self, x, *args, **kwargs):

@@ -391,3 +391,34 @@ def test_lora_sft_in_bf16_on_the_cpu_runs_the_frozen_layers_packed(bf16, tiny_mo
     run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run", max_steps=1,
                            save_strategy="no", packing=True, bf16=bf16)))
     assert bool(calls) == bf16
+
+
+@bf16_packing
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_the_lora_layer_on_a_packed_base_computes_what_peft_does(bias, monkeypatch):
+    """A bf16 base under autocast whose frozen layers run packed: the one-function LoRA layer multiplies through its
+    base layer's packed weight too (not peft's fallback, which a swapped forward would otherwise trigger), with
+    peft's logits and gradients; a trained base bias keeps the unpacked product."""
+    import torch
+
+    from llmfinetune import kernels
+
+    model = _lora_model("bf16", bias=bias)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits, grads = _lora_step(model, ids, "bf16")
+    kernels.swap_lora_linears(model)
+    assert kernels.swap_frozen_linears(model) > 0
+    packed_bases = []
+    packs = kernels._packs
+    monkeypatch.setattr(kernels, "_packs", lambda layer: packed_bases.append(layer) or packs(layer))
+    nodes = []
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.register_forward_hook(lambda module, args, output: nodes.append(type(output.grad_fn).__name__))
+    swapped_logits, swapped_grads = _lora_step(model, ids, "bf16")
+    assert nodes == ["_LoraLinearBackward"]
+    assert (layer.base_layer in packed_bases) == (bias == "none")
+    torch.testing.assert_close(swapped_logits, logits, rtol=2e-2, atol=2e-2 * logits.abs().max().item())
+    for name, grad in grads.items():
+        if name.endswith("k_proj.bias"):
+            continue  # zero in exact arithmetic: only rounding is left
+        assert (swapped_grads[name] - grad).abs().max().item() <= 2e-2 * (grad.abs().max().item() or 1.0), name

@@ -334,7 +334,8 @@ def _packs(layer):
 
 def _frozen_linear_forward(self, x):
     weight, bias = self.weight, self.bias
-    if (weight.requires_grad or x.dtype != weight.dtype or x.device.type != "cpu"
+    # DeepSpeed ZeRO-3 (ds_id) gathers the weight into fresh memory for each forward: a pack would go stale.
+    if (weight.requires_grad or x.dtype != weight.dtype or x.device.type != "cpu" or hasattr(weight, "ds_id")
             or (bias is not None and (bias.requires_grad or bias.dtype != weight.dtype))):
         return torch.nn.Linear.forward(self, x)
     return _PackedFrozenLinear.apply(x, bias, *_packs(self))

@@ -372,6 +372,11 @@ def test_the_packed_weight_is_made_again_when_the_weight_changes():
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=0, atol=0)
     layer.weight.requires_grad_(True)  # trained weights keep Linear's own forward (no pack of a moving weight)
     assert layer(x).grad_fn.name() != "_PackedFrozenLinearBackward"
+    layer.weight.requires_grad_(False)
+    x.requires_grad_(True)
+    assert layer(x).grad_fn.name() == "_PackedFrozenLinearBackward"
+    layer.weight.ds_id = 0  # DeepSpeed ZeRO-3 gathers the weight anew for each forward: Linear's own forward
+    assert layer(x).grad_fn.name() != "_PackedFrozenLinearBackward"
 
 
 @bf16_packing

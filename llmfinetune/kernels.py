@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import types
+import weakref
 
 import torch
 
@@ -319,16 +320,21 @@ class _PackedFrozenLinear(torch.autograd.Function):
 _PACK_ROWS_HINT = 2048
 
 
+# Per layer, beside it rather than in it: a packed tensor has no storage, so a deepcopy or pickle of a module holding
+# one fails (a copy of the layer packs its own weight at its first call).
+_PACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _packs(layer):
     """The weight's two packed layouts, made again whenever the weight is another tensor or was written to."""
     weight = layer.weight
     key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    cached = layer.__dict__.get("_llmfinetune_packs")
+    cached = _PACKS.get(layer)
     if cached is None or cached[0] != key:
         with torch.no_grad():
             cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT),
                       torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), _PACK_ROWS_HINT))
-        layer.__dict__["_llmfinetune_packs"] = cached
+        _PACKS[layer] = cached
     return cached[1], cached[2]
 
 

@@ -427,3 +427,20 @@ def test_the_lora_layer_on_a_packed_base_computes_what_peft_does(bias, monkeypat
         if name.endswith("k_proj.bias"):
             continue  # zero in exact arithmetic: only rounding is left
         assert (swapped_grads[name] - grad).abs().max().item() <= 2e-2 * (grad.abs().max().item() or 1.0), name
+
+
+@bf16_packing
+def test_a_model_with_packed_layers_can_be_copied():
+    """A packed tensor has no storage: kept inside the layer it made deepcopy (TRL copies reference models) fail."""
+    import copy
+
+    import torch
+
+    from llmfinetune.kernels import swap_frozen_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).to(torch.bfloat16).requires_grad_(False)
+    swap_frozen_linears(model)
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    expected = model(x)
+    copied = copy.deepcopy(model)
+    torch.testing.assert_close(copied(x), expected, rtol=0, atol=0)

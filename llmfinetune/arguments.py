@@ -333,8 +333,8 @@ def _compile_regions() -> None:
     """torch_compile compiles each decoder layer (accelerate's regional compilation: the layers share one compiled
     graph) and the few modules around them, not the whole model: whole, the graph broke in peft's and transformers'
     wrappers and recompiled 24-32 times in 16 steps of the SFT bench (a new graph where the wrappers met a new
-    class), ~45 s of compilation on 2 cores before the first step; regional, ~30 s, and 9 recompiles with
-    `dynamic` (bench/README.md, #12, session 21). accelerate's own variable, when set, decides."""
+    class), ~45 s of compilation on 2 cores before the first step; regional, ~30 s cold, every recompile within the
+    first two steps (bench/README.md, #12, session 21). accelerate's own variable, when set, decides."""
     if REGIONAL_COMPILATION_ENV not in os.environ:
         os.environ[REGIONAL_COMPILATION_ENV] = "true"
         logger.info("torch_compile: each decoder layer is compiled (regional compilation); the first steps include "

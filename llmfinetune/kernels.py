@@ -57,6 +57,7 @@ import weakref
 
 import torch
 
+
 def eager_kernels_wanted(args) -> bool:
     """Whether training with these TrainingArguments swaps in this module's functions: on the CPU, not compiled."""
     return args.device.type == "cpu" and not args.torch_compile
@@ -258,9 +259,7 @@ def _plain_lora(layer, x, args, kwargs):
         operands = tuple(t if t is None else t.to(dtype) for t in operands)
     elif any(t is not None and t.dtype != x.dtype for t in operands):
         return None  # peft would cast x to the adapters' dtype: its own path
-    x, weight, bias = operands[:3]
-    packed = (_runs_packed(base) and x.dtype == weight.dtype == torch.bfloat16 and not weight.requires_grad
-              and (bias is None or not bias.requires_grad))
+    packed = _runs_packed(base) and _packable(base, operands[0])
     return (*operands, layer.scaling[name], _packs(base) if packed else None)
 
 
@@ -322,7 +321,7 @@ _PACK_ROWS_HINT = 2048
 
 # Per layer, beside it rather than in it: a packed tensor has no storage, so a deepcopy or pickle of a module holding
 # one fails (a copy of the layer packs its own weight at its first call).
-_PACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PACKS = weakref.WeakKeyDictionary()
 
 
 def _packs(layer):
@@ -338,13 +337,20 @@ def _packs(layer):
     return cached[1], cached[2]
 
 
+def _packable(layer, x) -> bool:
+    """Whether `layer`'s product with `x` may go through its packed weight now: a frozen bf16 weight (and bias), x
+    of its dtype on the CPU. DeepSpeed ZeRO-3 (ds_id) gathers the weight into fresh memory for each forward: a pack
+    would go stale."""
+    weight, bias = layer.weight, layer.bias
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not weight.requires_grad
+            and not hasattr(weight, "ds_id")
+            and (bias is None or (not bias.requires_grad and bias.dtype == weight.dtype)))
+
+
 def _frozen_linear_forward(self, x):
-    weight, bias = self.weight, self.bias
-    # DeepSpeed ZeRO-3 (ds_id) gathers the weight into fresh memory for each forward: a pack would go stale.
-    if (weight.requires_grad or x.dtype != weight.dtype or x.device.type != "cpu" or hasattr(weight, "ds_id")
-            or (bias is not None and (bias.requires_grad or bias.dtype != weight.dtype))):
+    if not _packable(self, x):
         return torch.nn.Linear.forward(self, x)
-    return _PackedFrozenLinear.apply(x, bias, *_packs(self))
+    return _PackedFrozenLinear.apply(x, self.bias, *_packs(self))
 
 
 def swap_frozen_linears(model) -> int:

@@ -35,11 +35,9 @@ class CausalLMTrainer(Trainer):
         bind_packed_collator(self)
         self._lora_layers = None
         self._rotary_modules = []
-        from .kernels import eager_kernels_wanted
+        from .kernels import eager_kernels_wanted, rotary_modules, swap_rms_norms
 
         if eager_kernels_wanted(self.args):
-            from .kernels import rotary_modules, swap_rms_norms
-
             swap_rms_norms(self.model)
             self._rotary_modules = rotary_modules(self.model)
 

@@ -118,6 +118,12 @@ def make_dataset(folder: Path, task: str, train_rows: int = 48, eval_rows: int =
     return folder
 
 
+def logged_losses(run_dir: Path) -> list[float]:
+    """The train losses a run logged (its trainer_state.json), in order."""
+    state = json.loads((Path(run_dir) / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
 def job_dict(task: str, method: str, model: Path, data: Path, output_dir: Path, **base) -> dict:
     config = {
         "model_config": {"model_id": str(model)},

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import job_dict, make_dataset
+from conftest import job_dict, logged_losses, make_dataset
 
 
 @pytest.fixture
@@ -18,13 +18,6 @@ def regional_variable_restored():
     os.environ.pop(REGIONAL_COMPILATION_ENV, None)
     if before is not None:
         os.environ[REGIONAL_COMPILATION_ENV] = before
-
-
-def _losses(result_dir):
-    import json
-
-    state = json.loads((result_dir / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
 def test_compiled_packed_sft_breaks_only_at_the_attention_and_trains_as_eager(tiny_models, tmp_path, monkeypatch,
@@ -42,7 +35,7 @@ def test_compiled_packed_sft_breaks_only_at_the_attention_and_trains_as_eager(ti
     def train(name, **base):
         run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / name, max_steps=5,
                                save_strategy="no", packing=True, logging_steps=1, **base)))
-        return _losses(tmp_path / name)
+        return logged_losses(tmp_path / name)
 
     eager = train("eager")
     graphs_after_step = []
@@ -156,7 +149,7 @@ def test_other_tasks_train_compiled_as_eager(task, tiny_models, tmp_path, region
             job = parse_job(job_dict(task, "lora", tiny_models["bert"], make_dataset(tmp_path / "data", task),
                                      tmp_path / name, **settings))
         run(job)
-        return _losses(tmp_path / name)
+        return logged_losses(tmp_path / name)
 
     eager = train("eager")
     torch._dynamo.reset()  # layers of the same class compiled by an earlier test would be reused, not counted

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import job_dict, make_dataset
+from conftest import job_dict, logged_losses, make_dataset
 from llmfinetune import master_weights
 from llmfinetune.config import parse_job
 
@@ -85,8 +85,7 @@ def test_a_resumed_run_continues_from_the_masters_not_their_bf16_rounding(tiny_m
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
-    losses = [[e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-              for out in (straight, resumed)]
+    losses = [logged_losses(out) for out in (straight, resumed)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 

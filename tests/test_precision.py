@@ -2,12 +2,11 @@
 the job; and every task's bf16 loss trajectory follows its fp32 one."""
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 
-from conftest import job_dict, make_dataset
+from conftest import job_dict, logged_losses, make_dataset
 from llmfinetune import arguments
 from llmfinetune.config import parse_job
 from llmfinetune.registry import TASKS
@@ -108,8 +107,7 @@ def test_every_task_trains_in_bf16_along_its_fp32_loss_trajectory(tiny_models, t
             result = run(_job(task, tiny_models, tmp_path, bf16, **base))
         on_masters = any("fp32 master copies of them" in r.getMessage() for r in caplog.records)
         assert on_masters == (bf16 and base.get("method") == "full")
-        state = json.loads((result.output_dir / "trainer_state.json").read_text())
-        losses[bf16] = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        losses[bf16] = logged_losses(result.output_dir)
     assert len(losses[False]) == len(losses[True]) == 8
     assert min(losses[False][1:]) < losses[False][0]  # it trains
     assert losses[True] != losses[False]  # bf16 did run: its rounding shows

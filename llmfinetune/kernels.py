@@ -108,6 +108,54 @@ def swap_rms_norms(model) -> int:
     return swapped
 
 
+# MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (tests/test_kernels.py compares
+# each one's outputs and gradients with and without the swap); swapped only where act_fn is SiLU.
+MLP_SWAPPABLE = frozenset({
+    "LlamaMLP", "MistralMLP", "MinistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen2MoeMLP", "Qwen3MoeMLP", "GraniteMLP",
+    "OlmoMLP", "Olmo2MLP", "SmolLM3MLP",
+})
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up. Autograd keeps gate (for SiLU's backward), silu(gate) and up (for the product's): here gate
+    and up only, and silu(gate) is computed again in the backward, one more pass over (tokens x intermediate) for one
+    such tensor less per layer while the step's activations are held (~98 MB of peak RSS on the SFT bench in fp32,
+    ~9% of the step's saved activations). Forward and gradients the same ops as autograd's, so the same to the bit."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = torch.nn.functional.silu(gate).mul_(grad)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+def _mlp_forward(self, x):
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype != up.dtype or gate.shape != up.shape:
+        return self.down_proj(self.act_fn(gate) * up)
+    return self.down_proj(_SwiGLU.apply(gate, up))
+
+
+def swap_swiglu_mlps(model) -> int:
+    """Give every Llama-style SiLU MLP of `model` the SwiGLU function; returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        if (type(module).__name__ in MLP_SWAPPABLE and type(getattr(module, "act_fn", None)).__name__ in ("SiLU",
+                                                                                                     "SiLUActivation")):
+            module.forward = types.MethodType(_mlp_forward, module)
+            swapped += 1
+    return swapped
+
+
 # transformers model types whose modeling module's apply_rotary_pos_emb is Llama's (q * cos + rotate_half(q) * sin).
 ROTARY_SWAPPABLE = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite", "gemma", "gemma2",

@@ -106,10 +106,11 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
         model.accepts_loss_kwargs = False
     model = method.wrap(model, job, task, fresh_modules, trainable_fp32=base_dtype is not None)
-    from .kernels import eager_kernels_wanted, swap_frozen_linears, swap_lora_linears
+    from .kernels import eager_kernels_wanted, swap_frozen_linears, swap_lora_linears, swap_swiglu_mlps
 
     if eager_kernels_wanted(training_args):
         swap_lora_linears(model)  # peft's plain LoRA layers as one function (kernels.py); a no-op without LoRA
+        swap_swiglu_mlps(model)
         if arguments.kernels_keep_state_per_shape(training_args):
             # A frozen bf16 base's layers with their weights packed once; in bf16 the rows are few shapes, so
             # oneDNN's state per shape stays bounded. A no-op for fp32 weights.

@@ -67,7 +67,7 @@ def test_other_norms_keep_their_own_forward():
 def test_sft_on_the_cpu_trains_with_it(tiny_models, tmp_path):
     from conftest import job_dict, make_dataset
     from llmfinetune.config import parse_job
-    from llmfinetune.kernels import _forward
+    from llmfinetune.kernels import _forward, _mlp_forward
     from llmfinetune.workflow import run
 
     data = make_dataset(tmp_path / "data", "text-generation")
@@ -75,6 +75,8 @@ def test_sft_on_the_cpu_trains_with_it(tiny_models, tmp_path):
                                    max_steps=1, save_strategy="no"))).model
     norms = [m for m in model.modules() if type(m).__name__ == "Qwen2RMSNorm"]
     assert norms and all(getattr(m.forward, "__func__", None) is _forward for m in norms)
+    mlps = [m for m in model.modules() if type(m).__name__ == "Qwen2MLP"]
+    assert mlps and all(getattr(m.forward, "__func__", None) is _mlp_forward for m in mlps)
 
 
 def test_the_norm_backward_leaves_its_fp32_input_as_it_was():
@@ -89,6 +91,70 @@ def test_the_norm_backward_leaves_its_fp32_input_as_it_was():
     before = hidden.detach().clone()
     _RMSNorm.apply(hidden, torch.rand(16) + 0.5, 1e-6).square().sum().backward()
     assert torch.equal(hidden.detach(), before)
+
+
+MLP_OF = {"llama": "LlamaMLP", "mistral": "MistralMLP", "ministral": "MinistralMLP", "qwen2": "Qwen2MLP",
+          "qwen3": "Qwen3MLP", "qwen2_moe": "Qwen2MoeMLP", "qwen3_moe": "Qwen3MoeMLP", "granite": "GraniteMLP",
+          "olmo": "OlmoMLP", "olmo2": "Olmo2MLP", "smollm3": "SmolLM3MLP"}
+
+
+def test_every_swappable_mlp_is_proven_here():
+    from llmfinetune.kernels import MLP_SWAPPABLE
+
+    assert set(MLP_OF.values()) == MLP_SWAPPABLE
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("model_type", sorted(MLP_OF))
+def test_the_swapped_mlp_computes_what_the_architectures_own_does(model_type, dtype):
+    """The same ops as autograd's, so logits and every gradient are the same to the bit, in fp32 and in bf16; and
+    the function keeps two of the three (tokens x intermediate) tensors autograd keeps."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.kernels import swap_swiglu_mlps
+
+    torch.manual_seed(0)
+    config = _tiny_config(model_type)
+    if model_type == "qwen3_moe":
+        config.mlp_only_layers = [0]  # its dense MLP, in a layer without experts
+    model = AutoModelForCausalLM.from_config(config)
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits, grads = _step(model, ids, dtype)
+    mlps = [m for m in model.modules() if type(m).__name__ == MLP_OF[model_type]]
+    assert swap_swiglu_mlps(model) == len(mlps) > 0
+    swapped_logits, swapped_grads = _step(model, ids, dtype)
+    assert torch.equal(swapped_logits, logits)
+    assert swapped_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(swapped_grads[name], grad), name
+
+    def intermediate_tensors_saved(mlp):
+        saved = set()
+
+        def keep(tensor):
+            if tensor.shape[-1] == mlp.up_proj.out_features and tensor.dim() == 3:
+                saved.add(tensor.untyped_storage().data_ptr())
+            return tensor
+
+        hidden = torch.randn(2, 5, mlp.gate_proj.in_features, dtype=mlp.gate_proj.weight.dtype, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            mlp(hidden)
+        return len(saved)
+
+    assert intermediate_tensors_saved(mlps[0]) == 2
+    assert intermediate_tensors_saved(type(mlps[0])(model.config)) == 3
+
+
+def test_mlps_of_other_activations_keep_their_own_forward():
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.kernels import swap_swiglu_mlps
+
+    model = AutoModelForCausalLM.from_config(_tiny_config("gemma"))  # GemmaMLP: gelu, not SiLU
+    assert swap_swiglu_mlps(model) == 0
 
 
 ROTARY_OTHERS = {"phi3", "olmo2", "cohere", "stablelm", "gpt_neox"}  # their apply_rotary_pos_emb is not Llama's

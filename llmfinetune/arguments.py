@@ -240,11 +240,20 @@ def cpu_supports_bf16() -> bool:
 SHAPE_MULTIPLE = 64
 
 
-def kernels_keep_state_per_shape(training_args) -> bool:
-    """True on the CPU in bf16/fp16: there oneDNN (and SDPA's flash kernel) compile and keep a kernel per matrix
-    shape, so a new shape every step grows memory without end; training code keeps its shapes few there
-    (SHAPE_MULTIPLE)."""
-    return bool(training_args.bf16 or training_args.fp16) and training_args.device.type == "cpu"
+def kernels_keep_state_per_shape(training_args, model=None) -> bool:
+    """True on the CPU in bf16/fp16, and in fp32 where `model`'s frozen layers multiply through packed weights
+    (kernels.swap_frozen_linears): there oneDNN (and SDPA's half-precision flash kernel) compile and keep a kernel per
+    matrix shape, so a new shape every step grows memory without end; training code keeps its shapes few there
+    (SHAPE_MULTIPLE): in fp32 the rows then also keep malloc's heap from growing a hole for each new size."""
+    if training_args.device.type != "cpu":
+        return False
+    if training_args.bf16 or training_args.fp16:
+        return True
+    if model is None:
+        return False
+    from .kernels import runs_packed_layers
+
+    return runs_packed_layers(model)
 
 
 # Set to 0 to keep fp32 unless the job asks for bf16/fp16 (the test suite does: its exact comparisons must not

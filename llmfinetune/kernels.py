@@ -1,6 +1,6 @@
 """Hand-written forward/backward pairs for training on the CPU, where autograd runs every element-wise op of a
-Llama-style block as its own pass over memory: RMSNorm and the rotary embedding (causal LM), peft's LoRA Linear (any
-task).
+Llama-style block as its own pass over memory: RMSNorm and the rotary embedding (causal LM), the SwiGLU MLP and
+peft's LoRA Linear (any task), and a frozen layer's products on weights packed once.
 
 RMSNorm with a hand-written backward.
 
@@ -36,11 +36,17 @@ variant, an nn.Linear base, not merged); anything else runs peft's forward. Unde
 to the autocast dtype before the function, as autocast itself casts them for each product, and the function runs in
 that dtype.
 
-A frozen bf16 nn.Linear (a LoRA base loaded in bf16: k/o and the MLP projections, the LM head) multiplies through
-oneDNN, which reorders the weight into its blocked layout on every call, forward and for the input gradient. With
-both layouts made once (_PackedFrozenLinear, swap_frozen_linears; made again if the weight is another tensor or was
-written to) the products ran 2-11% faster alone (bench's shapes, 1920 rows) and the SFT bench's step 4.2-4.7% faster
-(same-process A/B, AMD avx512_bf16), at the price of the two packed copies (~100 MB there). Only where the rows are
+A frozen nn.Linear (a LoRA base's k/o and MLP projections, the LM head) multiplies through oneDNN in bf16, which
+reorders the weight into its blocked layout on every call, forward and for the input gradient, and through MKL in
+fp32. With both layouts made once (_PackedFrozenLinear, swap_frozen_linears; made again if the weight is another
+tensor or was written to) the bf16 products ran 2-11% faster alone (bench's shapes, 1920 rows) and the SFT bench's
+step 4.2-4.7% faster (same-process A/B, AMD avx512_bf16), at the price of the two packed copies (~100 MB there);
+oneDNN's fp32 products on packed weights ran 7-16% faster than MKL's (results within ~1e-6 relative, not bitwise).
+In fp32 the LM head is left to MKL: its rows (the learned targets) change every step, and oneDNN's state for its
+shapes cost ~100 MB of peak RSS for ~1% of the step. A weight that is still the safetensors file's own pages (fp32
+checkpoints load memory-mapped) has those pages released once packed (_release_file_pages): training reads only the
+packs, and anything that reads the weight again faults the file's pages back in. Packing is skipped when the packs
+would take more than a quarter of the memory available (a large model on a small host). Only where the rows are
 few shapes (kernels_keep_state_per_shape): oneDNN keeps state per shape.
 
 Under torch.compile (base_config.torch_compile) none of them is swapped in (eager_kernels_wanted): inductor fuses
@@ -346,8 +352,8 @@ def swap_lora_linears(model) -> int:
 
 
 class _PackedFrozenLinear(torch.autograd.Function):
-    """x @ weight.T + bias for a frozen half-precision weight, through oneDNN with the weight already in its blocked
-    layout: forward by `forward_pack` (the weight's), the input gradient by `backward_pack` (its transpose's)."""
+    """x @ weight.T + bias for a frozen weight, through oneDNN with the weight already in its blocked layout: forward
+    by `forward_pack` (the weight's), the input gradient by `backward_pack` (its transpose's)."""
 
     @staticmethod
     def forward(ctx, x, bias, forward_pack, backward_pack):
@@ -365,6 +371,9 @@ class _PackedFrozenLinear(torch.autograd.Function):
 
 # The row count oneDNN is told to expect when it chooses the packed layout: the SFT bench's flattened row (~2000).
 _PACK_ROWS_HINT = 2048
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+# The packs (two copies of each weight) may take at most this share of the memory available when they are planned.
+PACKS_SHARE_OF_AVAILABLE = 0.25
 
 
 # Per layer, beside it rather than in it: a packed tensor has no storage, so a deepcopy or pickle of a module holding
@@ -382,17 +391,60 @@ def _packs(layer):
             cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT),
                       torch.ops.mkldnn._reorder_linear_weight(weight.detach().t().contiguous(), _PACK_ROWS_HINT))
         _PACKS[layer] = cached
+        _release_file_pages(weight)
     return cached[1], cached[2]
 
 
+_PAGE_IS_FILE = 1 << 61  # /proc/self/pagemap: the page is the mapped file's own (not a private copy)
+
+
+def _release_file_pages(tensor) -> int:
+    """Drop this process's resident pages of `tensor` that are still the mapped file's own, and return how many
+    bytes: a weight loaded memory-mapped from a safetensors file and never written is the file's page cache, so
+    reading it again after MADV_DONTNEED faults the same bytes back in. A page that was ever written is a private
+    copy (not a file page in pagemap) and is left alone, as is every page not wholly inside the tensor. Linux only;
+    elsewhere (or without /proc) nothing is released."""
+    import ctypes
+    import mmap
+    import os
+
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    first, end = -(-start // page), (start + tensor.untyped_storage().nbytes()) // page
+    if tensor.device.type != "cpu" or end <= first:
+        return 0
+    try:
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            entries = os.pread(pagemap, (end - first) * 8, first * 8)
+        finally:
+            os.close(pagemap)
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    flags = memoryview(entries).cast("Q")
+    released, run = 0, None
+    for index in range(len(flags) + 1):
+        is_file = index < len(flags) and flags[index] & _PAGE_IS_FILE
+        if is_file and run is None:
+            run = index
+        elif not is_file and run is not None:
+            length = (index - run) * page
+            if libc.madvise(ctypes.c_void_p((first + run) * page), ctypes.c_size_t(length), mmap.MADV_DONTNEED) == 0:
+                released += length
+            run = None
+    return released
+
+
 def _packable(layer, x) -> bool:
-    """Whether `layer`'s product with `x` may go through its packed weight now: a frozen bf16 weight (and bias), x
-    of its dtype on the CPU. DeepSpeed ZeRO-3 (ds_id) gathers the weight into fresh memory for each forward: a pack
-    would go stale."""
+    """Whether `layer`'s product with `x` may go through its packed weight now: a frozen bf16 or fp32 weight (and
+    bias), x of its dtype on the CPU, and no autocast that would run the product in another dtype. DeepSpeed ZeRO-3
+    (ds_id) gathers the weight into fresh memory for each forward: a pack would go stale."""
     weight, bias = layer.weight, layer.bias
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not weight.requires_grad
-            and not hasattr(weight, "ds_id")
-            and (bias is None or (not bias.requires_grad and bias.dtype == weight.dtype)))
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and weight.dtype in PACKED_DTYPES
+            and not weight.requires_grad and not hasattr(weight, "ds_id")
+            and (bias is None or (not bias.requires_grad and bias.dtype == weight.dtype))
+            and not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != weight.dtype))
 
 
 def _frozen_linear_forward(self, x):
@@ -401,15 +453,39 @@ def _frozen_linear_forward(self, x):
     return _PackedFrozenLinear.apply(x, self.bias, *_packs(self))
 
 
-def swap_frozen_linears(model) -> int:
-    """Give every frozen bf16 nn.Linear of `model` (a LoRA base's layers other than the adapted ones, the LM head)
-    the pre-packed forward; returns how many were swapped."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+def swap_frozen_linears(model, half_precision: bool = True, fp32: bool = True) -> int:
+    """Give the frozen nn.Linear layers of `model` (a LoRA base's layers other than the adapted ones; the LM head in
+    bf16) the pre-packed forward: bf16 weights with `half_precision`, fp32 ones with `fp32`. Returns how many were
+    swapped: none where the packs would not fit (PACKS_SHARE_OF_AVAILABLE) or oneDNN is missing."""
+    import logging
+
+    if not torch.backends.mkldnn.is_available():
         return 0
-    swapped = 0
-    for module in model.modules():
-        if (type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
-                and not module.weight.requires_grad and not _intercepted(module)):
-            module.forward = types.MethodType(_frozen_linear_forward, module)
-            swapped += 1
-    return swapped
+    from .models import transformers_model
+
+    getter = getattr(transformers_model(model), "get_output_embeddings", None)
+    output_layer = getter() if getter else None
+    bf16 = half_precision and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    layers = [module for module in model.modules()
+              if type(module) is torch.nn.Linear and not module.weight.requires_grad and not _intercepted(module)
+              and (fp32 and module.weight.dtype == torch.float32 and module is not output_layer
+                   or bf16 and module.weight.dtype == torch.bfloat16)]
+    packs_bytes = 2 * sum(layer.weight.nbytes for layer in layers)
+    if layers and packs_bytes > PACKS_SHARE_OF_AVAILABLE * _available_memory():
+        logging.getLogger(__name__).info(
+            "Frozen layers keep their unpacked products: their packed weights (%.1f GB) would take more than %d%% of "
+            "the memory available.", packs_bytes / 1e9, PACKS_SHARE_OF_AVAILABLE * 100)
+        return 0
+    for layer in layers:
+        layer.forward = types.MethodType(_frozen_linear_forward, layer)
+    return len(layers)
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def runs_packed_layers(model) -> bool:
+    return any(_runs_packed(module) for module in model.modules())

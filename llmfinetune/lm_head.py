@@ -131,7 +131,9 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         flat = learned.flatten()
         positions = flat.nonzero().flatten()
         missing = -count % arguments.SHAPE_MULTIPLE
-        if not missing or not arguments.kernels_keep_state_per_shape(self.args):
+        if not hasattr(self, "_few_shapes"):  # found once: walking the modules each step is waste
+            self._few_shapes = arguments.kernels_keep_state_per_shape(self.args, self.model)
+        if not missing or not self._few_shapes:
             return positions
         spare = (~flat).nonzero().flatten()[:missing]
         return torch.cat([positions, spare])

@@ -15,10 +15,11 @@ the attention implementation (packed_layout, the one decision):
   example's own square and reads no mask (fp32 SFT bench: attention 14% of a step before, +6% tokens/s after).
   On a GPU in half precision the row goes to torch's variable-length flash kernel instead, once per layer
   (_varlen_flash; H200, 0.5B full fine-tune: ~14x the tokens/s of one SDPA launch per example, bench/README.md).
-  On the CPU in bf16/fp16 (kernels_keep_state_per_shape) oneDNN and the half-precision flash kernel keep state per
-  shape, so a row of a new length every step grew memory without end: there the flattened row is padded to a
-  multiple of arguments.SHAPE_MULTIPLE tokens (a few shapes for every linear layer) and each example's attention runs in
-  fp32, whose kernel keeps no state per shape (bf16 SFT bench with AMX: attention 12.5 against 17 ms a layer).
+  On the CPU in bf16/fp16, and in fp32 with the frozen layers packed (kernels_keep_state_per_shape), oneDNN and the
+  half-precision flash kernel keep state per shape, so a row of a new length every step grew memory without end:
+  there the flattened row is padded to a multiple of arguments.SHAPE_MULTIPLE tokens (a few shapes for every linear
+  layer) and each example's attention runs in fp32, whose kernel keeps no state per shape (bf16 SFT bench with AMX:
+  attention 12.5 against 17 ms a layer).
 The first label of every example is ignored, as it is when the example is alone: there it would be predicted from
 the end of the previous example.
 
@@ -236,7 +237,8 @@ def bind_packed_collator(trainer) -> None:
         from .arguments import kernels_keep_state_per_shape
 
         use_segmented_sdpa(trainer.model)
-        bind_to(trainer.model, trainer.args.n_gpu, few_shapes=kernels_keep_state_per_shape(trainer.args))
+        few_shapes = kernels_keep_state_per_shape(trainer.args, trainer.model)
+        bind_to(trainer.model, trainer.args.n_gpu, few_shapes=few_shapes)
 
 
 def use_segmented_sdpa(model) -> str:

@@ -108,13 +108,14 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
     model = method.wrap(model, job, task, fresh_modules, trainable_fp32=base_dtype is not None)
     from .kernels import eager_kernels_wanted, swap_frozen_linears, swap_lora_linears, swap_swiglu_mlps
 
+    hooks = task.trainer_hooks(tokenizer, job, prepared.model_kwargs)
     if eager_kernels_wanted(training_args):
         swap_lora_linears(model)  # peft's plain LoRA layers as one function (kernels.py); a no-op without LoRA
         swap_swiglu_mlps(model)
-        if arguments.kernels_keep_state_per_shape(training_args):
-            # A frozen bf16 base's layers with their weights packed once; in bf16 the rows are few shapes, so
-            # oneDNN's state per shape stays bounded. A no-op for fp32 weights.
-            swap_frozen_linears(model)
+        # A frozen base's layers with their weights packed once, where oneDNN's state per shape stays bounded: in
+        # half precision, and in fp32 for packed rows (the collator then rounds them as in half precision).
+        swap_frozen_linears(model, half_precision=arguments.kernels_keep_state_per_shape(training_args),
+                            fp32=hasattr(hooks.get("data_collator"), "bind_to"))
     from .generation_eval import TrainingJudge
 
     judge = TrainingJudge(job, task, tokenizer, splits, eval_split, output_dir, dist.world_size)
@@ -127,7 +128,7 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
-        **task.trainer_hooks(tokenizer, job, prepared.model_kwargs),
+        **hooks,
         # The NaN guard comes last: its "do not save" wins over Ctrl-C's "save" when both happen at one step.
         callbacks=[MarkCompleteCheckpoints(nan_guard := StopOnNonFiniteLoss()),
                    interrupt := faults.SaveOnInterrupt(job.base_config.get("save_on_interrupt", True)), nan_guard,

@@ -33,8 +33,12 @@ def test_compiled_packed_sft_breaks_only_at_the_attention_and_trains_as_eager(ti
     data = make_dataset(tmp_path / "data", "text-generation")
 
     def train(name, **base):
-        run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / name, max_steps=5,
-                               save_strategy="no", packing=True, logging_steps=1, **base)))
+        job = job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / name, max_steps=5,
+                       save_strategy="no", packing=True, logging_steps=1, **base)
+        # Eager fp32 pads the packed row for its packed frozen layers (kernels.py), compiled does not: dropout's
+        # masks over rows of two lengths would differ.
+        job["ft_config"]["train_config"]["lora_config"]["lora_dropout"] = 0.0
+        run(parse_job(job))
         return logged_losses(tmp_path / name)
 
     eager = train("eager")

@@ -399,26 +399,103 @@ bf16_packing = pytest.mark.skipif(
     not __import__("torch").ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 kernels on this CPU")
 
 
-@bf16_packing
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [64, 100])
-def test_the_packed_frozen_linear_computes_what_linear_does(rows, bias):
+@pytest.mark.parametrize("dtype", [pytest.param("bf16", marks=bf16_packing), "fp32"])
+def test_the_packed_frozen_linear_computes_what_linear_does(dtype, rows, bias):
+    """bf16: the same to the bit (oneDNN runs nn.Linear's bf16 product too). fp32: oneDNN's blocked product against
+    MKL's, within fp32 rounding."""
     import torch
 
     from llmfinetune.kernels import swap_frozen_linears
 
     torch.manual_seed(0)
-    layer = torch.nn.Linear(48, 80, bias=bias).to(torch.bfloat16).requires_grad_(False)
-    x = torch.randn(2, rows, 48, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(2, rows, 80, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    layer = torch.nn.Linear(48, 80, bias=bias).to(dtype).requires_grad_(False)
+    x = torch.randn(2, rows, 48, dtype=dtype, requires_grad=True)
+    grad = torch.randn(2, rows, 80, dtype=dtype)
     expected = layer(x)
     (expected_grad,) = torch.autograd.grad(expected, x, grad)
     assert swap_frozen_linears(torch.nn.Sequential(layer)) == 1
     out = layer(x)
     assert type(out.grad_fn).__name__ == "_PackedFrozenLinearBackward"
     (out_grad,) = torch.autograd.grad(out, x, grad)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    torch.testing.assert_close(out_grad, expected_grad, rtol=0, atol=0)
+    tolerance = 0 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(out_grad, expected_grad, rtol=tolerance, atol=tolerance)
+
+
+def test_an_fp32_frozen_layer_under_bf16_autocast_keeps_autocasts_product():
+    """Autocast runs an fp32 layer's product in bf16: the packed fp32 product would silently run it in fp32."""
+    import torch
+
+    from llmfinetune.kernels import swap_frozen_linears
+
+    layer = torch.nn.Linear(32, 16).requires_grad_(False)
+    swap_frozen_linears(torch.nn.Sequential(layer))
+    x = torch.randn(64, 32, requires_grad=True)
+    assert layer(x).grad_fn.name() == "_PackedFrozenLinearBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.grad_fn.name() != "_PackedFrozenLinearBackward"
+
+
+def test_no_layer_is_packed_where_the_packs_would_not_fit(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from llmfinetune import kernels
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 8)).requires_grad_(False)
+    packs = 2 * 4 * (32 * 16 + 16 * 8)
+    monkeypatch.setattr(kernels, "_available_memory", lambda: packs * 4 - 1)
+    with caplog.at_level(logging.INFO, logger="llmfinetune.kernels"):
+        assert kernels.swap_frozen_linears(model) == 0
+    assert "would take more than 25% of the memory available" in caplog.text
+    monkeypatch.setattr(kernels, "_available_memory", lambda: packs * 4)
+    assert kernels.swap_frozen_linears(model) == 2
+
+
+def test_a_packed_weights_file_pages_are_released_and_read_back_the_same(tmp_path):
+    """A weight memory-mapped from a file (as safetensors loads fp32 checkpoints) and never written: once packed, its
+    pages leave this process's memory, and reading the weight again gives the file's bytes. A page written since
+    the load (a private copy) keeps the writing; memory that is no file's is left alone."""
+    import mmap
+
+    import numpy
+    import torch
+
+    from llmfinetune.kernels import _release_file_pages, swap_frozen_linears
+
+    page_floats = mmap.PAGESIZE // 4
+    values = numpy.random.default_rng(0).standard_normal(64 * page_floats, dtype=numpy.float32)
+    values.tofile(tmp_path / "weight.bin")
+    mapped = numpy.memmap(tmp_path / "weight.bin", dtype=numpy.float32, mode="c")  # private, copy-on-write
+    weight = torch.from_numpy(mapped).view(64 * page_floats // 256, 256)
+    weight[3, 0] = 7.0  # page 0 becomes a private copy
+    expected = weight.clone()
+
+    def present_pages():  # in this process's page table (/proc/self/pagemap bit 63), not merely in page cache
+        import os
+
+        descriptor = os.open("/proc/self/pagemap", os.O_RDONLY)
+        try:
+            entries = os.pread(descriptor, 64 * 8, weight.data_ptr() // mmap.PAGESIZE * 8)
+        finally:
+            os.close(descriptor)
+        return [entry >> 63 for entry in memoryview(entries).cast("Q")]
+
+    assert weight.data_ptr() % mmap.PAGESIZE == 0 and present_pages() == [1] * 64
+    layer = torch.nn.Linear(256, weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    swap_frozen_linears(torch.nn.Sequential(layer))
+    x = torch.randn(8, 256)
+    torch.testing.assert_close(layer(x), x @ expected.t(), rtol=1e-5, atol=1e-5)
+    assert present_pages() == [1] + [0] * 63
+    assert torch.equal(weight, expected)  # the file's bytes come back, and the written page kept its writing
+    assert present_pages() == [1] * 64
+    assert _release_file_pages(torch.randn(64 * page_floats)) == 0
 
 
 @bf16_packing
@@ -445,23 +522,40 @@ def test_the_packed_weight_is_made_again_when_the_weight_changes():
     assert layer(x).grad_fn.name() != "_PackedFrozenLinearBackward"
 
 
-@bf16_packing
-@pytest.mark.parametrize("bf16", [True, False])
-def test_lora_sft_in_bf16_on_the_cpu_runs_the_frozen_layers_packed(bf16, tiny_models, tmp_path, monkeypatch):
-    """The frozen bf16 base (k, o, MLP projections and the LM head) runs packed; an fp32 run has no bf16 weights."""
+@pytest.mark.parametrize("bf16,packing", [pytest.param(True, False, marks=bf16_packing), (False, True),
+                                           (False, False)])
+def test_lora_sft_on_the_cpu_runs_the_frozen_layers_packed(bf16, packing, tiny_models, tmp_path, monkeypatch):
+    """A frozen bf16 base (k, o, MLP projections and the LM head) runs packed, and in fp32 so does every frozen layer
+    but the LM head where the rows are packed: then they come in multiples of SHAPE_MULTIPLE tokens. fp32 rows of
+    every length (padded batches) keep MKL's products, which keep no state per shape."""
+    import torch
+
     from conftest import job_dict, make_dataset
-    from llmfinetune import kernels
+    from llmfinetune import arguments, kernels
     from llmfinetune.config import parse_job
     from llmfinetune.workflow import run
 
-    calls = []
+    calls, rows = [], []
     forward = kernels._PackedFrozenLinear.forward
     monkeypatch.setattr(kernels._PackedFrozenLinear, "forward",
-                        staticmethod(lambda *args: calls.append(1) or forward(*args)))
+                        staticmethod(lambda ctx, x, *args: calls.append((x.dtype, x.shape[-1])) or forward(ctx, x, *args)))
+    head_forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward",
+                        lambda self, x: rows.append(x.flatten(0, -2).shape[0]) or head_forward(self, x))
     data = make_dataset(tmp_path / "data", "text-generation")
-    run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run", max_steps=1,
-                           save_strategy="no", packing=True, bf16=bf16)))
-    assert bool(calls) == bf16
+    model = run(parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], data, tmp_path / "run",
+                                   max_steps=2, save_strategy="no", packing=packing, bf16=bf16))).model
+    hidden = model.config.hidden_size
+    if not (bf16 or packing):
+        assert not calls
+        return
+    assert {dtype for dtype, _ in calls} == {torch.bfloat16 if bf16 else torch.float32}
+    packed = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if kernels._runs_packed(module)}
+    assert packed == ({"k_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "base_layer"}
+                      | ({"lm_head"} if bf16 else set()))
+    if not bf16:
+        assert rows and all(count % arguments.SHAPE_MULTIPLE == 0 for count in rows)  # the LM head's rows (MKL)
+    assert any(width == hidden for _, width in calls)
 
 
 @bf16_packing

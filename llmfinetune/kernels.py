@@ -458,6 +458,7 @@ def swap_frozen_linears(model, half_precision: bool = True, fp32: bool = True) -
     bf16) the pre-packed forward: bf16 weights with `half_precision`, fp32 ones with `fp32`. Returns how many were
     swapped: none where the packs would not fit (PACKS_SHARE_OF_AVAILABLE) or oneDNN is missing."""
     import logging
+    import platform
 
     if not torch.backends.mkldnn.is_available():
         return 0
@@ -466,6 +467,8 @@ def swap_frozen_linears(model, half_precision: bool = True, fp32: bool = True) -
     getter = getattr(transformers_model(model), "get_output_embeddings", None)
     output_layer = getter() if getter else None
     bf16 = half_precision and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # fp32 through oneDNN was measured on x86 only (AVX-512 and AVX2); on ARM oneDNN runs other kernels.
+    fp32 = fp32 and platform.machine().lower() in ("x86_64", "amd64")
     layers = [module for module in model.modules()
               if type(module) is torch.nn.Linear and not module.weight.requires_grad and not _intercepted(module)
               and (fp32 and module.weight.dtype == torch.float32 and module is not output_layer

@@ -457,6 +457,20 @@ def test_no_layer_is_packed_where_the_packs_would_not_fit(monkeypatch, caplog):
     assert kernels.swap_frozen_linears(model) == 2
 
 
+def test_fp32_layers_are_packed_on_x86_only(monkeypatch):
+    import platform
+
+    import torch
+
+    from llmfinetune.kernels import swap_frozen_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).requires_grad_(False)
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert swap_frozen_linears(model) == 0
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert swap_frozen_linears(model) == 1
+
+
 def test_a_packed_weights_file_pages_are_released_and_read_back_the_same(tmp_path):
     """A weight memory-mapped from a file (as safetensors loads fp32 checkpoints) and never written: once packed, its
     pages leave this process's memory, and reading the weight again gives the file's bytes. A page written since

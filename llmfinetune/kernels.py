@@ -402,16 +402,18 @@ def _release_file_pages(tensor) -> int:
     """Drop this process's resident pages of `tensor` that are still the mapped file's own, and return how many
     bytes: a weight loaded memory-mapped from a safetensors file and never written is the file's page cache, so
     reading it again after MADV_DONTNEED faults the same bytes back in. A page that was ever written is a private
-    copy (not a file page in pagemap) and is left alone, as is every page not wholly inside the tensor. Linux only;
-    elsewhere (or without /proc) nothing is released."""
+    copy (not a file page in pagemap) and is left alone, as is every page not wholly inside the tensor's own bytes
+    (a contiguous tensor's: a strided one is left alone). Linux only; elsewhere (or without /proc) nothing is released."""
     import ctypes
     import mmap
     import os
 
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return 0
     page = mmap.PAGESIZE
     start = tensor.data_ptr()
-    first, end = -(-start // page), (start + tensor.untyped_storage().nbytes()) // page
-    if tensor.device.type != "cpu" or end <= first:
+    first, end = -(-start // page), (start + tensor.nbytes) // page
+    if end <= first:
         return 0
     try:
         pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
@@ -462,16 +464,15 @@ def swap_frozen_linears(model, half_precision: bool = True, fp32: bool = True) -
 
     if not torch.backends.mkldnn.is_available():
         return 0
-    from .models import transformers_model
+    from .models import output_layer
 
-    getter = getattr(transformers_model(model), "get_output_embeddings", None)
-    output_layer = getter() if getter else None
+    head = output_layer(model)
     bf16 = half_precision and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     # fp32 through oneDNN was measured on x86 only (AVX-512 and AVX2); on ARM oneDNN runs other kernels.
     fp32 = fp32 and platform.machine().lower() in ("x86_64", "amd64")
     layers = [module for module in model.modules()
               if type(module) is torch.nn.Linear and not module.weight.requires_grad and not _intercepted(module)
-              and (fp32 and module.weight.dtype == torch.float32 and module is not output_layer
+              and (fp32 and module.weight.dtype == torch.float32 and module is not head
                    or bf16 and module.weight.dtype == torch.bfloat16)]
     packs_bytes = 2 * sum(layer.weight.nbytes for layer in layers)
     if layers and packs_bytes > PACKS_SHARE_OF_AVAILABLE * _available_memory():

@@ -19,7 +19,7 @@ import logging
 import torch
 from transformers import Trainer
 
-from .models import transformers_model
+from .models import output_layer, transformers_model
 
 IGNORE = -100
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _adapters_keep_input_dtype(layers):
 
 class TargetsOnlyTrainer(CausalLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        head = _output_layer(self.accelerator.unwrap_model(model))
+        head = output_layer(self.accelerator.unwrap_model(model))
         labels = inputs.get("labels")
         if head is None or labels is None or self._steps_aside(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -293,9 +293,3 @@ def standard_loss_reason(trainer, model):
         return f"nn.DataParallel over {trainer.args.n_gpu} GPUs splits the batch after the learned positions are chosen"
     return None
 
-
-def _output_layer(model):
-    base = transformers_model(model)
-    getter = getattr(base, "get_output_embeddings", None)
-    layer = getter() if getter else None
-    return layer if isinstance(layer, torch.nn.Module) else None

@@ -255,3 +255,12 @@ def _quantization_config(bits: int, job: Job):
 def transformers_model(model):
     """The transformers model itself, under peft's wrapper or not."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_layer(model):
+    """The model's output (LM head) layer as a module, under peft's wrapper or not; None where it has none."""
+    import torch
+
+    getter = getattr(transformers_model(model), "get_output_embeddings", None)
+    layer = getter() if getter else None
+    return layer if isinstance(layer, torch.nn.Module) else None

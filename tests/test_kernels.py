@@ -509,6 +509,9 @@ def test_a_packed_weights_file_pages_are_released_and_read_back_the_same(tmp_pat
     assert present_pages() == [1] + [0] * 63
     assert torch.equal(weight, expected)  # the file's bytes come back, and the written page kept its writing
     assert present_pages() == [1] * 64
+    # Only the tensor's own bytes: a tensor over the first half of a mapped storage leaves the second half's pages.
+    assert _release_file_pages(weight.flatten()[:32 * page_floats]) == 31 * mmap.PAGESIZE  # page 0 is private
+    assert present_pages() == [1] + [0] * 31 + [1] * 32
     assert _release_file_pages(torch.randn(64 * page_floats)) == 0
 
 

@@ -438,14 +438,22 @@ def _release_file_pages(tensor) -> int:
     return released
 
 
-def _packable(layer, x) -> bool:
-    """Whether `layer`'s product with `x` may go through its packed weight now: a frozen bf16 or fp32 weight (and
-    bias), x of its dtype on the CPU, and no autocast that would run the product in another dtype. DeepSpeed ZeRO-3
-    (ds_id) gathers the weight into fresh memory for each forward: a pack would go stale."""
+def _packable_weight(layer) -> bool:
+    """A frozen bf16 or fp32 nn.Linear weight (and bias) on the CPU. DeepSpeed ZeRO-3 (ds_id) gathers the weight into
+    fresh memory for each forward: a pack would go stale."""
+    if type(layer) is not torch.nn.Linear:
+        return False
     weight, bias = layer.weight, layer.bias
-    return (x.device.type == "cpu" and x.dtype == weight.dtype and weight.dtype in PACKED_DTYPES
-            and not weight.requires_grad and not hasattr(weight, "ds_id")
-            and (bias is None or (not bias.requires_grad and bias.dtype == weight.dtype))
+    return (weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and not weight.requires_grad
+            and not hasattr(weight, "ds_id")
+            and (bias is None or (not bias.requires_grad and bias.dtype == weight.dtype)))
+
+
+def _packable(layer, x) -> bool:
+    """Whether `layer`'s product with `x` may go through its packed weight now: _packable_weight, x of its dtype on
+    the CPU, and no autocast that would run the product in another dtype."""
+    weight = layer.weight
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and _packable_weight(layer)
             and not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != weight.dtype))
 
 
@@ -474,7 +482,10 @@ def swap_frozen_linears(model, half_precision: bool = True, fp32: bool = True) -
               if type(module) is torch.nn.Linear and not module.weight.requires_grad and not _intercepted(module)
               and (fp32 and module.weight.dtype == torch.float32 and module is not head
                    or bf16 and module.weight.dtype == torch.bfloat16)]
-    packs_bytes = 2 * sum(layer.weight.nbytes for layer in layers)
+    # An fp32 head keeps its own forward (its row count changes every step) but is packed for the blocked head loss
+    # (output_layer_packs): its packs count here too.
+    planned = layers + [head] if fp32 and layers and _packable_weight(head) and head not in layers else layers
+    packs_bytes = 2 * sum(layer.weight.nbytes for layer in planned)
     if layers and packs_bytes > PACKS_SHARE_OF_AVAILABLE * _available_memory():
         logging.getLogger(__name__).info(
             "Frozen layers keep their unpacked products: their packed weights (%.1f GB) would take more than %d%% of "
@@ -493,3 +504,17 @@ def _available_memory() -> int:
 
 def runs_packed_layers(model) -> bool:
     return any(_runs_packed(module) for module in model.modules())
+
+
+def output_layer_packs(head, model=None):
+    """The output layer's two packed layouts for a loss that multiplies by its weight itself
+    (lm_head.head_cross_entropy), or None. They exist where the head is a frozen nn.Linear without bias and, checked
+    when `model` is given (once, by the caller: it walks the modules), the model's frozen layers of the head's dtype
+    run packed (swap_frozen_linears found room for the head's packs too, on a CPU it measured). Made once, as the
+    layers' own (_packs)."""
+    if not _packable_weight(head) or head.bias is not None:
+        return None
+    if model is not None and not any(_runs_packed(module) and module.weight.dtype == head.weight.dtype
+                                     for module in model.modules()):
+        return None
+    return _packs(head)

@@ -89,29 +89,37 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         # Flat indices and index_select rather than a boolean mask: the mask's backward is an index_put with
         # accumulation (7.6 ms a step on the SFT bench, bf16 on a CPU with AMX), index_select's an index_add.
         projected = self._bounded(learned, count)
+        # Training steps where the loss may multiply by the head's weight itself (head_cross_entropy): the model's
+        # "logits" are then the head's input rows. Decided before the hooks below are on the head.
+        packs = self._head_packs(model, head) if not return_outputs and torch.is_grad_enabled() else None
         handles = [head.register_forward_pre_hook(
             lambda module, args: (args[0].flatten(0, 1).index_select(0, projected), *args[1:]))]
         mlp = self._last_mlp(model)
         if mlp is not None:
             handles += _mlp_at(mlp, projected)
         try:
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            with _returns_its_input(head) if packs is not None else contextlib.nullcontext():
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         finally:
             for handle in handles:
                 handle.remove()
         logits = outputs["logits"]
-        if logits.dim() != 2 or logits.shape[0] != len(projected):
+        width = head.in_features if packs is not None else None
+        if logits.dim() != 2 or logits.shape[0] != len(projected) or (width and logits.shape[1] != width):
             # A model that reshapes its logits after the output layer: use the standard loss from now on.
             logger.warning("This model's logits cannot be limited to learned positions; using the full LM head.")
             self._targets_only_off = True
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if len(projected) != count:
+        if len(projected) != count and packs is None:
             outputs["logits"] = logits[:count]  # callers see the learned positions only
         chosen = targets[targets != IGNORE]
         # LabelSmoother's (1 - e) * nll + e * mean over the vocabulary of -log p, summed over the targets: the same
         # per-target term as cross_entropy's label_smoothing (tested equal).
         smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
-        total = targets_cross_entropy(logits, chosen, smoothing, may_overwrite=not return_outputs)
+        if packs is not None:
+            total = head_cross_entropy(logits, head.weight, chosen, smoothing, packs)
+        else:
+            total = targets_cross_entropy(logits, chosen, smoothing, may_overwrite=not return_outputs)
         if num_items_in_batch is None:
             loss = total / count if count else logits.sum() * 0.0
         else:
@@ -148,6 +156,24 @@ class TargetsOnlyTrainer(CausalLMTrainer):
                 or type(block).__name__ == "CheckpointWrapper"):
             return None
         return block.mlp
+
+    def _head_packs(self, model, head):
+        """The head's packed weights where the loss multiplies by them itself (head_cross_entropy), or None. Decided
+        once: on the CPU, for a model type whose logits are the head's output unchanged (HEAD_OUTPUT_IS_LOGITS), a
+        frozen fp32 head with no bias whose model runs its frozen fp32 layers packed (kernels.output_layer_packs),
+        and nothing else running around the head (kernels._intercepted). fp32 only: there it was measured faster
+        (same-process A/B of the SFT bench's step: 1.012x and 1.024x); a bf16 head's own product is packed already,
+        and the blocked loss measured no faster (0.986x, 1.007x)."""
+        from . import kernels
+
+        if not hasattr(self, "_blocked_head"):
+            base = transformers_model(self.accelerator.unwrap_model(model))
+            model_type = getattr(getattr(base, "config", None), "model_type", None)
+            self._blocked_head = (model_type in HEAD_OUTPUT_IS_LOGITS and kernels.eager_kernels_wanted(self.args)
+                                  and getattr(head, "weight", None) is not None
+                                  and head.weight.dtype == torch.float32 and not kernels._intercepted(head)
+                                  and kernels.output_layer_packs(head, model) is not None)
+        return kernels.output_layer_packs(head) if self._blocked_head else None
 
     def _steps_aside(self, model) -> bool:
         if not hasattr(self, "_targets_only_off"):
@@ -235,6 +261,84 @@ class _TargetsCrossEntropy(torch.autograd.Function):
             if not in_place:
                 grad[rows] = block
         return grad, None, None, None
+
+
+# Model types whose causal-LM forward returns the output layer's result as the logits, unchanged (no scale or softcap
+# after it): there the loss may take the head's input rows and multiply them by its weight itself
+# (head_cross_entropy). tests/test_lm_head.py proves each one's loss and gradients unchanged.
+HEAD_OUTPUT_IS_LOGITS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def _identity(rows):
+    return rows
+
+
+@contextlib.contextmanager
+def _returns_its_input(head):
+    """The output layer hands back its (already row-selected) input instead of multiplying it, for the block."""
+    own = head.__dict__.get("forward")  # the packed forward kernels.swap_frozen_linears may have given it
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def head_cross_entropy(rows, weight, targets, smoothing: float, packs):
+    """targets_cross_entropy(rows @ weight.T, targets, smoothing), with the product through the weight's packed
+    layouts (kernels.output_layer_packs) and the logits never whole: see _BlockedHead."""
+    return _BlockedHead.apply(rows, weight, targets, smoothing, packs)
+
+
+class _BlockedHead(torch.autograd.Function):
+    """The LM head and its loss together, CROSS_ENTROPY_ROWS rows at a time: each block's logits are made, reduced
+    and turned into their gradient while they are in cache, and that gradient goes back through the weight in the
+    forward already; the backward only scales the rows' gradient (rows x hidden). No (rows x vocabulary) tensor
+    outlives its block, the rows past the targets (the head's extra rows where kernels keep state per shape) get a
+    zero gradient, and every block has one of a few row counts (the rows come in multiples of SHAPE_MULTIPLE), so
+    the fp32 head's products may go through its packed weight, which the head's own forward may not (its row count
+    changes every step). Alone, at the SFT bench's shapes (fp32, 1088 rows, vocabulary 8000): 96-100 against
+    113-122 ms for the head's products and the loss both ways; the same blocks through MKL's unpacked products
+    127-133: hence packed only."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, targets, smoothing, packs):
+        forward_pack, backward_pack = packs
+        # accelerate may have widened the model's output to fp32: the same values in the weight's dtype
+        inputs = rows.to(weight.dtype)
+        vocabulary, count = weight.shape[0], len(targets)
+        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        for block_rows in _row_blocks(len(inputs)):
+            learned = max(0, min(block_rows.stop, count) - block_rows.start)
+            if not learned:
+                break  # past the targets: only extra rows, whose gradient is zero
+            logits = torch.ops.mkldnn._linear_pointwise(inputs[block_rows], forward_pack, None, "none", [], "")
+            block = logits.float()  # the logits themselves in fp32
+            chosen = targets[block_rows.start:block_rows.start + learned, None]
+            lse = torch.logsumexp(block[:learned], dim=-1)
+            total += lse.sum() - (1.0 - smoothing) * block[:learned].gather(1, chosen).sum()
+            if smoothing:
+                total -= smoothing / vocabulary * block[:learned].sum()
+            # d total / d logits: softmax - (1 - e) * onehot - e / V on the learned rows, zero on the others
+            grad = block[:learned].sub_(lse[:, None]).exp_()
+            grad.scatter_add_(1, chosen, torch.full_like(chosen, -(1.0 - smoothing), dtype=grad.dtype))
+            if smoothing:
+                grad.sub_(smoothing / vocabulary)
+            block[learned:] = 0
+            grad_rows[block_rows] = torch.ops.mkldnn._linear_pointwise(block.to(weight.dtype), backward_pack, None,
+                                                                      "none", [], "")
+        ctx.save_for_backward(grad_rows)
+        ctx.rows_dtype = rows.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_rows,) = ctx.saved_tensors
+        return grad_rows.mul_(grad_total.float()).to(ctx.rows_dtype), None, None, None, None
 
 
 def _row_blocks(count: int):

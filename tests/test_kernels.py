@@ -457,6 +457,29 @@ def test_no_layer_is_packed_where_the_packs_would_not_fit(monkeypatch, caplog):
     assert kernels.swap_frozen_linears(model) == 2
 
 
+def test_an_fp32_heads_packs_count_toward_the_memory_they_may_take(monkeypatch):
+    """The fp32 head keeps its own forward but is packed for the blocked head loss (lm_head.head_cross_entropy), so
+    the room the packs may take is planned with its packs too."""
+    import platform
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune import kernels
+    from test_packing_attention import _tiny_config
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    model = AutoModelForCausalLM.from_config(_tiny_config("qwen2")).requires_grad_(False)
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not head]
+    without_head = 2 * sum(layer.weight.nbytes for layer in layers)
+    monkeypatch.setattr(kernels, "_available_memory", lambda: without_head * 4)
+    assert kernels.swap_frozen_linears(model) == 0
+    monkeypatch.setattr(kernels, "_available_memory", lambda: (without_head + 2 * head.weight.nbytes) * 4)
+    assert kernels.swap_frozen_linears(model) == len(layers)
+    assert "forward" not in head.__dict__ and kernels.output_layer_packs(head, model) is not None
+
+
 def test_fp32_layers_are_packed_on_x86_only(monkeypatch):
     import platform
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from llmfinetune.lm_head import LAST_MLP_ROWWISE
+from llmfinetune.lm_head import HEAD_OUTPUT_IS_LOGITS, LAST_MLP_ROWWISE
 
 IGNORE = -100
 INPUTS = [[1, 2, 3, 5, 6, 7, 9, 4], [1, 2, 8, 9, 4, 3, 0, 0]]
@@ -313,3 +313,76 @@ def test_a_tensor_subclass_gets_its_own_cross_entropy(monkeypatch):
     want = torch.nn.functional.cross_entropy(logits[:3].as_subclass(torch.Tensor), targets, reduction="sum",
                                              label_smoothing=0.1)
     torch.testing.assert_close(got.as_subclass(torch.Tensor), want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("model_type", sorted(HEAD_OUTPUT_IS_LOGITS | {"gemma2", "granite"}))
+def test_the_blocked_head_gives_the_same_loss_and_gradients(model_type, smoothing, dtype, tmp_path, monkeypatch):
+    """Where the frozen fp32 layers run packed, a training step's loss multiplies the head's input rows by its packed
+    weight itself, block by block (head_cross_entropy; blocks of 5 rows here, the second partly the head's extra
+    rows, the third all extra): loss and every trainable gradient stay the standard ones. Gemma-2 (softcap) and
+    Granite (logits scaled) change the head's output, and a bf16 head multiplies packed already: they keep the
+    head's own product (in bf16 compared with the fast trainer's head product: the standard loss's bf16
+    log-softmax differs from both)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune import arguments, kernels, lm_head
+    from test_packing_attention import _tiny_config
+
+    monkeypatch.setattr(arguments, "SHAPE_MULTIPLE", 12)  # 16 positions, 8 learned: the head projects 12
+    monkeypatch.setattr(lm_head, "CROSS_ENTROPY_ROWS", 5)
+    torch.manual_seed(0)
+    config = _tiny_config(model_type)
+    config.vocab_size = 16
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    for name, parameter in model.named_parameters():  # a frozen head and embeddings, as under LoRA
+        parameter.data.add_(torch.randn_like(parameter) * 0.1)
+        parameter.requires_grad_("q_proj" in name or "mlp" in name)
+    if not kernels.swap_frozen_linears(model):
+        pytest.skip(f"oneDNN does not pack {dtype} weights on this machine")
+    head = model.get_output_embeddings()
+    own_forward = head.__dict__.get("forward")  # bf16: the packed forward swap_frozen_linears gave it
+    blocked = []
+    real = lm_head.head_cross_entropy
+    monkeypatch.setattr(lm_head, "head_cross_entropy", lambda rows, *rest: blocked.append(rows.shape) or real(rows,
+                                                                                                           *rest))
+    fast, standard = _trainers(model, tmp_path, label_smoothing_factor=smoothing, bf16=dtype == "bfloat16")
+    if dtype == "bfloat16":
+        standard = _trainers(model, tmp_path, label_smoothing_factor=smoothing, bf16=True)[0]
+        standard._blocked_head = False  # the head's own product
+    results = []
+    for trainer in (fast, standard):
+        loss = trainer.compute_loss(model, _batch(), num_items_in_batch=6)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad()
+    # the fast trainer's step only, on the head's input rows
+    blocks = model_type in HEAD_OUTPUT_IS_LOGITS and dtype == "float32"
+    assert blocked == ([torch.Size([12, config.hidden_size])] if blocks else [])
+    assert head.__dict__.get("forward") is own_forward  # the head's own forward is back
+    (got, got_grads), (want, want_grads) = results
+    assert got_grads.keys() == want_grads.keys() and got_grads
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    for name, grad in want_grads.items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_outside_a_training_step_the_head_multiplies_as_before(tiny_models, tmp_path, monkeypatch):
+    """Evaluation (return_outputs) and forwards without gradients keep the head's own product, so callers see the
+    learned positions' vocabulary logits; the blocked loss is a training step's."""
+    import torch
+
+    from llmfinetune import kernels, lm_head
+
+    model = _qwen2(tiny_models).requires_grad_(False)
+    if not kernels.swap_frozen_linears(model):
+        pytest.skip("oneDNN does not pack fp32 weights on this machine")
+    monkeypatch.setattr(lm_head, "head_cross_entropy", lambda *args: pytest.fail("blocked loss outside training"))
+    fast = _trainers(model, tmp_path)[0]
+    _, outputs = fast.compute_loss(model, _batch(), return_outputs=True)
+    assert outputs["logits"].shape == (LEARNED, model.config.vocab_size)
+    with torch.no_grad():
+        fast.compute_loss(model, _batch())

@@ -338,7 +338,8 @@ class _BlockedHead(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_rows,) = ctx.saved_tensors
-        return grad_rows.mul_(grad_total.float()).to(ctx.rows_dtype), None, None, None, None
+        # not in place: a second backward through the graph (retain_graph) reads the saved gradient again
+        return (grad_rows * grad_total.float()).to(ctx.rows_dtype), None, None, None, None
 
 
 def _row_blocks(count: int):

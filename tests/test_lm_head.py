@@ -386,3 +386,26 @@ def test_outside_a_training_step_the_head_multiplies_as_before(tiny_models, tmp_
     assert outputs["logits"].shape == (LEARNED, model.config.vocab_size)
     with torch.no_grad():
         fast.compute_loss(model, _batch())
+
+
+def test_the_blocked_heads_gradient_survives_a_second_backward():
+    """The rows' gradient is made in the forward and only scaled in the backward: a graph kept for a second backward
+    (retain_graph) gives the same gradient again."""
+    import torch
+
+    from llmfinetune import kernels
+    from llmfinetune.lm_head import head_cross_entropy
+
+    head = torch.nn.Linear(8, 12, bias=False).requires_grad_(False)
+    if not kernels._packable_weight(head) or not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN packs here")
+    rows = torch.randn(6, 8, requires_grad=True)
+    total = head_cross_entropy(rows, head.weight, torch.tensor([1, 5, 7, 11]), 0.0, kernels.output_layer_packs(head))
+    (total * 0.5).backward(retain_graph=True)
+    first = rows.grad.clone()
+    rows.grad = None
+    (total * 0.5).backward()
+    torch.testing.assert_close(rows.grad, first, rtol=0, atol=0)
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(rows[:4] @ head.weight.t(), torch.tensor(
+        [1, 5, 7, 11]), reduction="sum") * 0.5, rows)[0]
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)

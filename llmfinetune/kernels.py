@@ -484,7 +484,8 @@ def swap_frozen_linears(model, half_precision: bool = True, fp32: bool = True) -
                    or bf16 and module.weight.dtype == torch.bfloat16)]
     # An fp32 head keeps its own forward (its row count changes every step) but is packed for the blocked head loss
     # (output_layer_packs): its packs count here too.
-    planned = layers + [head] if fp32 and layers and _packable_weight(head) and head not in layers else layers
+    fp32_head = fp32 and _packable_weight(head) and head.weight.dtype == torch.float32
+    planned = layers + [head] if layers and fp32_head else layers
     packs_bytes = 2 * sum(layer.weight.nbytes for layer in planned)
     if layers and packs_bytes > PACKS_SHARE_OF_AVAILABLE * _available_memory():
         logging.getLogger(__name__).info(
@@ -502,8 +503,9 @@ def _available_memory() -> int:
     return psutil.virtual_memory().available
 
 
-def runs_packed_layers(model) -> bool:
-    return any(_runs_packed(module) for module in model.modules())
+def runs_packed_layers(model, dtype=None) -> bool:
+    """Whether any frozen layer of `model` (of `dtype`, where given) multiplies through its packs."""
+    return any(_runs_packed(module) and (dtype is None or module.weight.dtype == dtype) for module in model.modules())
 
 
 def output_layer_packs(head, model=None):
@@ -514,7 +516,6 @@ def output_layer_packs(head, model=None):
     layers' own (_packs)."""
     if not _packable_weight(head) or head.bias is not None:
         return None
-    if model is not None and not any(_runs_packed(module) and module.weight.dtype == head.weight.dtype
-                                     for module in model.modules()):
+    if model is not None and not runs_packed_layers(model, head.weight.dtype):
         return None
     return _packs(head)

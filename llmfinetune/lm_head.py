@@ -288,15 +288,15 @@ def _returns_its_input(head):
 
 
 def head_cross_entropy(rows, weight, targets, smoothing: float, packs):
-    """targets_cross_entropy(rows @ weight.T, targets, smoothing), with the product through the weight's packed
-    layouts (kernels.output_layer_packs) and the logits never whole: see _BlockedHead."""
+    """targets_cross_entropy(rows @ weight.T, targets, smoothing) for an fp32 weight, with the product through its
+    packed layouts (kernels.output_layer_packs) and the logits never whole: see _BlockedHead."""
     return _BlockedHead.apply(rows, weight, targets, smoothing, packs)
 
 
 class _BlockedHead(torch.autograd.Function):
-    """The LM head and its loss together, CROSS_ENTROPY_ROWS rows at a time: each block's logits are made, reduced
-    and turned into their gradient while they are in cache, and that gradient goes back through the weight in the
-    forward already; the backward only scales the rows' gradient (rows x hidden). No (rows x vocabulary) tensor
+    """The fp32 LM head and its loss together, CROSS_ENTROPY_ROWS rows at a time: each block's logits are made,
+    reduced and turned into their gradient while they are in cache, and that gradient goes back through the weight in
+    the forward already; the backward only scales the rows' gradient (rows x hidden). No (rows x vocabulary) tensor
     outlives its block, the rows past the targets (the head's extra rows where kernels keep state per shape) get a
     zero gradient, and every block has one of a few row counts (the rows come in multiples of SHAPE_MULTIPLE), so
     the fp32 head's products may go through its packed weight, which the head's own forward may not (its row count
@@ -307,39 +307,35 @@ class _BlockedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, targets, smoothing, packs):
         forward_pack, backward_pack = packs
-        # accelerate may have widened the model's output to fp32: the same values in the weight's dtype
-        inputs = rows.to(weight.dtype)
         vocabulary, count = weight.shape[0], len(targets)
-        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+        grad_rows = torch.zeros_like(rows)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        for block_rows in _row_blocks(len(inputs)):
+        for block_rows in _row_blocks(len(rows)):
             learned = max(0, min(block_rows.stop, count) - block_rows.start)
             if not learned:
                 break  # past the targets: only extra rows, whose gradient is zero
-            logits = torch.ops.mkldnn._linear_pointwise(inputs[block_rows], forward_pack, None, "none", [], "")
-            block = logits.float()  # the logits themselves in fp32
+            logits = torch.ops.mkldnn._linear_pointwise(rows[block_rows], forward_pack, None, "none", [], "")
             chosen = targets[block_rows.start:block_rows.start + learned, None]
-            lse = torch.logsumexp(block[:learned], dim=-1)
-            total += lse.sum() - (1.0 - smoothing) * block[:learned].gather(1, chosen).sum()
+            lse = torch.logsumexp(logits[:learned], dim=-1)
+            total += lse.sum() - (1.0 - smoothing) * logits[:learned].gather(1, chosen).sum()
             if smoothing:
-                total -= smoothing / vocabulary * block[:learned].sum()
-            # d total / d logits: softmax - (1 - e) * onehot - e / V on the learned rows, zero on the others
-            grad = block[:learned].sub_(lse[:, None]).exp_()
+                total -= smoothing / vocabulary * logits[:learned].sum()
+            # d total / d logits, in the logits themselves: softmax - (1 - e) * onehot - e / V on the learned rows,
+            # zero on the others
+            grad = logits[:learned].sub_(lse[:, None]).exp_()
             grad.scatter_add_(1, chosen, torch.full_like(chosen, -(1.0 - smoothing), dtype=grad.dtype))
             if smoothing:
                 grad.sub_(smoothing / vocabulary)
-            block[learned:] = 0
-            grad_rows[block_rows] = torch.ops.mkldnn._linear_pointwise(block.to(weight.dtype), backward_pack, None,
-                                                                      "none", [], "")
+            logits[learned:] = 0
+            grad_rows[block_rows] = torch.ops.mkldnn._linear_pointwise(logits, backward_pack, None, "none", [], "")
         ctx.save_for_backward(grad_rows)
-        ctx.rows_dtype = rows.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad_rows,) = ctx.saved_tensors
         # not in place: a second backward through the graph (retain_graph) reads the saved gradient again
-        return (grad_rows * grad_total.float()).to(ctx.rows_dtype), None, None, None, None
+        return grad_rows * grad_total, None, None, None, None
 
 
 def _row_blocks(count: int):

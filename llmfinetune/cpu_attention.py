@@ -1,0 +1,145 @@
+"""Causal attention of a packed row's examples on the CPU, fp32, through a small C kernel compiled on first use
+(csrc/packed_attention.c; why it exists is said there).
+
+SFT bench's shapes (27M Qwen2, 8 query / 2 key-value heads of 64, a 1900-token row of 20 examples of 15-130 tokens,
+one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 against 11.4 for torch's flash kernel
+once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
+enabled) for head_dim 64, fp32, no dropout and no sliding window shorter than the example; anything else, and any
+machine where the kernel does not build (no C compiler: one info line), keeps torch's kernel.
+
+The kernel is built with the machine's own instruction set (-march=native), once per source, compiler and CPU, into
+$LLMFINETUNE_CACHE/kernels (else ~/.cache/llmfinetune/kernels), and loaded after torch so that it runs on torch's
+OpenMP threads. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "packed_attention.c"
+HEAD_DIM = 64  # the kernel's HEAD_DIM
+KEY_TILE = 32  # the kernel's KEY_TILE: probability rows are padded to it
+_POINTER, _LONG, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+_STRIDED = [_POINTER, _LONG, _LONG]  # a tensor's data, token stride, head stride
+_LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, lens, poff, examples, H, KV, scale
+
+
+def usable(query, key, value, dropout: float, window) -> bool:
+    """Whether this call may run on the kernel: a training forward on the CPU in fp32 with head_dim 64."""
+    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
+            and query.shape[-1] == HEAD_DIM and query.shape[0] == 1 and query.shape[1] % key.shape[1] == 0
+            and not dropout and window is None and torch.is_grad_enabled()
+            and any(t.requires_grad for t in (query, key, value)) and _library() is not None)
+
+
+def attention(query, key, value, lengths: list[int], scale: float):
+    """Each example's causal attention: query (1, H, T, 64), key and value (1, KV, T, 64), examples of `lengths`
+    tokens one after the other; the output is (1, T, H, 64), contiguous."""
+    return _PackedAttention.apply(query, key, value, lengths, scale)
+
+
+class _PackedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, lengths, scale):
+        query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+        heads, tokens, kv_heads = query.shape[1], query.shape[2], key.shape[1]
+        sizes = [heads * probabilities_size(length) for length in lengths]
+        starts, offsets = [0, *itertools.accumulate(lengths[:-1])], [0, *itertools.accumulate(sizes[:-1])]
+        layout = (torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32),
+                  torch.tensor(offsets, dtype=torch.int64))
+        probabilities = torch.empty(sum(sizes))
+        output = torch.empty(1, tokens, heads, HEAD_DIM)
+        _library().packed_attention_forward(
+            *_strided(query), *_strided(key), *_strided(value), output.data_ptr(), probabilities.data_ptr(),
+            *(t.data_ptr() for t in layout), len(lengths), heads, kv_heads, scale)
+        ctx.save_for_backward(query, key, value, output, probabilities, *layout)
+        ctx.scale = scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, output, probabilities, *layout = ctx.saved_tensors
+        heads, tokens, kv_heads = query.shape[1], query.shape[2], key.shape[1]
+        grad = grad.contiguous()
+        grad_query = torch.empty(1, tokens, heads, HEAD_DIM)
+        grad_key, grad_value = torch.empty(1, kv_heads, tokens, HEAD_DIM), torch.empty(1, kv_heads, tokens, HEAD_DIM)
+        _library().packed_attention_backward(
+            *_strided(query), *_strided(key), *_strided(value), output.data_ptr(), grad.data_ptr(),
+            probabilities.data_ptr(), grad_query.data_ptr(), grad_key.data_ptr(), grad_value.data_ptr(),
+            *(t.data_ptr() for t in layout), len(layout[1]), heads, kv_heads, ctx.scale, tokens)
+        return grad_query.transpose(1, 2), grad_key, grad_value, None, None
+
+
+@functools.lru_cache(maxsize=4096)
+def probabilities_size(length: int) -> int:
+    """Floats of one head's saved probabilities for an example of `length` tokens: its 4-row blocks, each as wide as
+    the keys it reaches rounded up to KEY_TILE (the kernel's head_size)."""
+    return sum(min(4, length - start) * -(-(start + min(4, length - start)) // KEY_TILE) * KEY_TILE
+               for start in range(0, length, 4))
+
+
+def _strided(tensor):
+    return tensor.data_ptr(), tensor.stride(2), tensor.stride(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    """The compiled kernel, or None where it cannot be built (said once)."""
+    if os.environ.get("LLMFINETUNE_CPU_ATTENTION", "1") == "0":
+        return None
+    try:
+        path = _built()
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.info("CPU attention kernel not built (%s): torch's SDPA runs packed attention.", error)
+        return None
+    library = ctypes.CDLL(str(path))
+    library.packed_attention_forward.argtypes = [*_STRIDED * 3, _POINTER, _POINTER, *_LAYOUT]
+    library.packed_attention_backward.argtypes = [*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG]
+    return library
+
+
+def _built() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler on PATH")
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LLMFINETUNE_CACHE") or Path.home() / ".cache" / "llmfinetune") / "kernels"
+    path = root / f"packed_attention-{key}.so"
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name and renamed: processes of one job may build at once, and none may load a
+        # half-written file.
+        with tempfile.TemporaryDirectory(dir=root) as scratch:
+            built = Path(scratch) / path.name
+            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
+            if result.returncode:
+                raise OSError(f"{compiler} failed: {result.stderr.strip()[-300:]}")
+            os.replace(built, path)
+    return path
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()

@@ -1,0 +1,152 @@
+"""The package's CPU attention kernel for packed rows (cpu_attention, csrc/packed_attention.c): the same outputs and
+gradients as torch's SDPA run once per example, NaN kept, torch's kernel where the kernel may not run, and a packed
+model's training step unchanged by it."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llmfinetune import cpu_attention  # noqa: E402
+from llmfinetune.packing import PackedCollator, FLATTENED, use_segmented_sdpa  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="the CPU attention kernel did not build "
+                                  "here (no C compiler?): torch's SDPA runs packed attention")
+# Every tile edge: one token, a partial 4-row block, exactly one and just over one 32-key tile, a long example.
+LENGTHS = [1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 64, 100, 250]
+
+
+def _per_example_sdpa(query, key, value, lengths, scale):
+    outputs = []
+    for length, *qkv in zip(lengths, *(t.split(lengths, dim=2) for t in (query, key, value))):
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            *qkv, is_causal=length > 1, scale=scale, enable_gqa=query.shape[1] != key.shape[1]).transpose(1, 2))
+    return torch.cat(outputs, dim=1)
+
+
+def _inputs(lengths, heads, kv_heads, seed=0):
+    """query as the rotary embedding leaves it (heads, tokens, 64); key in (tokens, heads, 64) memory and value as
+    the projection leaves it, both viewed (heads, tokens, 64): strided layouts the kernel must read as they are."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    query = torch.randn(1, heads, tokens, 64, generator=generator)
+    key = torch.randn(1, tokens, kv_heads, 64, generator=generator).transpose(1, 2)
+    value = torch.randn(1, tokens, kv_heads, 64, generator=generator).transpose(1, 2)
+    return [t.requires_grad_() for t in (query, key, value)]
+
+
+def _run(attend, inputs, lengths, grad):
+    for t in inputs:
+        t.grad = None
+    output = attend(*inputs, lengths, 0.125)
+    output.backward(grad)
+    return [output.detach()] + [t.grad.clone() for t in inputs]
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_the_kernel_matches_sdpa_per_example(heads, kv_heads):
+    """Outputs and the gradients of query, key and value within 1e-5 of the largest value (fp32 sums in another
+    order), for grouped-query and plain multi-head attention."""
+    inputs = _inputs(LENGTHS, heads, kv_heads)
+    assert cpu_attention.usable(*inputs, 0.0, None)
+    grad = torch.randn(1, sum(LENGTHS), heads, 64, generator=torch.Generator().manual_seed(1))
+    expected = _run(_per_example_sdpa, inputs, LENGTHS, grad)
+    ours = _run(cpu_attention.attention, inputs, LENGTHS, grad)
+    assert ours[0].shape == expected[0].shape and ours[0].is_contiguous()
+    for name, mine, reference in zip(("output", "query", "key", "value"), ours, expected):
+        error = (mine - reference).abs().max() / reference.abs().max()
+        assert error < 1e-5, (name, float(error))
+
+
+@needs_kernel
+def test_a_nan_reaches_the_rows_that_see_it_and_no_other():
+    """A NaN in one key reaches the output rows of its example's queries from that position on, and nothing before
+    it or in another example (a NaN guard reads it in the loss: the kernel must not swallow it)."""
+    lengths = [7, 9]
+    query, key, value = _inputs(lengths, 2, 1)
+    with torch.no_grad():
+        key[0, 0, 10, 5] = float("nan")  # the second example's fourth key
+    output = cpu_attention.attention(query, key, value, lengths, 0.125)
+    assert output[0, 10:].isnan().all()
+    assert not output[0, :10].isnan().any()
+
+
+@needs_kernel
+def test_it_runs_only_where_it_is_the_same_computation():
+    inputs = _inputs([5, 6], 4, 2)
+    assert cpu_attention.usable(*inputs, 0.0, None)
+    assert not cpu_attention.usable(*inputs, 0.1, None)  # dropout
+    assert not cpu_attention.usable(*inputs, 0.0, 4)  # a sliding window shorter than an example
+    with torch.no_grad():  # evaluation and generation keep torch's kernel (nothing to save for a backward)
+        assert not cpu_attention.usable(*inputs, 0.0, None)
+    assert not cpu_attention.usable(*(t.detach().to(torch.bfloat16).requires_grad_() for t in inputs), 0.0, None)
+    wide = [torch.randn(1, 2, 11, 128, requires_grad=True) for _ in range(3)]
+    assert not cpu_attention.usable(*wide, 0.0, None)  # head_dim other than the kernel's
+
+
+def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    cpu_attention._library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="llmfinetune.cpu_attention"):
+            assert cpu_attention._library() is None
+        assert "no C compiler" in caplog.text
+        assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+def test_it_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("LLMFINETUNE_CPU_ATTENTION", "0")
+    cpu_attention._library.cache_clear()
+    try:
+        assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+@needs_kernel
+def test_a_packed_models_training_step_is_unchanged_by_the_kernel(monkeypatch):
+    """A Qwen2 with head_dim 64 trained on a flattened packed row: the loss and every weight's gradient with the kernel
+    equal those with torch's per-example SDPA (1e-5), and the kernel ran in every layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=96,
+                                  max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    use_segmented_sdpa(model)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for lengths in ([40, 3, 70], [33, 90]):
+        row = {"input_ids": [], "labels": [], "position_ids": []}
+        for length in lengths:
+            ids = torch.randint(3, 96, (length,), generator=generator).tolist()
+            row["input_ids"] += ids
+            row["labels"] += [-100] + ids[1:]
+            row["position_ids"] += list(range(length))
+        rows.append(row)
+    batch = PackedCollator(pad_token_id=0, layout=FLATTENED)(rows)
+
+    def step():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    calls = []
+    kernel = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *args: calls.append(1) or kernel(*args))
+    loss, grads = step()
+    assert len(calls) == config.num_hidden_layers
+    monkeypatch.setattr(cpu_attention, "usable", lambda *args: False)
+    expected_loss, expected_grads = step()
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)

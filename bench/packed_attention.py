@@ -5,8 +5,11 @@ other layouts that compute the same thing, in one invocation.
 
 The row holds examples of 40 to 200 tokens (seeded) up to --tokens, as the SFT bench's AdvertiseGen rows do. The
 contenders, each checked equal to the first (outputs and gradients):
-- `per example` is `llmfinetune.packing.segmented_sdpa_forward`, what packed SFT runs: torch's flash kernel once per
-  example, causal;
+- `package` is `llmfinetune.packing.segmented_sdpa_forward`, what packed SFT runs: in fp32 with head_dim 64 the
+  package's C kernel (`llmfinetune/cpu_attention.py`), one call for the row; otherwise torch's flash kernel once per
+  example;
+- `per example` is that function with the C kernel off: torch's flash kernel once per example, causal (the
+  reference, and what packed SFT ran before session 24);
 - `block mask` is one SDPA call over the whole row with a block-diagonal causal mask (what a padded packed row with
   a 4D mask costs);
 - `math per example` is the same per-example split with the product, mask and softmax written out;
@@ -38,6 +41,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
+    from llmfinetune import cpu_attention
     from llmfinetune.packing import segmented_sdpa_forward
 
     torch.manual_seed(0)
@@ -58,10 +62,17 @@ def main() -> None:
     bounds = torch.tensor(starts)
     module = type("Attention", (), {"num_key_value_groups": groups})()
 
-    def per_example(q, k, v):
+    def package(q, k, v):
         output, _ = segmented_sdpa_forward(module, q, k, v, None, scaling=dim ** -0.5, cu_seq_lens_q=bounds,
                                            cu_seq_lens_k=bounds)
         return output  # (1, tokens, heads, dim)
+
+    def per_example(q, k, v):
+        usable, cpu_attention.usable = cpu_attention.usable, lambda *args: False
+        try:
+            return package(q, k, v)
+        finally:
+            cpu_attention.usable = usable
 
     example_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     position = torch.arange(total)
@@ -103,7 +114,8 @@ def main() -> None:
             return torch.cat(outputs, dim=2).index_select(2, back).transpose(1, 2)
         return run
 
-    contenders = {"per example": per_example, "block mask": block_mask, "math per example": math_per_example,
+    contenders = {"per example": per_example, "package": package, "block mask": block_mask,
+                  "math per example": math_per_example,
                   **{f"{n} bucket{'s' if n > 1 else ''}": bucketed(n) for n in (1, 2, 4)}}
 
     def forward_backward(function):

@@ -4,8 +4,8 @@
 SFT bench's shapes (27M Qwen2, 8 query / 2 key-value heads of 64, a 1900-token row of 20 examples of 15-130 tokens,
 one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 against 11.4 for torch's flash kernel
 once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
-enabled) for head_dim 64, fp32, no dropout and no sliding window shorter than the example; anything else, and any
-machine where the kernel does not build (no C compiler: one info line), keeps torch's kernel.
+enabled) for head_dim 64, fp32, no dropout and no sliding window shorter than the example, on CPUs with AVX-512;
+anything else, and any machine where the kernel does not build (no C compiler: one info line), keeps torch's kernel.
 
 The kernel is built with the machine's own instruction set (-march=native), once per source, compiler and CPU, into
 $LLMFINETUNE_CACHE/kernels (else ~/.cache/llmfinetune/kernels), and loaded after torch so that it runs on torch's
@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class _PackedAttention(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         query, key, value, output, probabilities, *layout = ctx.saved_tensors
         heads, tokens, kv_heads = query.shape[1], query.shape[2], key.shape[1]
@@ -98,6 +100,11 @@ def _strided(tensor):
 def _library():
     """The compiled kernel, or None where it cannot be built (said once)."""
     if os.environ.get("LLMFINETUNE_CPU_ATTENTION", "1") == "0":
+        return None
+    if "avx512f" not in _cpu_flags().split():
+        # Its 16-float vectors are one AVX-512 register; built for AVX2 alone (x86-64-v3) the same code ran 7x slower
+        # than torch's flash kernel (bench/README.md, session 24). Other instruction sets are unmeasured.
+        logger.info("CPU attention kernel not used (it needs AVX-512): torch's SDPA runs packed attention.")
         return None
     try:
         path = _built()

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 from llmfinetune import cpu_attention  # noqa: E402
 from llmfinetune.packing import PackedCollator, FLATTENED, use_segmented_sdpa  # noqa: E402
 
-needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="the CPU attention kernel did not build "
-                                  "here (no C compiler?): torch's SDPA runs packed attention")
+needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="the CPU attention kernel is not used "
+                                  "here (no AVX-512, or no C compiler): torch's SDPA runs packed attention")
 # Every tile edge: one token, a partial 4-row block, exactly one and just over one 32-key tile, a long example.
 LENGTHS = [1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 64, 100, 250]
 
@@ -91,12 +91,25 @@ def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, capl
     monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu avx2 avx512f")
     cpu_attention._library.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="llmfinetune.cpu_attention"):
             assert cpu_attention._library() is None
         assert "no C compiler" in caplog.text
         assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
+    finally:
+        cpu_attention._library.cache_clear()
+
+
+def test_without_avx512_torch_runs_the_attention(monkeypatch, caplog):
+    """Built for AVX2 alone the kernel ran 7x slower than torch's flash kernel: it is not used there."""
+    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu sse2 avx avx2 fma")
+    cpu_attention._library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="llmfinetune.cpu_attention"):
+            assert cpu_attention._library() is None
+        assert "AVX-512" in caplog.text
     finally:
         cpu_attention._library.cache_clear()
 

@@ -1,4 +1,4 @@
-// Causal attention of every example of a flattened packed row, fp32, on the CPU: forward and backward.
+// Causal attention of every example of a flattened packed row, fp32, on a CPU with AVX-512: forward and backward.
 //
 // Why: torch's CPU flash kernel runs at 10-75 GFLOP/s on the 30-250-token examples of a packed SFT row (it works in
 // 32-query blocks below 192 tokens, with a GEMM call, a mask pass and several softmax passes per block), which made
@@ -167,7 +167,8 @@ void packed_attention_forward(const float *q, long qts, long qhs, const float *k
                     int rows = block_rows(L, i0), jmax = i0 + rows, width = padded(jmax);
                     rows_by_keys(qh + (long)i0 * qts, qts, rows, kt, lp, jmax, block, width, scale);
                     for (int r = 0; r < rows; r++) causal_softmax(block + (long)r * width, i0 + r);
-                    weights_by_rows(block, width, rows, jmax, vb, vts, oh + (long)i0 * H * HEAD_DIM, (long)H * HEAD_DIM);
+                    weights_by_rows(block, width, rows, jmax, vb, vts, oh + (long)i0 * H * HEAD_DIM,
+                                    (long)H * HEAD_DIM);
                     block += (long)rows * width;
                 }
             }

@@ -56,6 +56,8 @@ class _PackedAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, lengths, scale):
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         heads, tokens, kv_heads = query.shape[1], query.shape[2], key.shape[1]
+        if sum(lengths) != tokens:  # rows the kernel never wrote would be read as attention outputs
+            raise ValueError(f"packed examples of {sum(lengths)} tokens in a row of {tokens}")
         sizes = [heads * probabilities_size(length) for length in lengths]
         starts, offsets = [0, *itertools.accumulate(lengths[:-1])], [0, *itertools.accumulate(sizes[:-1])]
         layout = (torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32),

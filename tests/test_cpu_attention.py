@@ -83,44 +83,44 @@ def test_it_runs_only_where_it_is_the_same_computation():
     with torch.no_grad():  # evaluation and generation keep torch's kernel (nothing to save for a backward)
         assert not cpu_attention.usable(*inputs, 0.0, None)
     assert not cpu_attention.usable(*(t.detach().to(torch.bfloat16).requires_grad_() for t in inputs), 0.0, None)
+    with pytest.raises(ValueError, match="examples of 10 tokens in a row of 11"):
+        cpu_attention.attention(*inputs, [4, 6], 0.125)
     wide = [torch.randn(1, 2, 11, 128, requires_grad=True) for _ in range(3)]
     assert not cpu_attention.usable(*wide, 0.0, None)  # head_dim other than the kernel's
 
 
-def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, caplog):
+@pytest.fixture
+def refused(monkeypatch, caplog):
+    """The kernel looked up afresh under the test's patches (and again afterwards): returns the log it wrote."""
+    cpu_attention._library.cache_clear()
+    yield caplog
+    cpu_attention._library.cache_clear()
+
+
+def _refusal_logged(caplog) -> str:
+    with caplog.at_level(logging.INFO, logger="llmfinetune.cpu_attention"):
+        assert cpu_attention._library() is None
+    assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
+    return caplog.text
+
+
+def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, refused):
     monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
     monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu avx2 avx512f")
-    cpu_attention._library.cache_clear()
-    try:
-        with caplog.at_level(logging.INFO, logger="llmfinetune.cpu_attention"):
-            assert cpu_attention._library() is None
-        assert "no C compiler" in caplog.text
-        assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
-    finally:
-        cpu_attention._library.cache_clear()
+    assert "no C compiler" in _refusal_logged(refused)
 
 
-def test_without_avx512_torch_runs_the_attention(monkeypatch, caplog):
+def test_without_avx512_torch_runs_the_attention(monkeypatch, refused):
     """Built for AVX2 alone the kernel ran 7x slower than torch's flash kernel: it is not used there."""
     monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu sse2 avx avx2 fma")
-    cpu_attention._library.cache_clear()
-    try:
-        with caplog.at_level(logging.INFO, logger="llmfinetune.cpu_attention"):
-            assert cpu_attention._library() is None
-        assert "AVX-512" in caplog.text
-    finally:
-        cpu_attention._library.cache_clear()
+    assert "AVX-512" in _refusal_logged(refused)
 
 
-def test_it_can_be_switched_off(monkeypatch):
+def test_it_can_be_switched_off(monkeypatch, refused):
     monkeypatch.setenv("LLMFINETUNE_CPU_ATTENTION", "0")
-    cpu_attention._library.cache_clear()
-    try:
-        assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
-    finally:
-        cpu_attention._library.cache_clear()
+    _refusal_logged(refused)
 
 
 @needs_kernel

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import itertools
 import logging
 import os
 import shutil
@@ -31,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "packed_attention.c"
 HEAD_DIM = 64  # the kernel's HEAD_DIM
-KEY_TILE = 32  # the kernel's KEY_TILE: probability rows are padded to it
 _POINTER, _LONG, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _STRIDED = [_POINTER, _LONG, _LONG]  # a tensor's data, token stride, head stride
 _LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, lens, poff, examples, H, KV, scale
@@ -58,11 +56,10 @@ class _PackedAttention(torch.autograd.Function):
         heads, tokens, kv_heads = query.shape[1], query.shape[2], key.shape[1]
         if sum(lengths) != tokens:  # rows the kernel never wrote would be read as attention outputs
             raise ValueError(f"packed examples of {sum(lengths)} tokens in a row of {tokens}")
-        sizes = [heads * probabilities_size(length) for length in lengths]
-        starts, offsets = [0, *itertools.accumulate(lengths[:-1])], [0, *itertools.accumulate(sizes[:-1])]
-        layout = (torch.tensor(starts, dtype=torch.int32), torch.tensor(lengths, dtype=torch.int32),
-                  torch.tensor(offsets, dtype=torch.int64))
-        probabilities = torch.empty(sum(sizes))
+        lens = torch.tensor(lengths, dtype=torch.int32)
+        layout = (torch.empty_like(lens), lens, torch.empty(len(lengths), dtype=torch.int64))  # starts, lens, poff
+        probabilities = torch.empty(_library().packed_attention_layout(
+            lens.data_ptr(), len(lengths), heads, layout[0].data_ptr(), layout[2].data_ptr()))
         output = torch.empty(1, tokens, heads, HEAD_DIM)
         _library().packed_attention_forward(
             *_strided(query), *_strided(key), *_strided(value), output.data_ptr(), probabilities.data_ptr(),
@@ -84,14 +81,6 @@ class _PackedAttention(torch.autograd.Function):
             probabilities.data_ptr(), grad_query.data_ptr(), grad_key.data_ptr(), grad_value.data_ptr(),
             *(t.data_ptr() for t in layout), len(layout[1]), heads, kv_heads, ctx.scale, tokens)
         return grad_query.transpose(1, 2), grad_key, grad_value, None, None
-
-
-@functools.lru_cache(maxsize=4096)
-def probabilities_size(length: int) -> int:
-    """Floats of one head's saved probabilities for an example of `length` tokens: its 4-row blocks, each as wide as
-    the keys it reaches rounded up to KEY_TILE (the kernel's head_size)."""
-    return sum(min(4, length - start) * -(-(start + min(4, length - start)) // KEY_TILE) * KEY_TILE
-               for start in range(0, length, 4))
 
 
 def _strided(tensor):
@@ -116,6 +105,8 @@ def _library():
     library = ctypes.CDLL(str(path))
     library.packed_attention_forward.argtypes = [*_STRIDED * 3, _POINTER, _POINTER, *_LAYOUT]
     library.packed_attention_backward.argtypes = [*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG]
+    library.packed_attention_layout.argtypes = [_POINTER, _INT, _INT, _POINTER, _POINTER]
+    library.packed_attention_layout.restype = _LONG
     return library
 
 

@@ -13,8 +13,8 @@
 // dout, dq [T, H, HEAD_DIM] contiguous; dk, dv [KV, T, HEAD_DIM] contiguous. p holds each (example, head)'s
 // probabilities at poff[example] + head * head_size(L), as its 4-row blocks one after the other, each block's rows
 // as wide as the keys the block reaches rounded up to KEY_TILE: about half of L x L, the causal part and its tiles'
-// margin (cpu_attention.probabilities_size computes the same size). Tested against torch's SDPA
-// (tests/test_cpu_attention.py).
+// margin. packed_attention_layout computes starts and poff (and the caller allocates p from its total). Tested
+// against torch's SDPA (tests/test_cpu_attention.py).
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -43,6 +43,20 @@ static long head_size(int L) {
     long size = 0;
     for (int i0 = 0; i0 < L; i0 += 4) size += (long)block_rows(L, i0) * padded(i0 + block_rows(L, i0));
     return size;
+}
+
+// Each example's first token (starts) and the offset of its probabilities in p (poff), from the examples' lengths;
+// returns the floats p needs.
+long packed_attention_layout(const int *lens, int examples, int H, int *starts, long *poff) {
+    long total = 0;
+    int start = 0;
+    for (int e = 0; e < examples; e++) {
+        starts[e] = start;
+        poff[e] = total;
+        start += lens[e];
+        total += H * head_size(lens[e]);
+    }
+    return total;
 }
 
 // exp(x) for x <= 0 (a score minus its row's maximum): 0 below -87 (the masked keys' -inf included), NaN kept.
@@ -160,9 +174,10 @@ void packed_attention_forward(const float *q, long qts, long qhs, const float *k
             }
             transpose(k + (long)s * kts + (long)g * khs, kts, L, lp, kt);
             const float *vb = v + (long)s * vts + (long)g * vhs;
+            long per_head = head_size(L);
             for (int h = g * group; h < (g + 1) * group; h++) {
                 const float *qh = q + (long)s * qts + (long)h * qhs;
-                float *block = p + poff[e] + h * head_size(L), *oh = out + ((long)s * H + h) * HEAD_DIM;
+                float *block = p + poff[e] + h * per_head, *oh = out + ((long)s * H + h) * HEAD_DIM;
                 for (int i0 = 0; i0 < L; i0 += 4) {
                     int rows = block_rows(L, i0), jmax = i0 + rows, width = padded(jmax);
                     rows_by_keys(qh + (long)i0 * qts, qts, rows, kt, lp, jmax, block, width, scale);
@@ -185,25 +200,26 @@ void packed_attention_backward(const float *q, long qts, long qhs, const float *
     long hs = (long)H * HEAD_DIM;
 #pragma omp parallel
     {
-        float *vt = NULL, *ds = NULL, *dkb = NULL, *dvb = NULL;
+        float *vt = NULL, *ds = NULL;
         int capacity = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int t = 0; t < examples * KV; t++) {
             int e = t / KV, g = t % KV, s = starts[e], L = lens[e], lp = padded(L);
             if (HEAD_DIM * lp > capacity) {
-                free(vt); free(ds); free(dkb); free(dvb);
+                free(vt); free(ds);
                 capacity = HEAD_DIM * lp;
                 vt = malloc(sizeof(float) * capacity);
                 ds = malloc(sizeof(float) * 4 * lp);
-                dkb = malloc(sizeof(float) * capacity);
-                dvb = malloc(sizeof(float) * capacity);
             }
             const float *kb = k + (long)s * kts + (long)g * khs;
             transpose(v + (long)s * vts + (long)g * vhs, vts, L, lp, vt);
+            // this task's rows of dK and dV (its example, its key/value head): no other task writes them
+            float *dkb = dk + ((long)g * T + s) * HEAD_DIM, *dvb = dv + ((long)g * T + s) * HEAD_DIM;
             memset(dkb, 0, sizeof(float) * L * HEAD_DIM);
             memset(dvb, 0, sizeof(float) * L * HEAD_DIM);
+            long per_head = head_size(L);
             for (int h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = q + (long)s * qts + (long)h * qhs, *block = p + poff[e] + h * head_size(L);
+                const float *qh = q + (long)s * qts + (long)h * qhs, *block = p + poff[e] + h * per_head;
                 const float *oh = out + ((long)s * H + h) * HEAD_DIM, *doh = dout + ((long)s * H + h) * HEAD_DIM;
                 float *dqh = dq + ((long)s * H + h) * HEAD_DIM;
                 for (int i0 = 0; i0 < L; i0 += 4) {
@@ -227,11 +243,7 @@ void packed_attention_backward(const float *q, long qts, long qhs, const float *
                     block += (long)rows * width;
                 }
             }
-            for (int j = 0; j < L; j++) {
-                memcpy(dk + ((long)g * T + s + j) * HEAD_DIM, dkb + (long)j * HEAD_DIM, sizeof(float) * HEAD_DIM);
-                memcpy(dv + ((long)g * T + s + j) * HEAD_DIM, dvb + (long)j * HEAD_DIM, sizeof(float) * HEAD_DIM);
-            }
         }
-        free(vt); free(ds); free(dkb); free(dvb);
+        free(vt); free(ds);
     }
 }

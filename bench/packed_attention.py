@@ -2,6 +2,7 @@
 other layouts that compute the same thing, in one invocation.
 
     python bench/packed_attention.py [--dtype fp32|bf16] [--tokens 1900] [--heads 8] [--kv-heads 2] [--head-dim 64]
+                                     [--isa avx2]
 
 The row holds examples of 40 to 200 tokens (seeded) up to --tokens, as the SFT bench's AdvertiseGen rows do. The
 contenders, each checked equal to the first (outputs and gradients):
@@ -16,10 +17,15 @@ contenders, each checked equal to the first (outputs and gradients):
 - `N buckets` sorts the examples by length, right-pads each bucket to its longest example and calls the flash kernel
   once per bucket with is_causal. Right padding needs no mask: a real query never reaches the padding keys after it.
 Times are the best of 5 x 5 calls; the last lines are each contender's time over the per-example one.
+
+`--isa avx2` on an AVX-512 machine is a stand-in for an AVX2-only one: torch's kernels run their AVX2 code
+(ATEN_CPU_CAPABILITY=avx2) and the package's kernel is built without AVX-512 (8-float vectors, 16-key tiles). The
+cores stay the same, so it compares the two codes, not the machines.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -36,13 +42,19 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native")
     args = parser.parse_args()
+    if args.isa == "avx2":
+        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"  # read once, when torch is imported
 
     import torch
     import torch.nn.functional as F
 
     from llmfinetune import cpu_attention
     from llmfinetune.packing import segmented_sdpa_forward
+
+    if args.isa == "avx2":
+        cpu_attention.FLAGS = [*cpu_attention.FLAGS, "-mno-avx512f"]
 
     torch.manual_seed(0)
     chooser = random.Random(0)
@@ -131,7 +143,9 @@ def main() -> None:
     reference_grads = gradients(per_example)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     print(f"{args.dtype}: {len(lengths)} examples, {total} tokens, {heads} heads ({args.kv_heads} key/value), "
-          f"head dim {dim}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"head dim {dim}; torch {torch.__version__}, {torch.get_num_threads()} threads, torch's kernels "
+          f"{torch.backends.cpu.get_cpu_capability()}, the package's kernel "
+          f"{(library := cpu_attention._library()) and library.packed_attention_vector_width()}-float vectors")
     times = {}
     for name, function in contenders.items():
         output = function(query, key, value).detach()

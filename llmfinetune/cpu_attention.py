@@ -4,10 +4,12 @@
 SFT bench's shapes (27M Qwen2, 8 query / 2 key-value heads of 64, a 1900-token row of 20 examples of 15-130 tokens,
 one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 against 11.4 for torch's flash kernel
 once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
-enabled) for head_dim 64, fp32, no dropout and no sliding window shorter than the example, on CPUs with AVX-512;
-anything else, and any machine where the kernel does not build (no C compiler: one info line), keeps torch's kernel.
+enabled) for head_dim 64, fp32, no dropout and no sliding window shorter than the example, on x86 CPUs with AVX-512
+or AVX2; anything else, and any machine where the kernel does not build (no C compiler: one info line), keeps
+torch's kernel.
 
-The kernel is built with the machine's own instruction set (-march=native), once per source, compiler and CPU, into
+The kernel is built with the machine's own instruction set (-march=native: 16-float vectors with AVX-512, 8-float
+ones with AVX2 alone), once per source, compiler, flags and CPU, into
 $LLMFINETUNE_CACHE/kernels (else ~/.cache/llmfinetune/kernels), and loaded after torch so that it runs on torch's
 OpenMP threads. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
 """
@@ -33,6 +35,7 @@ HEAD_DIM = 64  # the kernel's HEAD_DIM
 _POINTER, _LONG, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 _STRIDED = [_POINTER, _LONG, _LONG]  # a tensor's data, token stride, head stride
 _LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, lens, poff, examples, H, KV, scale
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
 def usable(query, key, value, dropout: float, window) -> bool:
@@ -92,17 +95,18 @@ def _library():
     """The compiled kernel, or None where it cannot be built (said once)."""
     if os.environ.get("LLMFINETUNE_CPU_ATTENTION", "1") == "0":
         return None
-    if "avx512f" not in _cpu_flags().split():
-        # Its 16-float vectors are one AVX-512 register; built for AVX2 alone (x86-64-v3) the same code ran 7x slower
-        # than torch's flash kernel (bench/README.md, session 24). Other instruction sets are unmeasured.
-        logger.info("CPU attention kernel not used (it needs AVX-512): torch's SDPA runs packed attention.")
+    if not {"avx2", "fma"} <= set(_cpu_flags().split()):
+        # Its register tiles are written for AVX-512's and AVX2's vectors; other instruction sets (ARM's NEON and SVE,
+        # x86 before AVX2) are unmeasured.
+        logger.info("CPU attention kernel not used (it needs AVX2 or AVX-512): torch's SDPA runs packed attention.")
         return None
     try:
-        path = _built()
+        path = _built(FLAGS)
     except (OSError, subprocess.SubprocessError) as error:
         logger.info("CPU attention kernel not built (%s): torch's SDPA runs packed attention.", error)
         return None
     library = ctypes.CDLL(str(path))
+    logger.debug("CPU attention kernel: %d-float vectors (%s)", library.packed_attention_vector_width(), path)
     library.packed_attention_forward.argtypes = [*_STRIDED * 3, _POINTER, _POINTER, *_LAYOUT]
     library.packed_attention_backward.argtypes = [*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG]
     library.packed_attention_layout.argtypes = [_POINTER, _INT, _INT, _POINTER, _POINTER]
@@ -110,11 +114,10 @@ def _library():
     return library
 
 
-def _built() -> Path:
+def _built(flags: list[str]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler on PATH")
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags()])
                          .encode()).hexdigest()[:16]

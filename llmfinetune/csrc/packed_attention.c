@@ -1,12 +1,13 @@
-// Causal attention of every example of a flattened packed row, fp32, on a CPU with AVX-512: forward and backward.
+// Causal attention of every example of a flattened packed row, fp32, on a CPU with AVX-512 or AVX2: forward and
+// backward.
 //
 // Why: torch's CPU flash kernel runs at 10-75 GFLOP/s on the 30-250-token examples of a packed SFT row (it works in
 // 32-query blocks below 192 tokens, with a GEMM call, a mask pass and several softmax passes per block), which made
 // attention ~11% of an fp32 step and ~14% of a bf16 one on the SFT bench. Here one call runs a whole layer: tasks are
 // (example, key/value head), each keeps its keys transposed in cache and runs its query heads (grouped-query
-// attention) in 4-row blocks against 32-key tiles, only up to the diagonal, with the softmax in registers; the
-// probabilities are saved for the backward instead of recomputed. Tasks run on torch's own OpenMP threads (this file
-// is compiled with -fopenmp and loaded after torch, so it shares torch's libgomp: a second runtime's threads would
+// attention) in 4-row blocks against tiles of KEY_TILE keys, only up to the diagonal, with the softmax in registers;
+// the probabilities are saved for the backward instead of recomputed. Tasks run on torch's own OpenMP threads (this
+// file is compiled with -fopenmp and loaded after torch, so it shares torch's libgomp: a second runtime's threads would
 // compete with torch's spinning ones).
 //
 // Layouts (floats): q [T, H, HEAD_DIM] with token stride qts and head stride qhs; k, v likewise with KV heads; out,
@@ -21,21 +22,39 @@
 #include <string.h>
 
 #define HEAD_DIM 64
+#if !defined(__AVX2__)
+#error "the CPU attention kernel is written for AVX2 or AVX-512 (cpu_attention.py builds it only there)"
+#elif defined(__AVX512F__)
+// 32 vector registers of 16 floats: a 4-row block against 32 keys, and the whole head (4 vectors) at once.
+#define VL 16
 #define KEY_TILE 32
+#define DIM_VECTORS 4
+#else
+// AVX2's 16 registers of 8 floats: 16 keys, and a quarter of the head (2 vectors) per pass, so that accumulators,
+// loads and broadcasts fit in the registers (the AVX-512 shapes split in halves spill them: 7x slower than torch).
+#define VL 8
+#define KEY_TILE 16
+#define DIM_VECTORS 2
+#endif
+#define KEY_VECTORS (KEY_TILE / VL)
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
-static inline v16 ld(const float *p) { return *(const v16u *)p; }
-static inline void st(float *p, v16 v) { *(v16u *)p = v; }
-static inline v16 bc(float s) { return (v16){} + s; }
-static inline v16 sel(i16v m, v16 a, v16 b) { return (v16)(((i16v)a & m) | ((i16v)b & ~m)); }
-static inline float hsum(v16 v) {
+static inline vf ld(const float *p) { return *(const vfu *)p; }
+static inline void st(float *p, vf v) { *(vfu *)p = v; }
+static inline vf bc(float s) { return (vf){} + s; }
+static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline float hsum(vf v) {
     float s = 0;
-    for (int c = 0; c < 16; c++) s += v[c];
+    for (int c = 0; c < VL; c++) s += v[c];
     return s;
 }
+
+// The vector width this build runs on (tests read it: a machine's build is the one they test).
+int packed_attention_vector_width(void) { return VL; }
+
 static inline int padded(int n) { return (n + KEY_TILE - 1) & ~(KEY_TILE - 1); }
 static inline int block_rows(int L, int i0) { return L - i0 < 4 ? L - i0 : 4; }
 
@@ -60,71 +79,75 @@ long packed_attention_layout(const int *lens, int examples, int H, int *starts, 
 }
 
 // exp(x) for x <= 0 (a score minus its row's maximum): 0 below -87 (the masked keys' -inf included), NaN kept.
-static inline v16 vexp(v16 x0) {
-    v16 x = sel(x0 < -87.0f, bc(-87.0f), x0);
-    v16 t = x * 1.44269504088896341f;
-    v16 n = __builtin_convertvector(__builtin_convertvector(t + sel(t < 0, bc(-0.5f), bc(0.5f)), i16v), v16);
-    v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v16 p = bc(1.9875691500e-4f);
+static inline vf vexp(vf x0) {
+    vf x = sel(x0 < -87.0f, bc(-87.0f), x0);
+    vf t = x * 1.44269504088896341f;
+    vf n = __builtin_convertvector(__builtin_convertvector(t + sel(t < 0, bc(-0.5f), bc(0.5f)), vi), vf);
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = bc(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    i16v e = (__builtin_convertvector(n, i16v) + 127) << 23;
-    return sel(x0 < -87.0f, bc(0.0f), p * (v16)e);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return sel(x0 < -87.0f, bc(0.0f), p * (vf)e);
 }
 
 // c[r][0:jmax rounded up to KEY_TILE] = scale * a[r] . bt[:, j] for the rows r < rows (at most 4) of a (stride as);
 // bt is HEAD_DIM x lp (a block of keys or values, transposed); c's rows are cs apart.
 static void rows_by_keys(const float *a, long as, int rows, const float *bt, int lp, int jmax, float *c, int cs,
                          float scale) {
-    const float *a0 = a, *a1 = rows > 1 ? a + as : a, *a2 = rows > 2 ? a + 2 * as : a, *a3 = rows > 3 ? a + 3 * as : a;
+    const float *ar[4];
+    for (int r = 0; r < 4; r++) ar[r] = a + (r < rows ? r : 0) * as;
     for (int j = 0; j < jmax; j += KEY_TILE) {
-        v16 x0 = {}, x1 = {}, x2 = {}, x3 = {}, y0 = {}, y1 = {}, y2 = {}, y3 = {};
+        vf x[4][KEY_VECTORS] = {};
         for (int d = 0; d < HEAD_DIM; d++) {
-            v16 k0 = ld(bt + (long)d * lp + j), k1 = ld(bt + (long)d * lp + j + 16);
-            float s0 = a0[d], s1 = a1[d], s2 = a2[d], s3 = a3[d];
-            x0 += k0 * s0; y0 += k1 * s0;
-            x1 += k0 * s1; y1 += k1 * s1;
-            x2 += k0 * s2; y2 += k1 * s2;
-            x3 += k0 * s3; y3 += k1 * s3;
+            vf k[KEY_VECTORS];
+            for (int u = 0; u < KEY_VECTORS; u++) k[u] = ld(bt + (long)d * lp + j + VL * u);
+            for (int r = 0; r < 4; r++) {
+                float s = ar[r][d];
+                for (int u = 0; u < KEY_VECTORS; u++) x[r][u] += k[u] * s;
+            }
         }
-        v16 xs[4] = {x0, x1, x2, x3}, ys[4] = {y0, y1, y2, y3};
-        for (int r = 0; r < rows; r++) {
-            st(c + (long)r * cs + j, xs[r] * scale);
-            st(c + (long)r * cs + j + 16, ys[r] * scale);
-        }
+        for (int r = 0; r < rows; r++)
+            for (int u = 0; u < KEY_VECTORS; u++) st(c + (long)r * cs + j + VL * u, x[r][u] * scale);
     }
 }
 
 // out[r] = sum over j < jmax of w[r][j] * b[j] for the rows r < rows of w (rows ws apart); b rows have stride bs.
 static void weights_by_rows(const float *w, int ws, int rows, int jmax, const float *b, long bs, float *out, long os) {
-    v16 o[4][4] = {};
-    for (int j = 0; j < jmax; j++) {
-        const float *bj = b + (long)j * bs;
-        v16 b0 = ld(bj), b1 = ld(bj + 16), b2 = ld(bj + 32), b3 = ld(bj + 48);
-        for (int r = 0; r < rows; r++) {
-            float x = w[(long)r * ws + j];
-            o[r][0] += b0 * x; o[r][1] += b1 * x; o[r][2] += b2 * x; o[r][3] += b3 * x;
+    for (int d0 = 0; d0 < HEAD_DIM; d0 += VL * DIM_VECTORS) {
+        vf o[4][DIM_VECTORS] = {};
+        for (int j = 0; j < jmax; j++) {
+            const float *bj = b + (long)j * bs + d0;
+            vf bv[DIM_VECTORS];
+            for (int c = 0; c < DIM_VECTORS; c++) bv[c] = ld(bj + VL * c);
+            for (int r = 0; r < rows; r++) {
+                float x = w[(long)r * ws + j];
+                for (int c = 0; c < DIM_VECTORS; c++) o[r][c] += bv[c] * x;
+            }
         }
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < DIM_VECTORS; c++) st(out + (long)r * os + d0 + VL * c, o[r][c]);
     }
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < 4; c++) st(out + (long)r * os + 16 * c, o[r][c]);
 }
 
 // acc[j] += sum over r < rows of w[r][j] * a[r], for j < jmax (acc rows HEAD_DIM floats apart).
 static void rows_into_keys(const float *w, int ws, int rows, int jmax, const float *a, long as, float *acc) {
-    v16 av[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int c = 0; c < 4; c++) av[r][c] = r < rows ? ld(a + (long)r * as + 16 * c) : bc(0.0f);
-    for (int j = 0; j < jmax; j++) {
-        float x0 = w[j], x1 = rows > 1 ? w[ws + j] : 0, x2 = rows > 2 ? w[2L * ws + j] : 0,
-              x3 = rows > 3 ? w[3L * ws + j] : 0;
-        float *aj = acc + (long)j * HEAD_DIM;
-        for (int c = 0; c < 4; c++)
-            st(aj + 16 * c, ld(aj + 16 * c) + av[0][c] * x0 + av[1][c] * x1 + av[2][c] * x2 + av[3][c] * x3);
+    const float *wr[4];
+    for (int r = 0; r < 4; r++) wr[r] = w + (long)(r < rows ? r : 0) * ws;
+    for (int d0 = 0; d0 < HEAD_DIM; d0 += VL * DIM_VECTORS) {
+        vf av[4][DIM_VECTORS];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < DIM_VECTORS; c++) av[r][c] = r < rows ? ld(a + (long)r * as + d0 + VL * c) : bc(0.0f);
+        for (int j = 0; j < jmax; j++) {
+            float x0 = wr[0][j], x1 = rows > 1 ? wr[1][j] : 0, x2 = rows > 2 ? wr[2][j] : 0, x3 = rows > 3 ? wr[3][j] : 0;
+            float *aj = acc + (long)j * HEAD_DIM + d0;
+            for (int c = 0; c < DIM_VECTORS; c++)
+                st(aj + VL * c, ld(aj + VL * c) + av[0][c] * x0 + av[1][c] * x1 + av[2][c] * x2 + av[3][c] * x3);
+        }
     }
 }
 
@@ -134,26 +157,26 @@ static void transpose(const float *x, long xs, int L, int lp, float *xt) {
         for (int d = 0; d < HEAD_DIM; d++) xt[(long)d * lp + j] = j < L ? x[(long)j * xs + d] : 0.0f;
 }
 
-// Softmax of the causal part of one probability row (keys 0..i), zero from i + 1 to the next multiple of 16: no
-// product reads past that (a 4-row block starts at a multiple of 4, so its rows' multiples of 16 reach its last key).
+// Softmax of the causal part of one probability row (keys 0..i), zero from i + 1 to the next multiple of VL: no
+// product reads past that (a 4-row block starts at a multiple of 4, so its rows' multiples of VL reach its last key).
 static void causal_softmax(float *row, int i) {
-    int n = i + 1, nv = (n + 15) & ~15;
+    int n = i + 1, nv = (n + VL - 1) & ~(VL - 1);
     for (int j = n; j < nv; j++) row[j] = -INFINITY;
-    v16 m = bc(-INFINITY);
-    for (int j = 0; j < nv; j += 16) {
-        v16 x = ld(row + j);
+    vf m = bc(-INFINITY);
+    for (int j = 0; j < nv; j += VL) {
+        vf x = ld(row + j);
         m = sel(x > m, x, m);
     }
     float top = m[0];
-    for (int c = 1; c < 16; c++) top = m[c] > top ? m[c] : top;
-    v16 s = {};
-    for (int j = 0; j < nv; j += 16) {
-        v16 e = vexp(ld(row + j) - top);
+    for (int c = 1; c < VL; c++) top = m[c] > top ? m[c] : top;
+    vf s = {};
+    for (int j = 0; j < nv; j += VL) {
+        vf e = vexp(ld(row + j) - top);
         st(row + j, e);
         s += e;
     }
     float inverse = 1.0f / hsum(s);
-    for (int j = 0; j < nv; j += 16) st(row + j, ld(row + j) * inverse);
+    for (int j = 0; j < nv; j += VL) st(row + j, ld(row + j) * inverse);
 }
 
 void packed_attention_forward(const float *q, long qts, long qhs, const float *k, long kts, long khs, const float *v,
@@ -231,11 +254,12 @@ void packed_attention_backward(const float *q, long qts, long qhs, const float *
                         // dS = P (dP - dO . O) * scale: zero past the diagonal up to the block's last key, where P is
                         // zero (what lies beyond is never read)
                         const float *orow = oh + (long)(i0 + r) * hs, *drow = do0 + (long)r * hs;
-                        float delta = hsum(ld(orow) * ld(drow) + ld(orow + 16) * ld(drow + 16)
-                                           + ld(orow + 32) * ld(drow + 32) + ld(orow + 48) * ld(drow + 48));
+                        vf dot = {};
+                        for (int d = 0; d < HEAD_DIM; d += VL) dot += ld(orow + d) * ld(drow + d);
+                        float delta = hsum(dot);
                         const float *prow = block + (long)r * width;
                         float *srow = ds + (long)r * lp;
-                        for (int j = 0; j < width; j += 16)
+                        for (int j = 0; j < width; j += VL)
                             st(srow + j, ld(prow + j) * (ld(srow + j) - delta) * scale);
                     }
                     weights_by_rows(ds, lp, rows, jmax, kb, kts, dqh + (long)i0 * hs, hs);  // dQ = dS K

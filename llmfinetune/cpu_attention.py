@@ -8,8 +8,8 @@ enabled) for head_dim 64, fp32, no dropout and no sliding window shorter than th
 or AVX2; anything else, and any machine where the kernel does not build (no C compiler: one info line), keeps
 torch's kernel.
 
-The kernel is built with the machine's own instruction set (-march=native: 16-float vectors with AVX-512, 8-float
-ones with AVX2 alone), once per source, compiler, flags and CPU, into
+The kernel is built for the instruction set torch's own kernels run (the CPU's best, or ATEN_CPU_CAPABILITY's):
+16-float vectors with AVX-512, 8-float ones with AVX2, once per source, compiler, flags and CPU, into
 $LLMFINETUNE_CACHE/kernels (else ~/.cache/llmfinetune/kernels), and loaded after torch so that it runs on torch's
 OpenMP threads. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
 """
@@ -36,6 +36,7 @@ _POINTER, _LONG, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ct
 _STRIDED = [_POINTER, _LONG, _LONG]  # a tensor's data, token stride, head stride
 _LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, lens, poff, examples, H, KV, scale
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+ISA_FLAGS = {"AVX512": [], "AVX2": ["-mno-avx512f"]}  # by torch's CPU capability
 
 
 def usable(query, key, value, dropout: float, window) -> bool:
@@ -95,13 +96,16 @@ def _library():
     """The compiled kernel, or None where it cannot be built (said once)."""
     if os.environ.get("LLMFINETUNE_CPU_ATTENTION", "1") == "0":
         return None
-    if not {"avx2", "fma"} <= set(_cpu_flags().split()):
+    # The instruction set torch's own kernels run: the CPU's best, or what ATEN_CPU_CAPABILITY holds them to.
+    capability = _torch_capability()
+    if capability not in ISA_FLAGS:
         # Its register tiles are written for AVX-512's and AVX2's vectors; other instruction sets (ARM's NEON and SVE,
         # x86 before AVX2) are unmeasured.
-        logger.info("CPU attention kernel not used (it needs AVX2 or AVX-512): torch's SDPA runs packed attention.")
+        logger.info("CPU attention kernel not used (it needs AVX2 or AVX-512; torch runs %s): torch's SDPA runs "
+                    "packed attention.", capability)
         return None
     try:
-        path = _built(FLAGS)
+        path = _built(FLAGS + ISA_FLAGS[capability])
     except (OSError, subprocess.SubprocessError) as error:
         logger.info("CPU attention kernel not built (%s): torch's SDPA runs packed attention.", error)
         return None
@@ -134,6 +138,10 @@ def _built(flags: list[str]) -> Path:
                 raise OSError(f"{compiler} failed: {result.stderr.strip()[-300:]}")
             os.replace(built, path)
     return path
+
+
+def _torch_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def _cpu_flags() -> str:

@@ -24,12 +24,12 @@ def build(request, monkeypatch):
     machine runs), each checked to be the build it names."""
     if cpu_attention._library() is None:
         pytest.skip("the CPU attention kernel is not used here (no AVX2, or no C compiler)")
-    if request.param == "avx2":
-        monkeypatch.setattr(cpu_attention, "FLAGS", [*cpu_attention.FLAGS, "-mno-avx512f"])
+    native = cpu_attention._torch_capability()
+    if request.param == "avx2":  # as ATEN_CPU_CAPABILITY=avx2 holds torch's kernels to it
+        monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
     cpu_attention._library.cache_clear()
     width = cpu_attention._library().packed_attention_vector_width()
-    avx512 = "avx512f" in cpu_attention._cpu_flags().split() and request.param == "native"
-    assert width == (16 if avx512 else 8)
+    assert width == (16 if native == "AVX512" and request.param == "native" else 8)
     yield request.param
     monkeypatch.undo()
     cpu_attention._library.cache_clear()
@@ -123,14 +123,14 @@ def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, refu
     monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
-    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: "flags : fpu avx2 fma avx512f")
+    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
     assert "no C compiler" in _refusal_logged(refused)
 
 
-@pytest.mark.parametrize("flags", ["flags : fpu sse2 avx", "aarch64"])
-def test_without_avx2_torch_runs_the_attention(monkeypatch, refused, flags):
-    """x86 before AVX2, and other architectures (no "flags" line: the processor's name), are unmeasured."""
-    monkeypatch.setattr(cpu_attention, "_cpu_flags", lambda: flags)
+@pytest.mark.parametrize("capability", ["DEFAULT", "SVE256", "ZVECTOR"])
+def test_without_avx2_torch_runs_the_attention(monkeypatch, refused, capability):
+    """x86 before AVX2 (or torch held to it), and other architectures, are unmeasured."""
+    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: capability)
     assert "AVX2 or AVX-512" in _refusal_logged(refused)
 
 

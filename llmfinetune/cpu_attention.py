@@ -4,8 +4,8 @@
 SFT bench's shapes (27M Qwen2, 8 query / 2 key-value heads of 64, a 1900-token row of 20 examples of 15-130 tokens,
 one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 against 11.4 for torch's flash kernel
 once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
-enabled) for head_dim 64, fp32, no dropout and no sliding window shorter than the example, on x86 CPUs with AVX-512
-or AVX2; anything else, and any machine where the kernel does not build (no C compiler: one info line), keeps
+enabled) for examples up to MAX_EXAMPLE_TOKENS long, head_dim 64, fp32, no dropout and no sliding window shorter
+than the example, on x86 CPUs with AVX-512 or AVX2; anything else, and any machine where the kernel does not build (no C compiler: one info line), keeps
 torch's kernel.
 
 The kernel is built for the instruction set torch's own kernels run (the CPU's best, or ATEN_CPU_CAPABILITY's):
@@ -36,6 +36,9 @@ _POINTER, _LONG, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ct
 _STRIDED = [_POINTER, _LONG, _LONG]  # a tensor's data, token stride, head stride
 _LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, lens, poff, examples, H, KV, scale
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# Longer examples stay with torch's kernel: at 1024 tokens ours took 0.86x its time, at 2048 1.05x (0.43-0.51x up to
+# 512), and the probabilities it saves grow with the square of the length (bench/README.md, session 25).
+MAX_EXAMPLE_TOKENS = 512
 ISA_FLAGS = {"AVX512": [], "AVX2": ["-mno-avx512f"]}  # by torch's CPU capability
 
 
@@ -45,6 +48,19 @@ def usable(query, key, value, dropout: float, window) -> bool:
             and query.shape[-1] == HEAD_DIM and query.shape[0] == 1 and query.shape[1] % key.shape[1] == 0
             and not dropout and window is None and torch.is_grad_enabled()
             and any(t.requires_grad for t in (query, key, value)) and _library() is not None)
+
+
+def runs(lengths: list[int]) -> list[tuple[bool, list[int]]]:
+    """The row's examples in runs of consecutive ones, each marked whether the kernel takes it (every example at most
+    MAX_EXAMPLE_TOKENS long) or torch's kernel does."""
+    grouped = []
+    for length in lengths:
+        kernel = length <= MAX_EXAMPLE_TOKENS
+        if grouped and grouped[-1][0] == kernel:
+            grouped[-1][1].append(length)
+        else:
+            grouped.append((kernel, [length]))
+    return grouped
 
 
 def attention(query, key, value, lengths: list[int], scale: float):

@@ -19,8 +19,9 @@ the attention implementation (packed_layout, the one decision):
   half-precision flash kernel keep state per shape, so a row of a new length every step grew memory without end:
   there the flattened row is padded to a multiple of arguments.SHAPE_MULTIPLE tokens (a few shapes for every linear
   layer) and each example's attention runs in fp32, whose kernel keeps no state per shape (bf16 SFT bench with AMX:
-  attention 12.5 against 17 ms a layer). Training on a CPU with AVX-512 at head_dim 64, that fp32 attention is the
-  package's own kernel, one call a layer (cpu_attention: ~2x torch's flash kernel per example on the SFT bench).
+  attention 12.5 against 17 ms a layer). Training on a CPU with AVX-512 or AVX2 at head_dim 64, that fp32 attention
+  is the package's own kernel, one call a layer (cpu_attention: ~2x torch's flash kernel per example on the SFT
+  bench).
 The first label of every example is ignored, as it is when the example is alone: there it would be predicted from
 the end of the previous example.
 
@@ -319,10 +320,24 @@ def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
 
     from . import cpu_attention
 
-    # Training on the CPU in fp32: the whole row in one call of the package's kernel (cpu_attention), ~2x torch's.
-    if cpu_attention.usable(query, key, value, dropout, window if window and window < max(lengths) else None):
-        return cpu_attention.attention(query, key, value, lengths, query.shape[-1] ** -0.5 if scaling is None
-                                       else scaling)
+    # Training on the CPU in fp32: each run of examples up to cpu_attention.MAX_EXAMPLE_TOKENS long in one call of
+    # the package's kernel, ~2x torch's; longer examples in torch's, as fast there and saving no probabilities.
+    short = [length for length in lengths if length <= cpu_attention.MAX_EXAMPLE_TOKENS]
+    if short and cpu_attention.usable(query, key, value, dropout, window if window and window < max(short) else None):
+        runs = cpu_attention.runs(lengths)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        outputs = []
+        for (kernel, run), *qkv in zip(runs, *(t.split([sum(run) for _, run in runs], dim=2)
+                                               for t in (query, key, value))):
+            outputs.append(cpu_attention.attention(*qkv, run, scale) if kernel
+                           else _torch_examples_sdpa(module, *qkv, run, window, dropout, scaling))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return _torch_examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
+
+
+def _torch_examples_sdpa(module, query, key, value, lengths, window, dropout, scaling):
+    import torch
+
     # torch's SDPA directly, not transformers' wrapper: the wrapper transposes and copies every example's output,
     # here the outputs are joined once, straight into the (1, tokens, heads, head_dim) layout the output projection
     # reads (a join along heads' tokens, then a transposed copy, was 1.7 ms more a layer forward + backward in fp32

@@ -89,6 +89,28 @@ def test_a_nan_reaches_the_rows_that_see_it_and_no_other(build):
     assert not output[0, :10].isnan().any()
 
 
+def test_examples_over_512_tokens_stay_with_torch(build, monkeypatch):
+    """A packed row's runs of examples up to 512 tokens go to the kernel, one call a run, and longer examples to
+    torch's kernel (as fast there, and no quadratic probabilities kept): the row's outputs and gradients are those of
+    SDPA per example all the same."""
+    from llmfinetune.packing import _examples_sdpa
+
+    lengths = [30, 600, 700, 5, 7, 513, 512]
+    inputs = _inputs(lengths, 4, 2)
+    grad = torch.randn(1, sum(lengths), 4, 64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    kernel = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *args: calls.append(args[3]) or kernel(*args))
+    module = type("Attention", (), {"num_key_value_groups": 2})()
+    ours = _run(lambda q, k, v, lengths, scale: _examples_sdpa(module, q, k, v, lengths, None, 0.0, scale),
+                inputs, lengths, grad)
+    assert calls == [[30], [5, 7], [512]]
+    expected = _run(_per_example_sdpa, inputs, lengths, grad)
+    for name, mine, reference in zip(("output", "query", "key", "value"), ours, expected):
+        error = (mine - reference).abs().max() / reference.abs().max()
+        assert error < 1e-5, (name, float(error))
+
+
 @needs_kernel
 def test_it_runs_only_where_it_is_the_same_computation():
     inputs = _inputs([5, 6], 4, 2)

@@ -5,8 +5,8 @@ SFT bench's shapes (27M Qwen2, 8 query / 2 key-value heads of 64, a 1900-token r
 one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 against 11.4 for torch's flash kernel
 once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
 enabled) for examples up to MAX_EXAMPLE_TOKENS long, head_dim 64, fp32, no dropout and no sliding window shorter
-than the example, on x86 CPUs with AVX-512 or AVX2; anything else, and any machine where the kernel does not build (no C compiler: one info line), keeps
-torch's kernel.
+than the example, on x86 CPUs with AVX-512 or AVX2; anything else, and any machine where the kernel does not build
+(no C compiler: one info line), keeps torch's kernel.
 
 The kernel is built for the instruction set torch's own kernels run (the CPU's best, or ATEN_CPU_CAPABILITY's):
 16-float vectors with AVX-512, 8-float ones with AVX2, once per source, compiler, flags and CPU, into

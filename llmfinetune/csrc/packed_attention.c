@@ -136,17 +136,17 @@ static void weights_by_rows(const float *w, int ws, int rows, int jmax, const fl
 
 // acc[j] += sum over r < rows of w[r][j] * a[r], for j < jmax (acc rows HEAD_DIM floats apart).
 static void rows_into_keys(const float *w, int ws, int rows, int jmax, const float *a, long as, float *acc) {
-    const float *wr[4];
-    for (int r = 0; r < 4; r++) wr[r] = w + (long)(r < rows ? r : 0) * ws;
     for (int d0 = 0; d0 < HEAD_DIM; d0 += VL * DIM_VECTORS) {
         vf av[4][DIM_VECTORS];
         for (int r = 0; r < 4; r++)
             for (int c = 0; c < DIM_VECTORS; c++) av[r][c] = r < rows ? ld(a + (long)r * as + d0 + VL * c) : bc(0.0f);
         for (int j = 0; j < jmax; j++) {
-            float x0 = wr[0][j], x1 = rows > 1 ? wr[1][j] : 0, x2 = rows > 2 ? wr[2][j] : 0, x3 = rows > 3 ? wr[3][j] : 0;
+            float x[4];  // zero for the rows past the block's: 0 * a NaN weight would be NaN
+            for (int r = 0; r < 4; r++) x[r] = r < rows ? w[(long)r * ws + j] : 0.0f;
             float *aj = acc + (long)j * HEAD_DIM + d0;
             for (int c = 0; c < DIM_VECTORS; c++)
-                st(aj + VL * c, ld(aj + VL * c) + av[0][c] * x0 + av[1][c] * x1 + av[2][c] * x2 + av[3][c] * x3);
+                st(aj + VL * c,
+                   ld(aj + VL * c) + av[0][c] * x[0] + av[1][c] * x[1] + av[2][c] * x[2] + av[3][c] * x[3]);
         }
     }
 }

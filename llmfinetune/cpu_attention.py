@@ -6,7 +6,7 @@ one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 a
 once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
 enabled) for examples up to MAX_EXAMPLE_TOKENS long, head_dim 64, fp32, no dropout and no sliding window shorter
 than the example, on x86 CPUs with AVX-512 or AVX2; anything else, and any machine where the kernel does not build
-(no C compiler: one info line), keeps torch's kernel.
+(no GCC: one info line), keeps torch's kernel.
 
 The kernel is built for the instruction set torch's own kernels run (the CPU's best, or ATEN_CPU_CAPABILITY's):
 16-float vectors with AVX-512, 8-float ones with AVX2, once per source, compiler, flags and CPU, into
@@ -120,6 +120,11 @@ def _library():
         logger.info("CPU attention kernel not used (it needs AVX2 or AVX-512; torch runs %s): torch's SDPA runs "
                     "packed attention.", capability)
         return None
+    if not _torch_runs_gnu_openmp():
+        # The kernel's threads must be torch's own (see _gnu_compiler); other runtimes are unmeasured.
+        logger.info("CPU attention kernel not used (torch runs on an OpenMP runtime other than GCC's libgomp): "
+                    "torch's SDPA runs packed attention.")
+        return None
     try:
         path = _built(FLAGS + ISA_FLAGS[capability])
     except (OSError, subprocess.SubprocessError) as error:
@@ -134,11 +139,30 @@ def _library():
     return library
 
 
+def _gnu_compiler() -> tuple[str, str]:
+    """GCC ($CC where it is GCC, else gcc or cc) and its version. GCC's -fopenmp links libgomp, the runtime torch's
+    threads already run on, so the kernel shares them; clang's links LLVM's libomp, a second pool whose threads spin
+    after each call beside torch's: the SFT bench's fp32 step took 1595 ms against 1066 with GCC's build and 1123 with
+    torch's attention (bench/README.md, session 25)."""
+    for name in dict.fromkeys(filter(None, (os.environ.get("CC"), "gcc", "cc"))):
+        compiler = shutil.which(name)
+        if compiler is None:
+            continue
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+        if "Free Software Foundation" in version:
+            return compiler, version
+    raise OSError("no GCC on PATH (the kernel runs on GCC's OpenMP runtime, the one torch's threads run on)")
+
+
+def _torch_runs_gnu_openmp() -> bool:
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 def _built(flags: list[str]) -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    compiler, version = _gnu_compiler()
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags()])
                          .encode()).hexdigest()[:16]
     root = Path(os.environ.get("LLMFINETUNE_CACHE") or Path.home() / ".cache" / "llmfinetune") / "kernels"

@@ -13,7 +13,7 @@ from llmfinetune import cpu_attention  # noqa: E402
 from llmfinetune.packing import PackedCollator, FLATTENED, use_segmented_sdpa  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="the CPU attention kernel is not used "
-                                  "here (no AVX2, or no C compiler): torch's SDPA runs packed attention")
+                                  "here (no AVX2, or no GCC): torch's SDPA runs packed attention")
 # Every tile edge: one token, a partial 4-row block, exactly one and just over one 16- and 32-key tile, a long example.
 LENGTHS = [1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 64, 100, 250]
 
@@ -23,7 +23,7 @@ def build(request, monkeypatch):
     """The kernel as this machine builds it, and its AVX2 build (8-float vectors, 16-key tiles: what an AVX2-only
     machine runs), each checked to be the build it names."""
     if cpu_attention._library() is None:
-        pytest.skip("the CPU attention kernel is not used here (no AVX2, or no C compiler)")
+        pytest.skip("the CPU attention kernel is not used here (no AVX2, or no GCC)")
     native = cpu_attention._torch_capability()
     if request.param == "avx2":  # as ATEN_CPU_CAPABILITY=avx2 holds torch's kernels to it
         monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
@@ -146,7 +146,36 @@ def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, refu
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
     monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
-    assert "no C compiler" in _refusal_logged(refused)
+    monkeypatch.setattr(cpu_attention, "_torch_runs_gnu_openmp", lambda: True)
+    assert "no GCC" in _refusal_logged(refused)
+
+
+def _fake_compiler(directory, name, version):
+    path = directory / name
+    path.write_text(f"#!/bin/sh\nprintf '{version}\\n'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_only_gcc_builds_the_kernel(monkeypatch, tmp_path, refused):
+    """clang's -fopenmp links LLVM's libomp, a second thread pool spinning beside torch's (the SFT bench's step took
+    1.42x the time it takes with torch's attention): $CC is passed over unless it is GCC, and with no GCC on PATH
+    torch's kernel runs."""
+    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", _fake_compiler(tmp_path, "clang", "Debian clang version 14.0.6"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_attention, "_torch_runs_gnu_openmp", lambda: True)
+    assert "no GCC" in _refusal_logged(refused)
+    gcc = _fake_compiler(tmp_path, "gcc",
+                         "gcc (Debian 12.2.0-14) 12.2.0\\nCopyright (C) 2022 Free Software Foundation, Inc.")
+    assert cpu_attention._gnu_compiler()[0] == gcc
+
+
+def test_on_another_openmp_runtime_torch_runs_the_attention(monkeypatch, refused):
+    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
+    monkeypatch.setattr(cpu_attention, "_torch_runs_gnu_openmp", lambda: False)
+    assert "OpenMP runtime other than GCC's" in _refusal_logged(refused)
 
 
 @pytest.mark.parametrize("capability", ["DEFAULT", "SVE256", "ZVECTOR"])

@@ -22,7 +22,9 @@
 #include <string.h>
 
 #define HEAD_DIM 64
-#if !defined(__AVX2__)
+#if defined(__clang__) || !defined(__GNUC__)
+#error "built by GCC only: its OpenMP runtime is the one torch's threads run on (cpu_attention._gnu_compiler)"
+#elif !defined(__AVX2__)
 #error "the CPU attention kernel is written for AVX2 or AVX-512 (cpu_attention.py builds it only there)"
 #elif defined(__AVX512F__)
 // 32 vector registers of 16 floats: a 4-row block against 32 keys, and the whole head (4 vectors) at once.

@@ -175,7 +175,8 @@ def _built(flags: list[str]) -> Path:
             built = Path(scratch) / path.name
             result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
             if result.returncode:
-                raise OSError(f"{compiler} failed: {result.stderr.strip()[-300:]}")
+                errors = [line for line in result.stderr.splitlines() if "error" in line] or [result.stderr.strip()]
+                raise OSError(f"{compiler} failed: {errors[0][:300]}")
             os.replace(built, path)
     return path
 

@@ -77,6 +77,22 @@ def test_the_kernel_matches_sdpa_per_example(build, heads, kv_heads):
         assert error < 1e-5, (name, float(error))
 
 
+def test_the_same_to_the_bit_on_any_thread_count(build):
+    """Each task (example, key/value head) is summed by one thread in one order and writes rows no other task
+    writes: one thread or several, the same bits (a resumed or re-run job does not drift with the machine's cores)."""
+    threads = torch.get_num_threads()
+    inputs = _inputs(LENGTHS, 8, 2)
+    grad = torch.randn(1, sum(LENGTHS), 8, 64, generator=torch.Generator().manual_seed(1))
+    try:
+        torch.set_num_threads(1)
+        alone = _run(cpu_attention.attention, inputs, LENGTHS, grad)
+        torch.set_num_threads(max(threads, 2))
+        shared = _run(cpu_attention.attention, inputs, LENGTHS, grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(alone, shared))
+
+
 def test_a_nan_reaches_the_rows_that_see_it_and_no_other(build):
     """A NaN in one key reaches the output rows of its example's queries from that position on, and nothing before
     it or in another example (a NaN guard reads it in the loss: the kernel must not swallow it)."""
@@ -139,6 +155,20 @@ def _refusal_logged(caplog) -> str:
         assert cpu_attention._library() is None
     assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
     return caplog.text
+
+
+def test_it_builds_wherever_it_may_run(monkeypatch, tmp_path):
+    """With GCC, torch on libgomp and AVX2 or AVX-512, both builds compile (into a fresh cache): a source that no
+    longer compiles fails here, where the tests above would only skip."""
+    try:
+        cpu_attention._gnu_compiler()
+    except OSError:
+        pytest.skip("no GCC on PATH")
+    if cpu_attention._torch_capability() not in cpu_attention.ISA_FLAGS or not cpu_attention._torch_runs_gnu_openmp():
+        pytest.skip("torch runs neither AVX2 nor AVX-512 code here, or not on libgomp")
+    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
+    for isa in ("AVX512", "AVX2") if cpu_attention._torch_capability() == "AVX512" else ("AVX2",):
+        assert cpu_attention._built(cpu_attention.FLAGS + cpu_attention.ISA_FLAGS[isa]).is_file()
 
 
 def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, refused):

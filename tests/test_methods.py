@@ -79,6 +79,23 @@ def test_lora_trains_an_untied_heads_row_of_a_new_token(tiny_models):
     assert embedding.grad is not None and embedding.grad.abs().sum() > 0
 
 
+def test_wrapping_in_lora_says_nothing_the_job_cannot_change(tiny_models):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` itself: that FutureWarning is peft's to fix, and
+    a user would see it on every run."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune.registry import TASKS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
+    job = parse_job(job_dict("text-generation", "lora", tiny_models["qwen2"], tiny_models["qwen2"], "unused"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoRA().wrap(model, job, TASKS.get("text-generation"), None)
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_lora_on_the_embedding_with_added_tokens_is_refused_by_key(tiny_models):
     from transformers import AutoModelForCausalLM
 

@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import functools
 import logging
+import warnings
 from typing import TYPE_CHECKING
 
 from ..config import as_number
@@ -92,7 +93,12 @@ class LoRA(Method):
                 gradient_checkpointing_kwargs=job.base_config.get("gradient_checkpointing_kwargs"))
         config = self.config(job, task.peft_task_type, new_weights, model)
         try:
-            peft_model = get_peft_model(model, config)
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated property itself: a FutureWarning on every LoRA run that no job
+                # setting can avoid.
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
+                peft_model = get_peft_model(model, config)
         except TypeError as exc:
             if not (new_weights and new_weights.token_ids and "trainable_token_indices" in str(exc)):
                 raise

@@ -326,6 +326,7 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
         kwargs.setdefault("prediction_loss_only", True)
     if not has_eval:
         kwargs["eval_strategy"] = "no"
+    _current_names(kwargs, arguments_class)
     try:
         args = arguments_class(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -333,6 +334,23 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     if args.torch_compile:
         _compile_regions()
     return args
+
+
+# transformers 5 renamed these and kept the old names as aliases that print a FutureWarning on every run; base_config
+# keeps the old names (the seed's, LLaMA-Factory's, and the memory advice's), passed on under the new ones.
+RENAMED_ARGUMENTS = {"gradient_checkpointing": "activation_checkpointing",
+                     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
+def _current_names(kwargs: dict[str, Any], arguments_class) -> None:
+    """The renamed settings under the names the installed TrainingArguments reads; as transformers does, a value
+    under the new name wins over one under the old."""
+    fields = {field.name for field in dataclasses.fields(arguments_class)}
+    for old, new in RENAMED_ARGUMENTS.items():
+        if old in kwargs and new in fields:
+            value = kwargs.pop(old)
+            if kwargs.get(new) is None:
+                kwargs[new] = value
 
 
 REGIONAL_COMPILATION_ENV = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"

@@ -245,6 +245,22 @@ def test_accelerate_fp16_on_cpu_becomes_bf16_or_fp32_with_a_warning(tmp_path, mo
     assert f"training in {'bf16' if bf16_cpu else 'fp32'} instead" in caplog.text
 
 
+@pytest.mark.parametrize("written", [{"gradient_checkpointing": True},
+                                     {"gradient_checkpointing": True,
+                                      "gradient_checkpointing_kwargs": {"use_reentrant": False}}])
+def test_gradient_checkpointing_takes_effect_without_transformers_deprecation_warning(tmp_path, no_cuda, written):
+    """transformers 5 calls it activation_checkpointing and warns on the old name every run; base_config keeps the
+    old name (the seed's and LLaMA-Factory's)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = build_training_arguments(make_job(tmp_path, written), _StubTask(), tmp_path / "out")
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
+    assert args.gradient_checkpointing is True  # what the Trainer and lm_head read
+    assert args.gradient_checkpointing_kwargs == written.get("gradient_checkpointing_kwargs")
+
+
 def test_training_arguments_without_eval_split_and_loss_only(tmp_path, no_cuda):
     class LossOnly(Task):
         loss_only_eval = True

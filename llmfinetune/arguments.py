@@ -353,6 +353,15 @@ def _current_names(kwargs: dict[str, Any], arguments_class) -> None:
                 kwargs[new] = value
 
 
+def checkpointing(base_config: dict[str, Any]) -> tuple[bool, Optional[dict]]:
+    """Whether base_config asks for activation (gradient) checkpointing, and its kwargs, under either name."""
+    def written(old: str):
+        value = base_config.get(RENAMED_ARGUMENTS[old])
+        return base_config.get(old) if value is None else value
+
+    return bool(written("gradient_checkpointing")), written("gradient_checkpointing_kwargs")
+
+
 REGIONAL_COMPILATION_ENV = "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"
 
 

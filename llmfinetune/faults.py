@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from transformers import TrainerCallback
 
+from .arguments import checkpointing
 from .checkpoints import complete_checkpoints, incomplete_checkpoints
 from .errors import UserError, first_line
 
@@ -169,7 +170,7 @@ def _oom_message(stage: str, exc: BaseException, job: "Job", training_args, outp
         f"per_device_train_batch_size (now {batch}): halve it, and double gradient_accumulation_steps (now "
         f"{accumulation}) to keep the same global batch",
         f"max_length (now {base.get('max_length', 'the default: the model limit, at most 512')}): shorter examples",
-        f"gradient_checkpointing: true (now {bool(base.get('gradient_checkpointing', False))}): recompute "
+        f"gradient_checkpointing: true (now {checkpointing(base)[0]}): recompute "
         "activations instead of storing them",
     ]
     if stage == "evaluating":

@@ -261,6 +261,17 @@ def test_gradient_checkpointing_takes_effect_without_transformers_deprecation_wa
     assert args.gradient_checkpointing_kwargs == written.get("gradient_checkpointing_kwargs")
 
 
+def test_checkpointing_is_read_under_either_name():
+    """What QLoRA's preparation and the out-of-memory advice read: the new name wins, as in transformers."""
+    from llmfinetune.arguments import checkpointing
+
+    assert checkpointing({}) == (False, None)
+    assert checkpointing({"gradient_checkpointing": True}) == (True, None)
+    written = {"activation_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    assert checkpointing(written) == (True, {"use_reentrant": False})
+    assert checkpointing({"gradient_checkpointing": True, "activation_checkpointing": False}) == (False, None)
+
+
 def test_training_arguments_without_eval_split_and_loss_only(tmp_path, no_cuda):
     class LossOnly(Task):
         loss_only_eval = True

@@ -8,6 +8,7 @@ import logging
 import warnings
 from typing import TYPE_CHECKING
 
+from ..arguments import checkpointing
 from ..config import as_number
 from ..errors import UserError
 from .base import Method, half_precision_base_allowed
@@ -88,9 +89,9 @@ class LoRA(Method):
 
             # QLoRA: norms and the unquantized layers in float32, everything frozen, and the input embeddings'
             # output made to require grad when gradient checkpointing is on (else no gradient reaches the adapters).
+            recompute, recompute_kwargs = checkpointing(job.base_config)
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(job.base_config.get("gradient_checkpointing", False)),
-                gradient_checkpointing_kwargs=job.base_config.get("gradient_checkpointing_kwargs"))
+                model, use_gradient_checkpointing=recompute, gradient_checkpointing_kwargs=recompute_kwargs)
         config = self.config(job, task.peft_task_type, new_weights, model)
         try:
             with warnings.catch_warnings():

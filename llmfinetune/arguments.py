@@ -343,14 +343,13 @@ RENAMED_ARGUMENTS = {"gradient_checkpointing": "activation_checkpointing",
 
 
 def _current_names(kwargs: dict[str, Any], arguments_class) -> None:
-    """The renamed settings under the names the installed TrainingArguments reads; as transformers does, a value
-    under the new name wins over one under the old."""
+    """The renamed settings also under the names the installed TrainingArguments reads (transformers warns only when
+    the old name alone is set); as in transformers, a value under the new name wins. The old name stays passed: it
+    overrides a subclass's own default for it (TRL's configs turn gradient checkpointing on)."""
     fields = {field.name for field in dataclasses.fields(arguments_class)}
     for old, new in RENAMED_ARGUMENTS.items():
-        if old in kwargs and new in fields:
-            value = kwargs.pop(old)
-            if kwargs.get(new) is None:
-                kwargs[new] = value
+        if new in fields and kwargs.get(old) is not None and kwargs.get(new) is None:
+            kwargs[new] = kwargs[old]
 
 
 def checkpointing(base_config: dict[str, Any]) -> tuple[bool, Optional[dict]]:

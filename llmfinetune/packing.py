@@ -403,7 +403,22 @@ def _varlen_flash(query, key, value, kwargs: dict, scaling, window):
     return output.unsqueeze(0)
 
 
-@functools.lru_cache(maxsize=None)
+def _remembered(function):
+    """functools.cache in a plain dict: these run inside compiled decoder layers, where dynamo traces through an
+    lru_cache and says so in a UserWarning for every layer it compiles; a dict it reads like any other."""
+    known = {}
+
+    @functools.wraps(function)
+    def remembered(*args):
+        if args not in known:
+            known[args] = function(*args)
+        return known[args]
+
+    remembered.cache_clear = known.clear
+    return remembered
+
+
+@_remembered
 def _flash_capable(device) -> bool:
     """Whether torch's flash kernel runs on this device: NVIDIA GPUs from Ampere (compute capability 8.0) on; a T4
     or V100 (fp16 there) raises inside the kernel, and ROCm builds are not proven here. Other device types are the
@@ -417,7 +432,7 @@ def _flash_capable(device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-@functools.lru_cache(maxsize=1)
+@_remembered
 def _varlen_attention():
     """torch's varlen_attn and the names of its parameters (they changed between torch 2.10 and 2.12), or None."""
     import inspect

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from typing import Optional
 
 from .errors import UserError
@@ -150,3 +151,14 @@ def _dispatch(args) -> int:
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    hide_library_deprecations()
+
+
+# Deprecations raised inside the libraries we call, which no job setting can avoid: peft and TRL read transformers
+# 5's deprecated `is_gradient_checkpointing` themselves, on every LoRA run, adapter reload and preference run.
+LIBRARY_DEPRECATIONS = ("`is_gradient_checkpointing` is deprecated",)
+
+
+def hide_library_deprecations() -> None:
+    for message in LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)

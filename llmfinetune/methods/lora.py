@@ -5,7 +5,6 @@ import dataclasses
 import difflib
 import functools
 import logging
-import warnings
 from typing import TYPE_CHECKING
 
 from ..arguments import checkpointing
@@ -94,12 +93,7 @@ class LoRA(Method):
                 model, use_gradient_checkpointing=recompute, gradient_checkpointing_kwargs=recompute_kwargs)
         config = self.config(job, task.peft_task_type, new_weights, model)
         try:
-            with warnings.catch_warnings():
-                # peft reads transformers' deprecated property itself: a FutureWarning on every LoRA run that no job
-                # setting can avoid.
-                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                        category=FutureWarning)
-                peft_model = get_peft_model(model, config)
+            peft_model = get_peft_model(model, config)
         except TypeError as exc:
             if not (new_weights and new_weights.token_ids and "trainable_token_indices" in str(exc)):
                 raise

@@ -9,9 +9,9 @@ than the example, on x86 CPUs with AVX-512 or AVX2; anything else, and any machi
 (no GCC: one info line), keeps torch's kernel.
 
 The kernel is built for the instruction set torch's own kernels run (the CPU's best, or ATEN_CPU_CAPABILITY's):
-16-float vectors with AVX-512, 8-float ones with AVX2, once per source, compiler, flags and CPU, into
-$LLMFINETUNE_CACHE/kernels (else ~/.cache/llmfinetune/kernels), and loaded after torch so that it runs on torch's
-OpenMP threads. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
+16-float vectors with AVX-512, 8-float ones with AVX2, once per source, compiler, flags and CPU, into the package's
+cache (cache.cache_root(): $LLMFINETUNE_CACHE, else ~/.cache/llmfinetune/tokenized) under kernels/, and loaded after
+torch so that it runs on torch's OpenMP threads. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +167,7 @@ def _built(flags: list[str]) -> Path:
     compiler, version = _gnu_compiler()
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LLMFINETUNE_CACHE") or Path.home() / ".cache" / "llmfinetune") / "kernels"
+    root = cache_root() / "kernels"
     path = root / f"packed_attention-{key}.so"
     if not path.is_file():
         root.mkdir(parents=True, exist_ok=True)

@@ -168,7 +168,8 @@ def test_it_builds_wherever_it_may_run(monkeypatch, tmp_path):
         pytest.skip("torch runs neither AVX2 nor AVX-512 code here, or not on libgomp")
     monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
     for isa in ("AVX512", "AVX2") if cpu_attention._torch_capability() == "AVX512" else ("AVX2",):
-        assert cpu_attention._built(cpu_attention.FLAGS + cpu_attention.ISA_FLAGS[isa]).is_file()
+        built = cpu_attention._built(cpu_attention.FLAGS + cpu_attention.ISA_FLAGS[isa])
+        assert built.is_file() and built.parent == tmp_path / "kernels"  # the package's cache (cache.cache_root)
 
 
 def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, refused):

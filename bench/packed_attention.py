@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from devices import cpu_flags  # noqa: E402
 from matmul_ceiling import best_seconds  # noqa: E402
 
 
@@ -139,10 +140,11 @@ def main() -> None:
     reference = per_example(query, key, value).detach()
     reference_grads = gradients(per_example)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    library = cpu_attention._library()
+    kernel = f"{library.packed_attention_vector_width()}-float vectors" if library else "off"
     print(f"{args.dtype}: {len(lengths)} examples, {total} tokens, {heads} heads ({args.kv_heads} key/value), "
-          f"head dim {dim}; torch {torch.__version__}, {torch.get_num_threads()} threads, torch's kernels "
-          f"{torch.backends.cpu.get_cpu_capability()}, the package's kernel "
-          f"{(library := cpu_attention._library()) and library.packed_attention_vector_width()}-float vectors")
+          f"head dim {dim}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags {cpu_flags()}, "
+          f"torch's kernels {torch.backends.cpu.get_cpu_capability()}, the package's kernel {kernel}")
     times = {}
     for name, function in contenders.items():
         output = function(query, key, value).detach()

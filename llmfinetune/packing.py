@@ -255,13 +255,45 @@ def use_segmented_sdpa(model) -> str:
     _register_segmented_sdpa()
     base = transformers_model(model)
     base.set_attn_implementation(SEGMENTED_SDPA)
+    if getattr(base.config, "model_type", None) not in BOUNDS_NOT_PASSED_TO_ATTENTION:
+        base.register_forward_pre_hook(_note_bounds, with_kwargs=True)
+        base.register_forward_hook(_forget_bounds, always_call=True)
     return SEGMENTED_SDPA
+
+
+# Model types that do not hand cu_seq_lens on to their attention (tests/test_packing_attention.py): their packed
+# examples are kept apart by the mask masking_utils builds from the position ids, which they must go on getting.
+BOUNDS_NOT_PASSED_TO_ATTENTION = frozenset({"stablelm"})
+# One entry per model call in progress (a model switched to SEGMENTED_SDPA): whether it runs on a flattened row's
+# example bounds (cu_seq_lens_q). Its attention then reads the bounds and never the mask masking_utils would build
+# from the position ids, (tokens x tokens) for the whole row: 3.6 MB and ~3.5 ms a step on the SFT bench's 1900
+# tokens, 1 GiB at 32k tokens (8 x 4096 on a GPU). So no mask is built.
+_ROW_BOUNDS_GIVEN: list = []
+
+
+def _note_bounds(module, args, kwargs):
+    _ROW_BOUNDS_GIVEN.append(kwargs.get("cu_seq_lens_q") is not None)
+
+
+def _forget_bounds(module, args, output):
+    if _ROW_BOUNDS_GIVEN:
+        _ROW_BOUNDS_GIVEN.pop()
+
+
+def _segmented_sdpa_mask(*args, **kwargs):
+    """SDPA's own mask, except for a call on a flattened row's bounds (no mask: segmented_sdpa_forward would not
+    read it)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _ROW_BOUNDS_GIVEN and _ROW_BOUNDS_GIVEN[-1]:
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def _register_segmented_sdpa() -> None:
     import torch
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     global _per_example_uncompiled
     # Left out of torch.compile's graphs (regional compilation splits the decoder layer around it): it reads the
@@ -270,7 +302,7 @@ def _register_segmented_sdpa() -> None:
     _per_example_uncompiled = torch.compiler.disable(_per_example_sdpa)
     AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa_forward)
     # Calls without cu_seq_lens (generation, an unpacked evaluation) get SDPA's own masks and kernel.
-    AttentionMaskInterface.register(SEGMENTED_SDPA, sdpa_mask)
+    AttentionMaskInterface.register(SEGMENTED_SDPA, _segmented_sdpa_mask)
 
 
 def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -281,6 +313,11 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None and attention_mask is None and _ROW_BOUNDS_GIVEN and _ROW_BOUNDS_GIVEN[-1]:
+        # The model dropped the bounds on the way to its attention after its mask was skipped (_segmented_sdpa_mask):
+        # causal attention over the whole row would let its examples see each other.
+        raise RuntimeError(f"{type(module).__name__} got no cu_seq_lens_q for a flattened packed row, and no mask: "
+                           "add its model type to packing.BOUNDS_NOT_PASSED_TO_ATTENTION")
     if bounds is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -326,6 +363,12 @@ def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
     if short and cpu_attention.usable(query, key, value, dropout, window if window and window < max(short) else None):
         runs = cpu_attention.runs(lengths)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if len(runs) == 1:
+            # Not split into one piece: a split's backward concatenates its pieces' gradients, a copy of each of
+            # query, key and value per layer even for one piece (~0.4% of the SFT bench's fp32 step).
+            kernel, run = runs[0]
+            return (cpu_attention.attention(query, key, value, run, scale) if kernel
+                    else _torch_examples_sdpa(module, query, key, value, run, window, dropout, scaling))
         outputs = []
         for (kernel, run), *qkv in zip(runs, *(t.split([sum(run) for _, run in runs], dim=2)
                                                for t in (query, key, value))):

@@ -127,6 +127,32 @@ def test_examples_over_512_tokens_stay_with_torch(build, monkeypatch):
         assert error < 1e-5, (name, float(error))
 
 
+def test_a_row_of_short_examples_is_one_kernel_call_with_no_copies(build):
+    """Every example of the row in the kernel's reach: one call for the whole row, and no concatenation of query,
+    key or value gradients in the backward (a split of the row into one piece makes one per tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llmfinetune.packing import _examples_sdpa
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            seen.append(op.overloadpacket.__name__)
+            return op(*args, **(kwargs or {}))
+
+    seen = []
+    inputs = _inputs(LENGTHS, 4, 2)
+    grad = torch.randn(1, sum(LENGTHS), 4, 64, generator=torch.Generator().manual_seed(1))
+    module = type("Attention", (), {"num_key_value_groups": 2})()
+    with Ops():
+        ours = _run(lambda q, k, v, lengths, scale: _examples_sdpa(module, q, k, v, lengths, None, 0.0, scale),
+                    inputs, LENGTHS, grad)
+    assert "cat" not in seen and "split_with_sizes" not in seen, seen
+    expected = _run(_per_example_sdpa, inputs, LENGTHS, grad)
+    for name, mine, reference in zip(("output", "query", "key", "value"), ours, expected):
+        error = (mine - reference).abs().max() / reference.abs().max()
+        assert error < 1e-5, (name, float(error))
+
+
 @needs_kernel
 def test_it_runs_only_where_it_is_the_same_computation():
     inputs = _inputs([5, 6], 4, 2)

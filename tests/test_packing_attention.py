@@ -118,9 +118,11 @@ def test_segmented_sdpa_runs_each_packed_example_alone(model_type):
             logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
         # Per example where the model hands the flash kwargs to its attention (stablelm drops them: it then gets
         # masking_utils' block-diagonal mask from the position ids, which the equality below proves isolated too).
+        # Where the kwargs reach the attention, no (tokens x tokens) mask is built for the row: it is never read.
         per_example = [segments is not None for segments, _ in calls]
-        assert all(per_example) or (model_type == "stablelm" and not any(per_example)
-                                    and all(mask is not None and mask.dim() == 4 for _, mask in calls))
+        assert (all(per_example) and all(mask is None for _, mask in calls)) or (
+            model_type == "stablelm" and not any(per_example)
+            and all(mask is not None and mask.dim() == 4 for _, mask in calls))
         for (row, start, end), expected in zip(_spans(batch), alone):
             torch.testing.assert_close(logits[row, start:end], expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(input_ids=padded, attention_mask=mask, use_cache=False).logits[:, :5],

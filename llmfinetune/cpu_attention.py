@@ -1,47 +1,26 @@
-"""Causal attention of a packed row's examples on the CPU, fp32, through a small C kernel compiled on first use
-(csrc/packed_attention.c; why it exists is said there).
+"""Causal attention of a packed row's examples on the CPU, fp32, through the package's C kernel (csrc/packed_attention.c;
+why it exists is said there), built and loaded by native.py.
 
 SFT bench's shapes (27M Qwen2, 8 query / 2 key-value heads of 64, a 1900-token row of 20 examples of 15-130 tokens,
 one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 against 11.4 for torch's flash kernel
 once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
 enabled) for examples up to MAX_EXAMPLE_TOKENS long, head_dim 64, fp32, no dropout and no sliding window shorter
-than the example, on x86 CPUs with AVX-512 or AVX2; anything else, and any machine where the kernel does not build
-(no GCC: one info line), keeps torch's kernel.
-
-The kernel is built for the instruction set torch's own kernels run (the CPU's best, or ATEN_CPU_CAPABILITY's):
-16-float vectors with AVX-512, 8-float ones with AVX2, once per source, compiler, flags and CPU, into the package's
-cache (cache.cache_root(): $LLMFINETUNE_CACHE, else ~/.cache/llmfinetune/tokenized) under kernels/, and loaded after
-torch so that it runs on torch's OpenMP threads. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
+than the example, wherever native.library() has the kernels (x86 with AVX-512 or AVX2, GCC, torch on libgomp);
+anywhere else torch's kernel runs. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .cache import cache_root
+from . import native
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("csrc") / "packed_attention.c"
 HEAD_DIM = 64  # the kernel's HEAD_DIM
-_POINTER, _LONG, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-_STRIDED = [_POINTER, _LONG, _LONG]  # a tensor's data, token stride, head stride
-_LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, lens, poff, examples, H, KV, scale
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # Longer examples stay with torch's kernel: at 1024 tokens ours took 0.86x its time, at 2048 1.05x (0.43-0.51x up to
 # 512), and the probabilities it saves grow with the square of the length (bench/README.md, session 25).
 MAX_EXAMPLE_TOKENS = 512
-ISA_FLAGS = {"AVX512": [], "AVX2": ["-mno-avx512f"]}  # by torch's CPU capability
 
 
 def usable(query, key, value, dropout: float, window) -> bool:
@@ -109,91 +88,8 @@ def _strided(tensor):
     return tensor.data_ptr(), tensor.stride(2), tensor.stride(1)
 
 
-@functools.lru_cache(maxsize=None)
 def _library():
-    """The compiled kernel, or None where it cannot be built (said once)."""
+    """The kernels where the attention kernel may run: None with LLMFINETUNE_CPU_ATTENTION=0."""
     if os.environ.get("LLMFINETUNE_CPU_ATTENTION", "1") == "0":
         return None
-    # The instruction set torch's own kernels run: the CPU's best, or what ATEN_CPU_CAPABILITY holds them to.
-    capability = _torch_capability()
-    if capability not in ISA_FLAGS:
-        # Its register tiles are written for AVX-512's and AVX2's vectors; other instruction sets (ARM's NEON and SVE,
-        # x86 before AVX2) are unmeasured.
-        logger.info("CPU attention kernel not used (it needs AVX2 or AVX-512; torch runs %s): torch's SDPA runs "
-                    "packed attention.", capability)
-        return None
-    if not _torch_runs_gnu_openmp():
-        # The kernel's threads must be torch's own (see _gnu_compiler); other runtimes are unmeasured.
-        logger.info("CPU attention kernel not used (torch runs on an OpenMP runtime other than GCC's libgomp): "
-                    "torch's SDPA runs packed attention.")
-        return None
-    try:
-        path = _built(FLAGS + ISA_FLAGS[capability])
-    except (OSError, subprocess.SubprocessError) as error:
-        logger.info("CPU attention kernel not built (%s): torch's SDPA runs packed attention.", error)
-        return None
-    library = ctypes.CDLL(str(path))
-    logger.debug("CPU attention kernel: %d-float vectors (%s)", library.packed_attention_vector_width(), path)
-    library.packed_attention_forward.argtypes = [*_STRIDED * 3, _POINTER, _POINTER, *_LAYOUT]
-    library.packed_attention_backward.argtypes = [*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG]
-    library.packed_attention_layout.argtypes = [_POINTER, _INT, _INT, _POINTER, _POINTER]
-    library.packed_attention_layout.restype = _LONG
-    return library
-
-
-def _gnu_compiler() -> tuple[str, str]:
-    """GCC ($CC where it is GCC, else gcc or cc) and its version. GCC's -fopenmp links libgomp, the runtime torch's
-    threads already run on, so the kernel shares them; clang's links LLVM's libomp, a second pool whose threads spin
-    after each call beside torch's: the SFT bench's fp32 step took 1595 ms against 1066 with GCC's build and 1123 with
-    torch's attention (bench/README.md, session 25)."""
-    for name in dict.fromkeys(filter(None, (os.environ.get("CC"), "gcc", "cc"))):
-        compiler = shutil.which(name)
-        if compiler is None:
-            continue
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        if "Free Software Foundation" in version:
-            return compiler, version
-    raise OSError("no GCC on PATH (the kernel runs on GCC's OpenMP runtime, the one torch's threads run on)")
-
-
-def _torch_runs_gnu_openmp() -> bool:
-    try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-
-
-def _built(flags: list[str]) -> Path:
-    compiler, version = _gnu_compiler()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    root = cache_root() / "kernels"
-    path = root / f"packed_attention-{key}.so"
-    if not path.is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        # Built beside its final name and renamed: processes of one job may build at once, and none may load a
-        # half-written file.
-        with tempfile.TemporaryDirectory(dir=root) as scratch:
-            built = Path(scratch) / path.name
-            result = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True)
-            if result.returncode:
-                errors = [line for line in result.stderr.splitlines() if "error" in line] or [result.stderr.strip()]
-                raise OSError(f"{compiler} failed: {errors[0][:300]}")
-            os.replace(built, path)
-    return path
-
-
-def _torch_capability() -> str:
-    return torch.backends.cpu.get_cpu_capability()
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor()
+    return native.library()

@@ -148,3 +148,22 @@ def job_dict(task: str, method: str, model: Path, data: Path, output_dir: Path, 
     if method == "lora":
         config["ft_config"]["train_config"]["lora_config"] = {"r": 4, "lora_alpha": 8}
     return config
+
+
+@pytest.fixture(params=["native", "avx2"])
+def c_kernels(request, monkeypatch):
+    """The package's C kernels (native.library) as this machine builds them, and their AVX2 build (8-float vectors:
+    what an AVX2-only machine runs), each checked to be the build it names; skipped where there are none."""
+    from llmfinetune import native
+
+    if native.library() is None:
+        pytest.skip("the package's C kernels are not used here (no AVX2, no GCC, or torch not on libgomp)")
+    best = native.torch_capability()
+    if request.param == "avx2":  # as ATEN_CPU_CAPABILITY=avx2 holds torch's kernels to it
+        monkeypatch.setattr(native, "torch_capability", lambda: "AVX2")
+    native.library.cache_clear()
+    library = native.library()
+    assert library.packed_attention_vector_width() == (16 if best == "AVX512" and request.param == "native" else 8)
+    yield library
+    monkeypatch.undo()
+    native.library.cache_clear()

@@ -3,8 +3,6 @@ gradients as torch's SDPA run once per example, NaN kept, torch's kernel where t
 model's training step unchanged by it."""
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -18,21 +16,11 @@ needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="the 
 LENGTHS = [1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 64, 100, 250]
 
 
-@pytest.fixture(params=["native", "avx2"])
-def build(request, monkeypatch):
+@pytest.fixture
+def build(c_kernels):
     """The kernel as this machine builds it, and its AVX2 build (8-float vectors, 16-key tiles: what an AVX2-only
-    machine runs), each checked to be the build it names."""
-    if cpu_attention._library() is None:
-        pytest.skip("the CPU attention kernel is not used here (no AVX2, or no GCC)")
-    native = cpu_attention._torch_capability()
-    if request.param == "avx2":  # as ATEN_CPU_CAPABILITY=avx2 holds torch's kernels to it
-        monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
-    cpu_attention._library.cache_clear()
-    width = cpu_attention._library().packed_attention_vector_width()
-    assert width == (16 if native == "AVX512" and request.param == "native" else 8)
-    yield request.param
-    monkeypatch.undo()
-    cpu_attention._library.cache_clear()
+    machine runs): conftest.c_kernels."""
+    return c_kernels
 
 
 def _per_example_sdpa(query, key, value, lengths, scale):
@@ -168,83 +156,11 @@ def test_it_runs_only_where_it_is_the_same_computation():
     assert not cpu_attention.usable(*wide, 0.0, None)  # head_dim other than the kernel's
 
 
-@pytest.fixture
-def refused(monkeypatch, caplog):
-    """The kernel looked up afresh under the test's patches (and again afterwards): returns the log it wrote."""
-    cpu_attention._library.cache_clear()
-    yield caplog
-    cpu_attention._library.cache_clear()
-
-
-def _refusal_logged(caplog) -> str:
-    with caplog.at_level(logging.INFO, logger="llmfinetune.cpu_attention"):
-        assert cpu_attention._library() is None
-    assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
-    return caplog.text
-
-
-def test_it_builds_wherever_it_may_run(monkeypatch, tmp_path):
-    """With GCC, torch on libgomp and AVX2 or AVX-512, both builds compile (into a fresh cache): a source that no
-    longer compiles fails here, where the tests above would only skip."""
-    try:
-        cpu_attention._gnu_compiler()
-    except OSError:
-        pytest.skip("no GCC on PATH")
-    if cpu_attention._torch_capability() not in cpu_attention.ISA_FLAGS or not cpu_attention._torch_runs_gnu_openmp():
-        pytest.skip("torch runs neither AVX2 nor AVX-512 code here, or not on libgomp")
-    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
-    for isa in ("AVX512", "AVX2") if cpu_attention._torch_capability() == "AVX512" else ("AVX2",):
-        built = cpu_attention._built(cpu_attention.FLAGS + cpu_attention.ISA_FLAGS[isa])
-        assert built.is_file() and built.parent == tmp_path / "kernels"  # the package's cache (cache.cache_root)
-
-
-def test_without_a_compiler_torch_runs_the_attention(monkeypatch, tmp_path, refused):
-    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
-    monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
-    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
-    monkeypatch.setattr(cpu_attention, "_torch_runs_gnu_openmp", lambda: True)
-    assert "no GCC" in _refusal_logged(refused)
-
-
-def _fake_compiler(directory, name, version):
-    path = directory / name
-    path.write_text(f"#!/bin/sh\nprintf '{version}\\n'\n")
-    path.chmod(0o755)
-    return str(path)
-
-
-def test_only_gcc_builds_the_kernel(monkeypatch, tmp_path, refused):
-    """clang's -fopenmp links LLVM's libomp, a second thread pool spinning beside torch's (the SFT bench's step took
-    1.42x the time it takes with torch's attention): $CC is passed over unless it is GCC, and with no GCC on PATH
-    torch's kernel runs."""
-    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("CC", _fake_compiler(tmp_path, "clang", "Debian clang version 14.0.6"))
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
-    monkeypatch.setattr(cpu_attention, "_torch_runs_gnu_openmp", lambda: True)
-    assert "no GCC" in _refusal_logged(refused)
-    gcc = _fake_compiler(tmp_path, "gcc",
-                         "gcc (Debian 12.2.0-14) 12.2.0\\nCopyright (C) 2022 Free Software Foundation, Inc.")
-    assert cpu_attention._gnu_compiler()[0] == gcc
-
-
-def test_on_another_openmp_runtime_torch_runs_the_attention(monkeypatch, refused):
-    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: "AVX2")
-    monkeypatch.setattr(cpu_attention, "_torch_runs_gnu_openmp", lambda: False)
-    assert "OpenMP runtime other than GCC's" in _refusal_logged(refused)
-
-
-@pytest.mark.parametrize("capability", ["DEFAULT", "SVE256", "ZVECTOR"])
-def test_without_avx2_torch_runs_the_attention(monkeypatch, refused, capability):
-    """x86 before AVX2 (or torch held to it), and other architectures, are unmeasured."""
-    monkeypatch.setattr(cpu_attention, "_torch_capability", lambda: capability)
-    assert "AVX2 or AVX-512" in _refusal_logged(refused)
-
-
-def test_it_can_be_switched_off(monkeypatch, refused):
+def test_it_can_be_switched_off(monkeypatch):
+    """LLMFINETUNE_CPU_ATTENTION=0: torch's kernel runs packed attention (the package's other C kernels stay)."""
     monkeypatch.setenv("LLMFINETUNE_CPU_ATTENTION", "0")
-    _refusal_logged(refused)
+    assert cpu_attention._library() is None
+    assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
 
 
 def test_a_packed_models_training_step_is_unchanged_by_the_kernel(build, monkeypatch):

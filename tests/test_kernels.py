@@ -30,9 +30,24 @@ def _step(model, ids, dtype):
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture(params=["torch", "c"])
+def ops(request, monkeypatch):
+    """The functions on torch's ops ("torch": no C kernels), or on the package's C kernels where they take the
+    tensors (fp32; skipped where there are none)."""
+    from llmfinetune import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:
+        pytest.skip("the package's C kernels are not used here")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", sorted(NORM_OF))
-def test_the_swapped_norm_computes_what_the_architectures_own_does(model_type, dtype):
+def test_the_swapped_norm_computes_what_the_architectures_own_does(model_type, dtype, ops):
+    """On torch's ops the same logits to the bit; on the C kernels (fp32) within 1e-6 of the largest logit (sums of
+    squares in another order). Gradients within 1e-5 of the largest (fp32) or bf16 rounding."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -49,7 +64,10 @@ def test_the_swapped_norm_computes_what_the_architectures_own_does(model_type, d
     norms = sum(type(m).__name__ == NORM_OF[model_type] for m in model.modules())
     assert swap_rms_norms(model) == norms > 0
     swapped_logits, swapped_grads = _step(model, ids, dtype)
-    assert torch.equal(swapped_logits, logits)
+    if ops == "torch" or dtype == "bf16":
+        assert torch.equal(swapped_logits, logits)
+    else:
+        assert (swapped_logits - logits).abs().max() <= 1e-6 * logits.abs().max()
     assert swapped_grads.keys() == grads.keys()
     for name, grad in grads.items():
         scale = grad.abs().max().item() or 1.0
@@ -106,9 +124,10 @@ def test_every_swappable_mlp_is_proven_here():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", sorted(MLP_OF))
-def test_the_swapped_mlp_computes_what_the_architectures_own_does(model_type, dtype):
-    """The same ops as autograd's, so logits and every gradient are the same to the bit, in fp32 and in bf16; and
-    the function keeps two of the three (tokens x intermediate) tensors autograd keeps."""
+def test_the_swapped_mlp_computes_what_the_architectures_own_does(model_type, dtype, ops):
+    """On torch's ops the same ops as autograd's, so logits and every gradient are the same to the bit, in fp32 and
+    in bf16; with the C kernels' backward (fp32) the same logits and gradients within 1e-5 of the largest (SiLU's
+    exp computed another way). The function keeps two of the three (tokens x intermediate) tensors autograd keeps."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -129,7 +148,10 @@ def test_the_swapped_mlp_computes_what_the_architectures_own_does(model_type, dt
     assert torch.equal(swapped_logits, logits)
     assert swapped_grads.keys() == grads.keys()
     for name, grad in grads.items():
-        assert torch.equal(swapped_grads[name], grad), name
+        if ops == "torch" or dtype == "bf16":
+            assert torch.equal(swapped_grads[name], grad), name
+        else:
+            assert (swapped_grads[name] - grad).abs().max() <= 1e-5 * (grad.abs().max() or 1.0), name
 
     def intermediate_tensors_saved(mlp):
         saved = set()

@@ -16,43 +16,23 @@
 // as wide as the keys the block reaches rounded up to KEY_TILE: about half of L x L, the causal part and its tiles'
 // margin. packed_attention_layout computes starts and poff (and the caller allocates p from its total). Tested
 // against torch's SDPA (tests/test_cpu_attention.py).
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "vectors.h"
+
 #define HEAD_DIM 64
-#if defined(__clang__) || !defined(__GNUC__)
-#error "built by GCC only: its OpenMP runtime is the one torch's threads run on (cpu_attention._gnu_compiler)"
-#elif !defined(__AVX2__)
-#error "the CPU attention kernel is written for AVX2 or AVX-512 (cpu_attention.py builds it only there)"
-#elif defined(__AVX512F__)
+#if VL == 16
 // 32 vector registers of 16 floats: a 4-row block against 32 keys, and the whole head (4 vectors) at once.
-#define VL 16
 #define KEY_TILE 32
 #define DIM_VECTORS 4
 #else
 // AVX2's 16 registers of 8 floats: 16 keys, and a quarter of the head (2 vectors) per pass, so that accumulators,
 // loads and broadcasts fit in the registers (the AVX-512 shapes split in halves spill them: 7x slower than torch).
-#define VL 8
 #define KEY_TILE 16
 #define DIM_VECTORS 2
 #endif
 #define KEY_VECTORS (KEY_TILE / VL)
-
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(VL * 4)));
-
-static inline vf ld(const float *p) { return *(const vfu *)p; }
-static inline void st(float *p, vf v) { *(vfu *)p = v; }
-static inline vf bc(float s) { return (vf){} + s; }
-static inline vf sel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline float hsum(vf v) {
-    float s = 0;
-    for (int c = 0; c < VL; c++) s += v[c];
-    return s;
-}
 
 // The vector width this build runs on (tests read it: a machine's build is the one they test).
 int packed_attention_vector_width(void) { return VL; }
@@ -78,23 +58,6 @@ long packed_attention_layout(const int *lens, int examples, int H, int *starts, 
         total += H * head_size(lens[e]);
     }
     return total;
-}
-
-// exp(x) for x <= 0 (a score minus its row's maximum): 0 below -87 (the masked keys' -inf included), NaN kept.
-static inline vf vexp(vf x0) {
-    vf x = sel(x0 < -87.0f, bc(-87.0f), x0);
-    vf t = x * 1.44269504088896341f;
-    vf n = __builtin_convertvector(__builtin_convertvector(t + sel(t < 0, bc(-0.5f), bc(0.5f)), vi), vf);
-    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = bc(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return sel(x0 < -87.0f, bc(0.0f), p * (vf)e);
 }
 
 // c[r][0:jmax rounded up to KEY_TILE] = scale * a[r] . bt[:, j] for the rows r < rows (at most 4) of a (stride as);

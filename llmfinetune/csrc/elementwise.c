@@ -1,0 +1,73 @@
+// Element-wise passes of a Llama-style block's backward on the CPU, fp32, each one read of its inputs and one write
+// of its outputs where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward, and the
+// SwiGLU MLP's backward. Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested
+// against the torch functions they replace (tests/test_kernels.py).
+#include "vectors.h"
+
+// sigmoid(x) = 1 / (1 + exp(-x)), from exp(-|x|) <= 1 so that nothing overflows; NaN kept.
+static inline vf vsigmoid(vf x) {
+    vf e = vexp(sel(x < 0, x, -x));
+    vf s = 1.0f / (1.0f + e);
+    return sel(x < 0, e * s, s);
+}
+
+// Elements per task: a few pages of each operand, many tasks per thread.
+#define CHUNK 4096
+
+// silu(gate) * up's gradients: grad_up = grad * silu(gate), grad_gate = grad * up * silu'(gate), where
+// silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x). All arrays n floats, contiguous.
+void swiglu_backward(const float *grad, const float *gate, const float *up, float *grad_gate, float *grad_up, long n) {
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < n; c += CHUNK) {
+        long end = c + CHUNK < n ? c + CHUNK : n, i = c;
+        for (; i + VL <= end; i += VL) {
+            vf x = ld(gate + i), s = vsigmoid(x), d = ld(grad + i);
+            st(grad_up + i, d * (x * s));
+            st(grad_gate + i, d * ld(up + i) * (s * (1.0f + x * (1.0f - s))));
+        }
+        for (; i < end; i++) {
+            float x = gate[i], s = vsigmoid(bc(x))[0];
+            grad_up[i] = grad[i] * (x * s);
+            grad_gate[i] = grad[i] * up[i] * (s * (1.0f + x * (1.0f - s)));
+        }
+    }
+}
+
+// out = weight * (x * r) per row of `width` floats, r = 1 / sqrt(mean(x^2) + eps) kept in inverse_rms for the
+// backward. x and out rows x width, contiguous.
+void rms_norm_forward(const float *x, const float *weight, float eps, float *out, float *inverse_rms, long rows,
+                      int width) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * width;
+        float *o = out + r * width;
+        vf acc = {};
+        int i = 0;
+        for (; i + VL <= width; i += VL) { vf v = ld(row + i); acc += v * v; }
+        float squares = hsum(acc);
+        for (; i < width; i++) squares += row[i] * row[i];
+        float inverse = 1.0f / sqrtf(squares / width + eps);
+        inverse_rms[r] = inverse;
+        for (i = 0; i + VL <= width; i += VL) st(o + i, ld(weight + i) * (ld(row + i) * inverse));
+        for (; i < width; i++) o[i] = weight[i] * (row[i] * inverse);
+    }
+}
+
+// d/dx of weight * x * r: r * g - x * r^3 * mean(g * x), g = grad * weight, per row.
+void rms_norm_backward(const float *grad, const float *x, const float *weight, const float *inverse_rms,
+                       float *grad_x, long rows, int width) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * width, *d = grad + r * width;
+        float *o = grad_x + r * width;
+        float inverse = inverse_rms[r];
+        vf acc = {};
+        int i = 0;
+        for (; i + VL <= width; i += VL) acc += ld(d + i) * ld(weight + i) * ld(row + i);
+        float along = hsum(acc);
+        for (; i < width; i++) along += d[i] * weight[i] * row[i];
+        float c = -along * inverse * inverse * inverse / width;
+        for (i = 0; i + VL <= width; i += VL) st(o + i, ld(d + i) * ld(weight + i) * inverse + ld(row + i) * c);
+        for (; i < width; i++) o[i] = d[i] * weight[i] * inverse + row[i] * c;
+    }
+}

@@ -1,0 +1,160 @@
+"""The package's C kernels as a library (native.py): both builds compile wherever they may run, and where they may
+not (no GCC, clang, another OpenMP runtime, no AVX2, switched off) there is no library and one info line; the
+element-wise kernels (csrc/elementwise.c) compute what the torch ops they replace do."""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llmfinetune import cpu_attention, native  # noqa: E402
+
+
+@pytest.fixture
+def refused(monkeypatch, caplog):
+    """The library looked up afresh under the test's patches (and again afterwards): returns the log it wrote."""
+    native.library.cache_clear()
+    yield caplog
+    native.library.cache_clear()
+
+
+def _refusal_logged(caplog) -> str:
+    with caplog.at_level(logging.INFO, logger="llmfinetune.native"):
+        assert native.library() is None
+    inputs = [torch.randn(1, 4, 11, 64, requires_grad=True), *(torch.randn(1, 2, 11, 64) for _ in range(2))]
+    assert not cpu_attention.usable(*inputs, 0.0, None)  # and packed attention keeps torch's kernel
+    return caplog.text
+
+
+def test_it_builds_wherever_it_may_run(monkeypatch, tmp_path):
+    """With GCC, torch on libgomp and AVX2 or AVX-512, both builds compile (into a fresh cache): a source that no
+    longer compiles fails here, where the kernels' own tests would only skip."""
+    try:
+        native.gnu_compiler()
+    except OSError:
+        pytest.skip("no GCC on PATH")
+    if native.torch_capability() not in native.ISA_FLAGS or not native.torch_runs_gnu_openmp():
+        pytest.skip("torch runs neither AVX2 nor AVX-512 code here, or not on libgomp")
+    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
+    for isa in ("AVX512", "AVX2") if native.torch_capability() == "AVX512" else ("AVX2",):
+        built = native.built(native.FLAGS + native.ISA_FLAGS[isa])
+        assert built.is_file() and built.parent == tmp_path / "kernels"  # the package's cache (cache.cache_root)
+
+
+def test_without_a_compiler_torch_runs_instead(monkeypatch, tmp_path, refused):
+    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native, "torch_capability", lambda: "AVX2")
+    monkeypatch.setattr(native, "torch_runs_gnu_openmp", lambda: True)
+    assert "no GCC" in _refusal_logged(refused)
+
+
+def _fake_compiler(directory, name, version):
+    path = directory / name
+    path.write_text(f"#!/bin/sh\nprintf '{version}\\n'\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_only_gcc_builds_them(monkeypatch, tmp_path, refused):
+    """clang's -fopenmp links LLVM's libomp, a second thread pool spinning beside torch's (the SFT bench's step took
+    1.42x the time it takes with torch's attention): $CC is passed over unless it is GCC, and with no GCC on PATH
+    torch's ops run."""
+    monkeypatch.setenv("LLMFINETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", _fake_compiler(tmp_path, "clang", "Debian clang version 14.0.6"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(native, "torch_capability", lambda: "AVX2")
+    monkeypatch.setattr(native, "torch_runs_gnu_openmp", lambda: True)
+    assert "no GCC" in _refusal_logged(refused)
+    gcc = _fake_compiler(tmp_path, "gcc",
+                         "gcc (Debian 12.2.0-14) 12.2.0\\nCopyright (C) 2022 Free Software Foundation, Inc.")
+    assert native.gnu_compiler()[0] == gcc
+
+
+def test_on_another_openmp_runtime_torch_runs_instead(monkeypatch, refused):
+    monkeypatch.setattr(native, "torch_capability", lambda: "AVX2")
+    monkeypatch.setattr(native, "torch_runs_gnu_openmp", lambda: False)
+    assert "OpenMP runtime other than GCC's" in _refusal_logged(refused)
+
+
+@pytest.mark.parametrize("capability", ["DEFAULT", "SVE256", "ZVECTOR"])
+def test_without_avx2_torch_runs_instead(monkeypatch, refused, capability):
+    """x86 before AVX2 (or torch held to it), and other architectures, are unmeasured."""
+    monkeypatch.setattr(native, "torch_capability", lambda: capability)
+    assert "AVX2 or AVX-512" in _refusal_logged(refused)
+
+
+def test_they_can_be_switched_off(monkeypatch, refused):
+    monkeypatch.setenv("LLMFINETUNE_C_KERNELS", "0")
+    _refusal_logged(refused)
+
+
+@contextlib.contextmanager
+def _library(library):
+    """native.library() is `library` (None: no C kernels, torch's ops) inside the block."""
+    real = native.library
+    native.library = lambda: library
+    try:
+        yield
+    finally:
+        native.library = real
+
+
+def _relative_error(mine, reference):
+    return float((mine - reference).abs().max() / reference.abs().max())
+
+
+def test_rms_norm_computes_what_torchs_ops_do(c_kernels):
+    """Forward and input gradient within 1e-6 of the largest value of the torch path (sums in another order), rows
+    of a width that is no multiple of either vector width included; a NaN stays in its own row."""
+    from llmfinetune.kernels import _RMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    for width in (512, 100, 7):
+        hidden = torch.randn(3, 37, width, generator=generator).requires_grad_()
+        weight = torch.rand(width, generator=generator) + 0.5
+        grad = torch.randn(3, 37, width, generator=generator)
+        results = []
+        for library in (c_kernels, None):
+            with _library(library):
+                hidden.grad = None
+                output = _RMSNorm.apply(hidden, weight, 1e-6)
+                output.backward(grad)
+                results.append((output.detach(), hidden.grad.clone()))
+        (output, grad_hidden), (expected, expected_grad) = results
+        assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_hidden, expected_grad) < 1e-6
+    with _library(c_kernels), torch.no_grad():
+        hidden = torch.randn(4, 512)
+        hidden[1, 3] = float("nan")
+        output = _RMSNorm.apply(hidden, torch.ones(512), 1e-6)
+        assert output[1].isnan().all() and not output[[0, 2, 3]].isnan().any()
+
+
+def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels):
+    """Gate and up gradients within 1e-6 of the largest value of torch's (SiLU by another exp), over the whole range
+    of gates (large positive and negative ones, where a sigmoid written naively overflows), a length that is no
+    multiple of a vector or of a task's chunk; a NaN gate gives NaN at its own element only."""
+    from llmfinetune.kernels import _SwiGLU
+
+    generator = torch.Generator().manual_seed(0)
+    gate = (torch.randn(5, 1001, generator=generator) * 20).requires_grad_()
+    up = torch.randn(5, 1001, generator=generator).requires_grad_()
+    grad = torch.randn(5, 1001, generator=generator)
+    results = []
+    for library in (c_kernels, None):
+        with _library(library):
+            gate.grad = up.grad = None
+            _SwiGLU.apply(gate, up).backward(grad)
+            results.append((gate.grad.clone(), up.grad.clone()))
+    for mine, reference in zip(*results):
+        assert _relative_error(mine, reference) < 1e-6
+    with _library(c_kernels):
+        nan_gate = gate.detach().clone()
+        nan_gate[2, 7] = float("nan")
+        nan_gate.requires_grad_()
+        _SwiGLU.apply(nan_gate, up).backward(grad)
+        assert nan_gate.grad.isnan().sum() == 1 and nan_gate.grad[2, 7].isnan()

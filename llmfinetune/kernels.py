@@ -23,7 +23,9 @@ keep theirs.
 
 The rotary embedding (q * cos + rotate_half(q) * sin, for q and k) is ~5 passes forward and as many backward, with
 a zero-filled tensor per slice in the backward; written out it is one product and two in-place multiply-adds each
-way (3.1 against 1.5 ms a layer forward + backward, fp32, 1900 tokens, 8 + 2 heads of 64). Its output is contiguous
+way (3.1 against 1.5 ms a layer forward + backward, fp32, 1900 tokens, 8 + 2 heads of 64); in fp32 on the package's
+C kernels one read and one write each way (csrc/elementwise.c; the SFT bench's fp32 step 10-20 ms shorter, within
+1e-6 of torch's ops). Its output is contiguous
 in (batch, heads, tokens, head_dim), the layout the attention kernel reads fastest: packed SDPA over the projections'
 transposed views cost 1.6 ms more a layer. transformers calls it as a global of each modeling module, so it is
 swapped in only while the Trainer computes a loss (rotary_swapped), and only in the modules of ROTARY_SWAPPABLE,
@@ -211,9 +213,10 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, states, cos, sin):
         half = states.shape[-1] // 2
         rotated = torch.empty(states.shape, dtype=torch.result_type(states, cos), device=states.device)
-        torch.mul(states, cos, out=rotated)
-        rotated[..., :half].addcmul_(states[..., half:], sin[..., :half], value=-1)
-        rotated[..., half:].addcmul_(states[..., :half], sin[..., half:])
+        if not _rotary_in_c(states, cos, sin, rotated, transpose=False):
+            torch.mul(states, cos, out=rotated)
+            rotated[..., :half].addcmul_(states[..., half:], sin[..., :half], value=-1)
+            rotated[..., half:].addcmul_(states[..., :half], sin[..., half:])
         ctx.save_for_backward(cos, sin)
         # The gradient goes back in the input's own layout (a transposed view of its projection), so the projection's
         # backward reads it without a copy.
@@ -227,10 +230,29 @@ class _Rotary(torch.autograd.Function):
         half = shape[-1] // 2
         # The transpose of the rotation: rotate_half's transpose is cat(y2, -y1).
         grad_states = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device)
-        torch.mul(grad, cos, out=grad_states)
-        grad_states[..., :half].addcmul_(grad[..., half:], sin[..., half:])
-        grad_states[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+        if not _rotary_in_c(grad, cos, sin, grad_states, transpose=True):
+            torch.mul(grad, cos, out=grad_states)
+            grad_states[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+            grad_states[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
         return grad_states.to(dtype), None, None
+
+
+def _rotary_in_c(states, cos, sin, out, transpose: bool) -> bool:
+    """The rotation (or its transpose) of fp32 states (batch, heads, tokens, dim) into out by the package's C kernel
+    (csrc/elementwise.c: one read and one write where torch's three ops make four passes); False where it does not
+    take them (then nothing was written)."""
+    if not (states.dim() == out.dim() == cos.dim() == 4 and cos.shape == sin.shape and cos.shape[1] == 1
+            and cos.shape[2:] == states.shape[2:] and cos.shape[0] in (1, states.shape[0])
+            and states.stride(-1) == out.stride(-1) == 1 and out.dtype == torch.float32):
+        return False
+    library = _c_kernels(cos, sin) if states.dtype == torch.float32 and states.device.type == "cpu" else None
+    if library is None:
+        return False
+    batch, heads, tokens, dim = states.shape
+    library.rotary(states.data_ptr(), *(states.stride(i) for i in range(3)), cos.data_ptr(), sin.data_ptr(),
+                   cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), *(out.stride(i) for i in range(3)),
+                   batch, heads, tokens, dim, transpose)
+    return True
 
 
 def _fast_rotary(original):

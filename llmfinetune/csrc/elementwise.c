@@ -1,6 +1,6 @@
-// Element-wise passes of a Llama-style block's backward on the CPU, fp32, each one read of its inputs and one write
-// of its outputs where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward, and the
-// SwiGLU MLP's backward. Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested
+// Element-wise passes of a Llama-style block on the CPU, fp32, each one read of its inputs and one write of its
+// outputs where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward, the SwiGLU MLP's
+// backward, the rotary embedding both ways. Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested
 // against the torch functions they replace (tests/test_kernels.py).
 #include "vectors.h"
 
@@ -69,5 +69,35 @@ void rms_norm_backward(const float *grad, const float *x, const float *weight, c
         float c = -along * inverse * inverse * inverse / width;
         for (i = 0; i + VL <= width; i += VL) st(o + i, ld(d + i) * ld(weight + i) * inverse + ld(row + i) * c);
         for (; i < width; i++) o[i] = d[i] * weight[i] * inverse + row[i] * c;
+    }
+}
+
+// The rotary embedding of one of q, k (Llama's: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)) and its
+// transpose for the backward (x * cos + (x2 * sin2, -x1 * sin1)): x [batch, heads, tokens, dim] with the strides
+// given (floats; the last dimension contiguous), cos and sin [batch or 1, tokens, dim] contiguous (cs: their batch
+// stride, 0 where one serves every batch), out with its own strides. One read and one write of x.
+void rotary(const float *x, long xbs, long xhs, long xts, const float *cos, const float *sin, long cs, float *out,
+            long obs, long ohs, long ots, int batch, int heads, long tokens, int dim, int transpose) {
+    int half = dim / 2;
+#pragma omp parallel for schedule(static)
+    for (long row = 0; row < (long)batch * heads * tokens; row++) {
+        long b = row / ((long)heads * tokens), h = row / tokens % heads, t = row % tokens;
+        const float *in = x + b * xbs + h * xhs + t * xts, *c = cos + b * cs + t * dim, *s = sin + b * cs + t * dim;
+        float *o = out + b * obs + h * ohs + t * ots;
+        // first half: x1 * c1 - x2 * s1 (forward), x1 * c1 + x2 * s2 (transpose); second: x2 * c2 + x1 * s2,
+        // x2 * c2 - x1 * s1
+        const float *s_first = transpose ? s + half : s, *s_second = transpose ? s : s + half;
+        float sign = transpose ? 1.0f : -1.0f;
+        int j = 0;
+        for (; j + VL <= half; j += VL) {
+            vf x1 = ld(in + j), x2 = ld(in + half + j);
+            st(o + j, x1 * ld(c + j) + sign * (x2 * ld(s_first + j)));
+            st(o + half + j, x2 * ld(c + half + j) - sign * (x1 * ld(s_second + j)));
+        }
+        for (; j < half; j++) {
+            float x1 = in[j], x2 = in[half + j];
+            o[j] = x1 * c[j] + sign * (x2 * s_first[j]);
+            o[half + j] = x2 * c[half + j] - sign * (x1 * s_second[j]);
+        }
     }
 }

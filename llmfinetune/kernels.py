@@ -84,7 +84,7 @@ SWAPPABLE = frozenset({
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, eps):
-        library = _c_kernels(hidden, weight) if weight.shape == hidden.shape[-1:] else None
+        library = c_kernels(hidden, weight) if weight.shape == hidden.shape[-1:] else None
         if library is not None:  # one read and one write of the hidden states (csrc/elementwise.c)
             output, inverse_rms = torch.empty_like(hidden), hidden.new_empty(hidden.shape[:-1] + (1,))
             library.rms_norm_forward(hidden.data_ptr(), weight.data_ptr(), eps, output.data_ptr(),
@@ -100,7 +100,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, inverse_rms = ctx.saved_tensors
         # A trained weight's gradient (full fine-tuning) is a sum over the rows: torch's ops below.
-        library = None if ctx.needs_input_grad[1] else _c_kernels(hidden, weight, grad := grad.contiguous())
+        library = None if ctx.needs_input_grad[1] else c_kernels(hidden, weight, grad := grad.contiguous())
         if library is not None:
             grad_hidden = torch.empty_like(hidden)
             library.rms_norm_backward(grad.data_ptr(), hidden.data_ptr(), weight.data_ptr(), inverse_rms.data_ptr(),
@@ -120,7 +120,7 @@ class _RMSNorm(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
-def _c_kernels(*tensors):
+def c_kernels(*tensors):
     """The package's C kernels (native.library) where these tensors are what they take: fp32, contiguous, on the
     CPU; None otherwise (torch's ops then run)."""
     if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
@@ -167,7 +167,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        library = _c_kernels(gate, up, grad := grad.contiguous()) if all(ctx.needs_input_grad) else None
+        library = c_kernels(gate, up, grad := grad.contiguous()) if all(ctx.needs_input_grad) else None
         if library is not None:  # one pass, sigmoid(gate) computed once (csrc/elementwise.c)
             grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
             library.swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(),
@@ -245,7 +245,7 @@ def _rotary_in_c(states, cos, sin, out, transpose: bool) -> bool:
             and cos.shape[2:] == states.shape[2:] and cos.shape[0] in (1, states.shape[0])
             and states.stride(-1) == out.stride(-1) == 1 and out.dtype == torch.float32):
         return False
-    library = _c_kernels(cos, sin) if states.dtype == torch.float32 and states.device.type == "cpu" else None
+    library = c_kernels(cos, sin) if states.dtype == torch.float32 and states.device.type == "cpu" else None
     if library is None:
         return False
     batch, heads, tokens, dim = states.shape

@@ -302,10 +302,14 @@ class _BlockedHead(torch.autograd.Function):
     the fp32 head's products may go through its packed weight, which the head's own forward may not (its row count
     changes every step). Alone, at the SFT bench's shapes (fp32, 1088 rows, vocabulary 8000): 96-100 against
     113-122 ms for the head's products and the loss both ways; the same blocks through MKL's unpacked products
-    127-133: hence packed only."""
+    127-133: hence packed only. Each block's softmax is one exp per logit where the package's C kernels run
+    (native.softmax_rows; torch's logsumexp and then exp took two, over more passes: the fp32 step 10-35 ms shorter,
+    bench/README.md, session 26)."""
 
     @staticmethod
     def forward(ctx, rows, weight, targets, smoothing, packs):
+        from .kernels import c_kernels
+
         forward_pack, backward_pack = packs
         vocabulary, count = weight.shape[0], len(targets)
         grad_rows = torch.zeros_like(rows)
@@ -316,13 +320,20 @@ class _BlockedHead(torch.autograd.Function):
                 break  # past the targets: only extra rows, whose gradient is zero
             logits = torch.ops.mkldnn._linear_pointwise(rows[block_rows], forward_pack, None, "none", [], "")
             chosen = targets[block_rows.start:block_rows.start + learned, None]
-            lse = torch.logsumexp(logits[:learned], dim=-1)
-            total += lse.sum() - (1.0 - smoothing) * logits[:learned].gather(1, chosen).sum()
+            total -= (1.0 - smoothing) * logits[:learned].gather(1, chosen).sum()
             if smoothing:
                 total -= smoothing / vocabulary * logits[:learned].sum()
             # d total / d logits, in the logits themselves: softmax - (1 - e) * onehot - e / V on the learned rows,
             # zero on the others
-            grad = logits[:learned].sub_(lse[:, None]).exp_()
+            grad = logits[:learned]
+            library = c_kernels(logits)
+            if library is not None:  # one exp per logit (csrc/elementwise.c), where the two lines below take two
+                lse = logits.new_empty(learned)
+                library.softmax_rows(logits.data_ptr(), learned, vocabulary, lse.data_ptr())
+            else:
+                lse = torch.logsumexp(grad, dim=-1)
+                grad.sub_(lse[:, None]).exp_()
+            total += lse.sum()
             grad.scatter_add_(1, chosen, torch.full_like(chosen, -(1.0 - smoothing), dtype=grad.dtype))
             if smoothing:
                 grad.sub_(smoothing / vocabulary)

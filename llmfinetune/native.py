@@ -43,6 +43,7 @@ SIGNATURES = {
     "swiglu_backward": ([_POINTER] * 5 + [_LONG], None),
     "rms_norm_forward": ([_POINTER, _POINTER, _FLOAT, _POINTER, _POINTER, _LONG, _INT], None),
     "rms_norm_backward": ([_POINTER] * 5 + [_LONG, _INT], None),
+    "softmax_rows": ([_POINTER, _LONG, _INT, _POINTER], None),
     "rotary": ([_POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER, _LONG, _POINTER, _LONG, _LONG, _LONG, _INT, _INT,
                 _LONG, _INT, _INT], None),
 }

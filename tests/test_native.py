@@ -183,3 +183,21 @@ def test_the_rotary_embedding_computes_what_torchs_ops_do(c_kernels, dim, cos_ba
     (output, grad_states), (expected, expected_grad) = results
     assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_states, expected_grad) < 1e-6
     assert grad_states.stride() == states.stride()
+
+
+@pytest.mark.parametrize("width", [8000, 37])
+def test_the_softmax_of_the_heads_logits_is_torchs(c_kernels, width):
+    """Each row's softmax in place and its log-sum-exp (the fp32 LM head's loss, lm_head._BlockedHead) within 1e-6
+    of torch's, for logits far from 0, a row with -inf logits, one of -inf only (a NaN softmax and a log-sum-exp of
+    -inf, as torch's) and one with a NaN (all NaN, so the step's loss is NaN and the run stops on it)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, width, generator=generator) * 30 + 100
+    logits[1, ::3] = float("-inf")
+    logits[4] = float("-inf")
+    logits[5, width // 2] = float("nan")
+    expected, expected_lse = logits[:4].softmax(-1), logits[:4].logsumexp(-1)
+    lse = torch.empty(6)
+    c_kernels.softmax_rows(logits.data_ptr(), 6, width, lse.data_ptr())
+    assert _relative_error(logits[:4], expected) < 1e-6 and _relative_error(lse[:4], expected_lse) < 1e-6
+    assert logits[4].isnan().all() and lse[4] == float("-inf")
+    assert logits[5].isnan().all() and lse[5].isnan()

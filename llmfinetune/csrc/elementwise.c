@@ -1,6 +1,6 @@
 // Element-wise passes of a Llama-style block on the CPU, fp32, each one read of its inputs and one write of its
 // outputs where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward, the SwiGLU MLP's
-// backward, the rotary embedding both ways. Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested
+// backward, the rotary embedding both ways, the softmax of the LM head's logits. Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested
 // against the torch functions they replace (tests/test_kernels.py).
 #include "vectors.h"
 
@@ -99,5 +99,42 @@ void rotary(const float *x, long xbs, long xhs, long xts, const float *cos, cons
             o[j] = x1 * c[j] + sign * (x2 * s_first[j]);
             o[half + j] = x2 * c[half + j] - sign * (x1 * s_second[j]);
         }
+    }
+}
+
+// Each of `rows` rows of `width` logits (contiguous, fp32) becomes its softmax, in place, and its log-sum-exp goes to
+// lse: a pass for the row's maximum, one that writes exp(x - max) and sums it, one that scales by the sum's inverse.
+// One exp per logit, where logsumexp then exp(x - lse) computed two, each over its own passes (the fp32 LM head's
+// loss, lm_head._BlockedHead: ~10 ms of the SFT bench's fp32 step). A NaN logit makes its row NaN.
+void softmax_rows(float *logits, long rows, int width, float *lse) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        float *x = logits + r * width;
+        vf top_v = bc(-INFINITY);
+        int j = 0;
+        for (; j + VL <= width; j += VL) {
+            vf v = ld(x + j);
+            top_v = sel(v > top_v, v, top_v);
+        }
+        float top = -INFINITY;
+        for (int c = 0; c < VL; c++) top = top_v[c] > top ? top_v[c] : top;
+        for (; j < width; j++) top = x[j] > top ? x[j] : top;
+        if (top == -INFINITY) top = 0.0f;  // a row of -inf only: a sum of 0, so NaN and an lse of -inf, as torch
+        vf sum_v = {};
+        for (j = 0; j + VL <= width; j += VL) {
+            vf e = vexp(ld(x + j) - top);
+            st(x + j, e);
+            sum_v += e;
+        }
+        float sum = hsum(sum_v);
+        for (; j < width; j++) {
+            float e = vexp(bc(x[j] - top))[0];
+            x[j] = e;
+            sum += e;
+        }
+        float inverse = 1.0f / sum;
+        for (j = 0; j + VL <= width; j += VL) st(x + j, ld(x + j) * inverse);
+        for (; j < width; j++) x[j] *= inverse;
+        lse[r] = top + logf(sum);
     }
 }

@@ -303,7 +303,7 @@ class _BlockedHead(torch.autograd.Function):
     changes every step). Alone, at the SFT bench's shapes (fp32, 1088 rows, vocabulary 8000): 96-100 against
     113-122 ms for the head's products and the loss both ways; the same blocks through MKL's unpacked products
     127-133: hence packed only. Each block's softmax is one exp per logit where the package's C kernels run
-    (native.softmax_rows; torch's logsumexp and then exp took two, over more passes: the fp32 step 10-35 ms shorter,
+    (softmax_rows in csrc/elementwise.c; torch's logsumexp and then exp took two, over more passes: the fp32 step 10-35 ms shorter,
     bench/README.md, session 26)."""
 
     @staticmethod

@@ -104,7 +104,8 @@ def torch_runs_gnu_openmp() -> bool:
 def built(flags: list[str]) -> Path:
     """The library built with `flags` (compiled now unless the cache has it)."""
     compiler, version = gnu_compiler()
-    files = sources() + sorted(SOURCE_DIR.glob("*.h"))
+    compiled = sources()
+    files = compiled + sorted(SOURCE_DIR.glob("*.h"))
     key = hashlib.sha256("\0".join([*(f.read_text() for f in files), compiler, version, " ".join(flags),
                                     _cpu_flags()]).encode()).hexdigest()[:16]
     root = cache_root() / "kernels"
@@ -115,7 +116,7 @@ def built(flags: list[str]) -> Path:
         # half-written file.
         with tempfile.TemporaryDirectory(dir=root) as scratch:
             output = Path(scratch) / path.name
-            result = subprocess.run([compiler, *flags, "-o", str(output), *map(str, sources())],
+            result = subprocess.run([compiler, *flags, "-o", str(output), *map(str, compiled)],
                                     capture_output=True, text=True)
             if result.returncode:
                 errors = [line for line in result.stderr.splitlines() if "error" in line] or [result.stderr.strip()]

@@ -363,17 +363,13 @@ def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
     if short and cpu_attention.usable(query, key, value, dropout, window if window and window < max(short) else None):
         runs = cpu_attention.runs(lengths)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        if len(runs) == 1:
-            # Not split into one piece: a split's backward concatenates its pieces' gradients, a copy of each of
-            # query, key and value per layer even for one piece (~0.4% of the SFT bench's fp32 step).
-            kernel, run = runs[0]
-            return (cpu_attention.attention(query, key, value, run, scale) if kernel
-                    else _torch_examples_sdpa(module, query, key, value, run, window, dropout, scaling))
-        outputs = []
-        for (kernel, run), *qkv in zip(runs, *(t.split([sum(run) for _, run in runs], dim=2)
-                                               for t in (query, key, value))):
-            outputs.append(cpu_attention.attention(*qkv, run, scale) if kernel
-                           else _torch_examples_sdpa(module, *qkv, run, window, dropout, scaling))
+        # One run is not split into one piece: a split's backward concatenates its pieces' gradients, a copy of each
+        # of query, key and value per layer even for one piece (~0.4% of the SFT bench's fp32 step).
+        pieces = ([(query, key, value)] if len(runs) == 1 else
+                  zip(*(t.split([sum(run) for _, run in runs], dim=2) for t in (query, key, value))))
+        outputs = [cpu_attention.attention(*qkv, run, scale) if kernel
+                   else _torch_examples_sdpa(module, *qkv, run, window, dropout, scaling)
+                   for (kernel, run), qkv in zip(runs, pieces)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return _torch_examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
 

@@ -16,13 +16,6 @@ needs_kernel = pytest.mark.skipif(cpu_attention._library() is None, reason="the 
 LENGTHS = [1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 64, 100, 250]
 
 
-@pytest.fixture
-def build(c_kernels):
-    """The kernel as this machine builds it, and its AVX2 build (8-float vectors, 16-key tiles: what an AVX2-only
-    machine runs): conftest.c_kernels."""
-    return c_kernels
-
-
 def _per_example_sdpa(query, key, value, lengths, scale):
     outputs = []
     for length, *qkv in zip(lengths, *(t.split(lengths, dim=2) for t in (query, key, value))):
@@ -51,7 +44,7 @@ def _run(attend, inputs, lengths, grad):
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
-def test_the_kernel_matches_sdpa_per_example(build, heads, kv_heads):
+def test_the_kernel_matches_sdpa_per_example(c_kernels, heads, kv_heads):
     """Outputs and the gradients of query, key and value within 1e-5 of the largest value (fp32 sums in another
     order), for grouped-query and plain multi-head attention."""
     inputs = _inputs(LENGTHS, heads, kv_heads)
@@ -65,7 +58,7 @@ def test_the_kernel_matches_sdpa_per_example(build, heads, kv_heads):
         assert error < 1e-5, (name, float(error))
 
 
-def test_the_same_to_the_bit_on_any_thread_count(build):
+def test_the_same_to_the_bit_on_any_thread_count(c_kernels):
     """Each task (example, key/value head) is summed by one thread in one order and writes rows no other task
     writes: one thread or several, the same bits (a resumed or re-run job does not drift with the machine's cores)."""
     threads = torch.get_num_threads()
@@ -81,7 +74,7 @@ def test_the_same_to_the_bit_on_any_thread_count(build):
     assert all(torch.equal(a, b) for a, b in zip(alone, shared))
 
 
-def test_a_nan_reaches_the_rows_that_see_it_and_no_other(build):
+def test_a_nan_reaches_the_rows_that_see_it_and_no_other(c_kernels):
     """A NaN in one key reaches the output rows of its example's queries from that position on, and nothing before
     it or in another example (a NaN guard reads it in the loss: the kernel must not swallow it)."""
     lengths = [7, 9]
@@ -93,7 +86,7 @@ def test_a_nan_reaches_the_rows_that_see_it_and_no_other(build):
     assert not output[0, :10].isnan().any()
 
 
-def test_examples_over_512_tokens_stay_with_torch(build, monkeypatch):
+def test_examples_over_512_tokens_stay_with_torch(c_kernels, monkeypatch):
     """A packed row's runs of examples up to 512 tokens go to the kernel, one call a run, and longer examples to
     torch's kernel (as fast there, and no quadratic probabilities kept): the row's outputs and gradients are those of
     SDPA per example all the same."""
@@ -115,7 +108,7 @@ def test_examples_over_512_tokens_stay_with_torch(build, monkeypatch):
         assert error < 1e-5, (name, float(error))
 
 
-def test_a_row_of_short_examples_is_one_kernel_call_with_no_copies(build):
+def test_a_row_of_short_examples_is_one_kernel_call_with_no_copies(c_kernels):
     """Every example of the row in the kernel's reach: one call for the whole row, and no concatenation of query,
     key or value gradients in the backward (a split of the row into one piece makes one per tensor)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -163,7 +156,7 @@ def test_it_can_be_switched_off(monkeypatch):
     assert not cpu_attention.usable(*_inputs([5, 6], 4, 2), 0.0, None)
 
 
-def test_a_packed_models_training_step_is_unchanged_by_the_kernel(build, monkeypatch):
+def test_a_packed_models_training_step_is_unchanged_by_the_kernel(c_kernels, monkeypatch):
     """A Qwen2 with head_dim 64 trained on a flattened packed row: the loss and every weight's gradient with the kernel
     equal those with torch's per-example SDPA (1e-5), and the kernel ran in every layer."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -2,14 +2,15 @@
 
     python bench/peer_llamafactory.py [--rounds 2] [--steps 50] [--data ../shared/datasets/AdvertiseGen]
                                       [--lf-venv /tmp/bench/lf-venv] [--setup] [--precisions fp32,bf16]
+                                      [--cutoff 256] [--lora-target q_proj,v_proj | all]
 
 The job (issue #12): a random-init Qwen2-shaped model of 27M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads,
 intermediate 1408, byte-level BPE vocabulary of 8000 trained here on the data, tied embeddings), AdvertiseGen as
 alpaca rows in a ChatML template, LoRA r 8 / alpha 16 / dropout 0 on q_proj,v_proj, batch 8, cutoff 256, packing,
-lr 5e-4 cosine, no warmup, seed 42, 50 steps. Contenders, interleaved round by round, each in its own process:
-LLaMA-Factory `packing: true` and `neat_packing: true` (its two packings; plain packing lets examples attend to each
-other, neat packing does not), and llmfinetune `packing: true`, all on the CPU, at each precision it runs natively
-(bf16 only where it has avx512_bf16/AMX).
+lr 5e-4 cosine, no warmup, seed 42, 50 steps (--cutoff and --lora-target change the job on both sides).
+Contenders, interleaved round by round, each in its own process: LLaMA-Factory `packing: true` and `neat_packing:
+true` (its two packings; plain packing lets examples attend to each other, neat packing does not), and llmfinetune
+`packing: true`, all on the CPU, at each precision it runs natively (bf16 only where it has avx512_bf16/AMX).
 
 Every side is measured by the same code: non-pad tokens (input_ids != pad, counted in the Trainer, since
 LLaMA-Factory's own count includes pack padding) over the Trainer's train_runtime, peak RSS of the process, minor
@@ -39,7 +40,7 @@ SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
           "{% endif %}")
-JOB = {"rank": 8, "alpha": 16, "batch": 8, "cutoff": 256, "lr": 5e-4, "seed": 42}
+JOB = {"rank": 8, "alpha": 16, "batch": 8, "cutoff": 256, "lr": 5e-4, "seed": 42, "lora_target": ["q_proj", "v_proj"]}
 # The issue's CPU model: Qwen2-shaped, 27M parameters with the 8000-token vocabulary.
 QWEN2_27M = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
              "num_key_value_heads": 2, "max_position_embeddings": 2048}
@@ -174,10 +175,11 @@ def _model(tokenizer, folder: Path, shape: dict) -> None:
 # ---------------------------------------------------------------- contenders
 
 def lf_config(work: Path, name: str, steps: int, bf16: bool, neat: bool) -> Path:
+    targets = "all" if JOB["lora_target"] == "all" else ",".join(JOB["lora_target"])
     config = {
         "model_name_or_path": str(work / "model"), "trust_remote_code": False, "disable_gradient_checkpointing": True,
         "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": JOB["rank"],
-        "lora_alpha": JOB["alpha"], "lora_dropout": 0.0, "lora_target": "q_proj,v_proj",
+        "lora_alpha": JOB["alpha"], "lora_dropout": 0.0, "lora_target": targets,
         "dataset": "advertisegen", "dataset_dir": str(work / "data"), "template": "chatml",
         "cutoff_len": JOB["cutoff"], "packing": True, "neat_packing": neat, "overwrite_cache": True,
         "dataloader_num_workers": 0, "output_dir": str(work / "out" / name), "logging_steps": 10,
@@ -201,7 +203,7 @@ def our_job(work: Path, name: str, steps: int, bf16: bool, overrides: list[str])
                             "validation_column": "validation", "num_row": 0, "cache_tokenized": False},
             "train_config": {
                 "lora_config": {"r": JOB["rank"], "lora_alpha": JOB["alpha"], "lora_dropout": 0.0,
-                                "target_modules": ["q_proj", "v_proj"]},
+                                "target_modules": "all-linear" if JOB["lora_target"] == "all" else JOB["lora_target"]},
                 "base_config": {
                     "output_dir": str(work / "out" / name), "per_device_train_batch_size": JOB["batch"],
                     "max_steps": steps, "learning_rate": JOB["lr"], "lr_scheduler_type": "cosine",
@@ -291,10 +293,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmfinetune-peer-bench"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides of our job (e.g. ft_config.train_config.base_config.torch_compile=true)")
+    parser.add_argument("--cutoff", type=int, default=JOB["cutoff"],
+                        help="tokens a packed row holds, both sides (LLaMA-Factory's cutoff_len, our max_length)")
+    parser.add_argument("--lora-target", default=",".join(JOB["lora_target"]),
+                        help="comma-separated module names, or `all` (every linear layer but the LM head: "
+                             "LLaMA-Factory's `all`, peft's `all-linear`), both sides")
     parser.add_argument("--only-ours", action="store_true", help="skip the LLaMA-Factory contenders")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16 (default: fp32, and bf16 where native)")
     args = parser.parse_args()
+    JOB["cutoff"] = args.cutoff
+    JOB["lora_target"] = "all" if args.lora_target == "all" else args.lora_target.split(",")
 
     lf_python = args.lf_venv / "bin" / "python"
     if not lf_python.is_file() and args.setup:
@@ -329,7 +338,7 @@ def main() -> None:
                 contenders.append((f"LLaMA-Factory neat_packing {precision}", "lf", bf16, True))
         contenders.append((f"llmfinetune packing {precision}", "ours", bf16, False))
     print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} CPUs; {args.rounds} rounds of "
-          f"{args.steps} steps; workdir {work}", flush=True)
+          f"{args.steps} steps; cutoff {args.cutoff}; LoRA on {args.lora_target}; workdir {work}", flush=True)
     results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
     for round_number in range(1, args.rounds + 1):
         for name, side, bf16, neat in contenders:

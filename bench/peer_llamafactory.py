@@ -2,12 +2,12 @@
 
     python bench/peer_llamafactory.py [--rounds 2] [--steps 50] [--data ../shared/datasets/AdvertiseGen]
                                       [--lf-venv /tmp/bench/lf-venv] [--setup] [--precisions fp32,bf16]
-                                      [--cutoff 256] [--lora-target q_proj,v_proj | all]
+                                      [--cutoff 256] [--lora-target q_proj,v_proj | all] [--method full]
 
 The job (issue #12): a random-init Qwen2-shaped model of 27M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads,
 intermediate 1408, byte-level BPE vocabulary of 8000 trained here on the data, tied embeddings), AdvertiseGen as
 alpaca rows in a ChatML template, LoRA r 8 / alpha 16 / dropout 0 on q_proj,v_proj, batch 8, cutoff 256, packing,
-lr 5e-4 cosine, no warmup, seed 42, 50 steps (--cutoff and --lora-target change the job on both sides).
+lr 5e-4 cosine, no warmup, seed 42, 50 steps (--cutoff, --lora-target and --method change the job on both sides).
 Contenders, interleaved round by round, each in its own process: LLaMA-Factory `packing: true` and `neat_packing:
 true` (its two packings; plain packing lets examples attend to each other, neat packing does not), and llmfinetune
 `packing: true`, all on the CPU, at each precision it runs natively (bf16 only where it has avx512_bf16/AMX).
@@ -40,7 +40,8 @@ SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|im_end|>", "<|im_start|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
           "{% endif %}")
-JOB = {"rank": 8, "alpha": 16, "batch": 8, "cutoff": 256, "lr": 5e-4, "seed": 42, "lora_target": ["q_proj", "v_proj"]}
+JOB = {"rank": 8, "alpha": 16, "batch": 8, "cutoff": 256, "lr": 5e-4, "seed": 42, "method": "lora",
+       "lora_target": ["q_proj", "v_proj"]}
 # The issue's CPU model: Qwen2-shaped, 27M parameters with the 8000-token vocabulary.
 QWEN2_27M = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
              "num_key_value_heads": 2, "max_position_embeddings": 2048}
@@ -105,6 +106,9 @@ MEASURE = textwrap.dedent('''
               flush=True)
 ''')
 LF_DRIVER = MEASURE + textwrap.dedent('''
+    # After a full fine-tuning run LLaMA-Factory 0.9.5 writes a model card through a method that transformers 5.6's
+    # models no longer have (AttributeError, after training and saving): the card is skipped, nothing measured is.
+    transformers.Trainer.create_model_card = lambda *args, **kwargs: None
     from llamafactory.cli import main
     sys.argv = ["llamafactory-cli", "train", *sys.argv[1:]]
     try:
@@ -178,7 +182,7 @@ def lf_config(work: Path, name: str, steps: int, bf16: bool, neat: bool) -> Path
     targets = "all" if JOB["lora_target"] == "all" else ",".join(JOB["lora_target"])
     config = {
         "model_name_or_path": str(work / "model"), "trust_remote_code": False, "disable_gradient_checkpointing": True,
-        "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": JOB["rank"],
+        "stage": "sft", "do_train": True, "finetuning_type": JOB["method"], "lora_rank": JOB["rank"],
         "lora_alpha": JOB["alpha"], "lora_dropout": 0.0, "lora_target": targets,
         "dataset": "advertisegen", "dataset_dir": str(work / "data"), "template": "chatml",
         "cutoff_len": JOB["cutoff"], "packing": True, "neat_packing": neat, "overwrite_cache": True,
@@ -189,6 +193,8 @@ def lf_config(work: Path, name: str, steps: int, bf16: bool, neat: bool) -> Path
         "seed": JOB["seed"], "data_seed": JOB["seed"], "bf16": bf16, "fp16": False, "use_cpu": True,
         "include_num_input_tokens_seen": "non_padding", "disable_tqdm": True,
     }
+    if JOB["method"] != "lora":
+        config = {key: value for key, value in config.items() if not key.startswith("lora_")}
     path = work / f"{name}.yaml"  # JSON is YAML; LLaMA-Factory 0.9.5 fails to read a .json config (json.load(Path))
     path.write_text(json.dumps(config, indent=1))
     return path
@@ -198,7 +204,7 @@ def our_job(work: Path, name: str, steps: int, bf16: bool, overrides: list[str])
     job = {
         "model_config": {"model_id": str(work / "model")},
         "ft_config": {
-            "ft_task": "text-generation", "ft_method": "lora",
+            "ft_task": "text-generation", "ft_method": JOB["method"],
             "data_config": {"local_path": str(work / "data"), "format": "alpaca", "template": "chatml",
                             "validation_column": "validation", "num_row": 0, "cache_tokenized": False},
             "train_config": {
@@ -215,6 +221,8 @@ def our_job(work: Path, name: str, steps: int, bf16: bool, overrides: list[str])
             },
         },
     }
+    if JOB["method"] != "lora":
+        del job["ft_config"]["train_config"]["lora_config"]
     import yaml
 
     for override in overrides:  # KEY.PATH=VALUE, the value read as YAML (as run-ft's own overrides)
@@ -295,6 +303,8 @@ def main() -> None:
                         help="overrides of our job (e.g. ft_config.train_config.base_config.torch_compile=true)")
     parser.add_argument("--cutoff", type=int, default=JOB["cutoff"],
                         help="tokens a packed row holds, both sides (LLaMA-Factory's cutoff_len, our max_length)")
+    parser.add_argument("--method", choices=("lora", "full"), default=JOB["method"],
+                        help="LoRA (the issue's job) or full fine-tuning, both sides")
     parser.add_argument("--lora-target", default=",".join(JOB["lora_target"]),
                         help="comma-separated module names, or `all` (every linear layer but the LM head: "
                              "LLaMA-Factory's `all`, peft's `all-linear`), both sides")
@@ -302,7 +312,7 @@ def main() -> None:
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16 (default: fp32, and bf16 where native)")
     args = parser.parse_args()
-    JOB["cutoff"] = args.cutoff
+    JOB["cutoff"], JOB["method"] = args.cutoff, args.method
     JOB["lora_target"] = "all" if args.lora_target == "all" else args.lora_target.split(",")
 
     lf_python = args.lf_venv / "bin" / "python"
@@ -337,8 +347,9 @@ def main() -> None:
             if bf16:
                 contenders.append((f"LLaMA-Factory neat_packing {precision}", "lf", bf16, True))
         contenders.append((f"llmfinetune packing {precision}", "ours", bf16, False))
-    print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} CPUs; {args.rounds} rounds of "
-          f"{args.steps} steps; cutoff {args.cutoff}; LoRA on {args.lora_target}; workdir {work}", flush=True)
+    method = f"LoRA on {args.lora_target}" if args.method == "lora" else "full fine-tuning"
+    print(f"CPU flags: {cpu_flags()}; {os.cpu_count()} CPUs; {args.rounds} rounds of {args.steps} steps; "
+          f"cutoff {args.cutoff}; {method}; workdir {work}", flush=True)
     results: dict[str, list[dict]] = {name: [] for name, *_ in contenders}
     for round_number in range(1, args.rounds + 1):
         for name, side, bf16, neat in contenders:

@@ -14,7 +14,9 @@ input gradients within one bf16 rounding. In fp32, where the package's C kernels
 AVX-512, GCC), forward and input gradient are one pass each over the hidden states (csrc/elementwise.c): 0.22
 against 0.55 ms forward, 0.29 against 0.58 backward (SFT bench's 1920 x 512, 2 cores), within 1e-6 of the torch
 path (sums in another order); the SwiGLU backward likewise, 1.3-1.4 against 3.2-3.4 ms (1920 x 1408). Both ~3% of
-the fp32 SFT bench's step (bench/README.md, #12, session 26).
+the fp32 SFT bench's step (bench/README.md, #12, session 26). In bf16 the same kernels (and the rotary embedding's)
+read and write bf16 and round where torch's ops round: at most one bf16 rounding step from torch's results, on a
+few elements in 100,000; the SFT bench's bf16 step ~6% shorter (session 27).
 
 Swapped in by instance (the module's class, weights and state dict are untouched, so a saved run is a plain model)
 for the norm classes whose forward is exactly that computation (SWAPPABLE: tests/test_kernels.py compares each one's
@@ -23,11 +25,10 @@ keep theirs.
 
 The rotary embedding (q * cos + rotate_half(q) * sin, for q and k) is ~5 passes forward and as many backward, with
 a zero-filled tensor per slice in the backward; written out it is one product and two in-place multiply-adds each
-way (3.1 against 1.5 ms a layer forward + backward, fp32, 1900 tokens, 8 + 2 heads of 64); in fp32 on the package's
-C kernels one read and one write each way (csrc/elementwise.c; the SFT bench's fp32 step 10-20 ms shorter, within
-1e-6 of torch's ops). Its output is contiguous
-in (batch, heads, tokens, head_dim), the layout the attention kernel reads fastest: packed SDPA over the projections'
-transposed views cost 1.6 ms more a layer. transformers calls it as a global of each modeling module, so it is
+way (3.1 against 1.5 ms a layer forward + backward, fp32, 1900 tokens, 8 + 2 heads of 64); in fp32 and bf16 on the
+package's C kernels one read and one write each way (csrc/elementwise.c; the SFT bench's fp32 step 10-20 ms
+shorter, within 1e-6 of torch's ops). Its output is contiguous in (batch, heads, tokens, head_dim), the layout the
+attention kernel reads fastest: packed SDPA over the projections' transposed views cost 1.6 ms more a layer. transformers calls it as a global of each modeling module, so it is
 swapped in only while the Trainer computes a loss (rotary_swapped), and only in the modules of ROTARY_SWAPPABLE,
 whose function is Llama's (tests/test_kernels.py compares logits and gradients with and without).
 
@@ -84,11 +85,13 @@ SWAPPABLE = frozenset({
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, eps):
-        library = c_kernels(hidden, weight) if weight.shape == hidden.shape[-1:] else None
+        library = c_kernels(hidden, weight, bf16=True) if weight.shape == hidden.shape[-1:] else None
         if library is not None:  # one read and one write of the hidden states (csrc/elementwise.c)
-            output, inverse_rms = torch.empty_like(hidden), hidden.new_empty(hidden.shape[:-1] + (1,))
-            library.rms_norm_forward(hidden.data_ptr(), weight.data_ptr(), eps, output.data_ptr(),
-                                     inverse_rms.data_ptr(), inverse_rms.numel(), hidden.shape[-1])
+            output = torch.empty_like(hidden)
+            inverse_rms = hidden.new_empty(hidden.shape[:-1] + (1,), dtype=torch.float32)
+            forward = library.rms_norm_forward if hidden.dtype == torch.float32 else library.rms_norm_forward_bf16
+            forward(hidden.data_ptr(), weight.data_ptr(), eps, output.data_ptr(), inverse_rms.data_ptr(),
+                    inverse_rms.numel(), hidden.shape[-1])
         else:
             wide = hidden.float()
             inverse_rms = torch.rsqrt(wide.square().mean(-1, keepdim=True).add_(eps))
@@ -100,11 +103,12 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, inverse_rms = ctx.saved_tensors
         # A trained weight's gradient (full fine-tuning) is a sum over the rows: torch's ops below.
-        library = None if ctx.needs_input_grad[1] else c_kernels(hidden, weight, grad := grad.contiguous())
+        library = None if ctx.needs_input_grad[1] else c_kernels(hidden, weight, grad := grad.contiguous(), bf16=True)
         if library is not None:
             grad_hidden = torch.empty_like(hidden)
-            library.rms_norm_backward(grad.data_ptr(), hidden.data_ptr(), weight.data_ptr(), inverse_rms.data_ptr(),
-                                      grad_hidden.data_ptr(), inverse_rms.numel(), hidden.shape[-1])
+            backward = library.rms_norm_backward if hidden.dtype == torch.float32 else library.rms_norm_backward_bf16
+            backward(grad.data_ptr(), hidden.data_ptr(), weight.data_ptr(), inverse_rms.data_ptr(),
+                     grad_hidden.data_ptr(), inverse_rms.numel(), hidden.shape[-1])
             return grad_hidden, None, None
         wide = hidden.float()  # for an fp32 input the saved input itself: only read below
         weighted = (grad * weight).float()
@@ -120,10 +124,12 @@ class _RMSNorm(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
-def c_kernels(*tensors):
-    """The package's C kernels (native.library) where these tensors are what they take: fp32, contiguous, on the
-    CPU; None otherwise (torch's ops then run)."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+def c_kernels(*tensors, bf16: bool = False):
+    """The package's C kernels (native.library) where these tensors are what they take: fp32 (or, for a kernel with
+    a bf16 version, all bf16), contiguous, on the CPU; None otherwise (torch's ops then run)."""
+    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+    if not all(t.device.type == "cpu" and t.dtype == tensors[0].dtype in dtypes and t.is_contiguous()
+               for t in tensors):
         return None
     from . import native
 
@@ -157,7 +163,8 @@ class _SwiGLU(torch.autograd.Function):
     and up only, and silu(gate) is computed again in the backward, one more pass over (tokens x intermediate) for one
     such tensor less per layer while the step's activations are held (~98 MB of peak RSS on the SFT bench in fp32,
     ~9% of the step's saved activations). Forward and gradients the same ops as autograd's, so the same to the bit;
-    in fp32 on the C kernels the backward is one pass (sigmoid(gate) computed once), within 1e-6 of torch's."""
+    in fp32 and bf16 on the C kernels the backward is one pass (sigmoid(gate) computed once), within 1e-6 of torch's
+    in fp32, at most one rounding step in bf16."""
 
     @staticmethod
     def forward(ctx, gate, up):
@@ -167,11 +174,12 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        library = c_kernels(gate, up, grad := grad.contiguous()) if all(ctx.needs_input_grad) else None
+        library = c_kernels(gate, up, grad := grad.contiguous(), bf16=True) if all(ctx.needs_input_grad) else None
         if library is not None:  # one pass, sigmoid(gate) computed once (csrc/elementwise.c)
             grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-            library.swiglu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(),
-                                    grad_up.data_ptr(), gate.numel())
+            backward = library.swiglu_backward if gate.dtype == torch.float32 else library.swiglu_backward_bf16
+            backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr(),
+                     gate.numel())
             return grad_gate, grad_up
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
@@ -238,20 +246,21 @@ class _Rotary(torch.autograd.Function):
 
 
 def _rotary_in_c(states, cos, sin, out, transpose: bool) -> bool:
-    """The rotation (or its transpose) of fp32 states (batch, heads, tokens, dim) into out by the package's C kernel
-    (csrc/elementwise.c: one read and one write where torch's three ops make four passes); False where it does not
-    take them (then nothing was written)."""
+    """The rotation (or its transpose) of fp32 or bf16 states (batch, heads, tokens, dim) into out by the package's C
+    kernel (csrc/elementwise.c: one read and one write where torch's three ops make four passes); False where it does
+    not take them (then nothing was written)."""
     if not (states.dim() == out.dim() == cos.dim() == 4 and cos.shape == sin.shape and cos.shape[1] == 1
             and cos.shape[2:] == states.shape[2:] and cos.shape[0] in (1, states.shape[0])
-            and states.stride(-1) == out.stride(-1) == 1 and out.dtype == torch.float32):
+            and states.stride(-1) == out.stride(-1) == 1 and states.dtype == out.dtype == cos.dtype):
         return False
-    library = c_kernels(cos, sin) if states.dtype == torch.float32 and states.device.type == "cpu" else None
+    library = c_kernels(cos, sin, bf16=True) if states.device.type == "cpu" else None
     if library is None:
         return False
     batch, heads, tokens, dim = states.shape
-    library.rotary(states.data_ptr(), *(states.stride(i) for i in range(3)), cos.data_ptr(), sin.data_ptr(),
-                   cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), *(out.stride(i) for i in range(3)),
-                   batch, heads, tokens, dim, transpose)
+    rotary = library.rotary if states.dtype == torch.float32 else library.rotary_bf16
+    rotary(states.data_ptr(), *(states.stride(i) for i in range(3)), cos.data_ptr(), sin.data_ptr(),
+           cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), *(out.stride(i) for i in range(3)),
+           batch, heads, tokens, dim, transpose)
     return True
 
 

@@ -41,11 +41,16 @@ SIGNATURES = {
     "packed_attention_forward": ([*_STRIDED * 3, _POINTER, _POINTER, *_LAYOUT], None),
     "packed_attention_backward": ([*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG], None),
     "swiglu_backward": ([_POINTER] * 5 + [_LONG], None),
+    "swiglu_backward_bf16": ([_POINTER] * 5 + [_LONG], None),
     "rms_norm_forward": ([_POINTER, _POINTER, _FLOAT, _POINTER, _POINTER, _LONG, _INT], None),
     "rms_norm_backward": ([_POINTER] * 5 + [_LONG, _INT], None),
+    "rms_norm_forward_bf16": ([_POINTER, _POINTER, _FLOAT, _POINTER, _POINTER, _LONG, _INT], None),
+    "rms_norm_backward_bf16": ([_POINTER] * 5 + [_LONG, _INT], None),
     "softmax_rows": ([_POINTER, _LONG, _INT, _POINTER], None),
     "rotary": ([_POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER, _LONG, _POINTER, _LONG, _LONG, _LONG, _INT, _INT,
                 _LONG, _INT, _INT], None),
+    "rotary_bf16": ([_POINTER, _LONG, _LONG, _LONG, _POINTER, _POINTER, _LONG, _POINTER, _LONG, _LONG, _LONG, _INT,
+                     _INT, _LONG, _INT, _INT], None),
 }
 
 

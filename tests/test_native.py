@@ -108,16 +108,24 @@ def _relative_error(mine, reference):
     return float((mine - reference).abs().max() / reference.abs().max())
 
 
-def test_rms_norm_computes_what_torchs_ops_do(c_kernels):
-    """Forward and input gradient within 1e-6 of the largest value of the torch path (sums in another order), rows
-    of a width that is no multiple of either vector width included; a NaN stays in its own row."""
+def _bf16_steps_apart(mine, reference):
+    """The most bf16 rounding steps between two bf16 tensors' elements (their bit patterns as integers: adjacent
+    bf16 values of one sign differ by 1)."""
+    return int((mine.view(torch.int16).int() - reference.view(torch.int16).int()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype):
+    """Forward and input gradient within 1e-6 of the largest value of the torch path in fp32 (sums in another
+    order); in bf16, where both round where torch's ops round, at most one rounding step apart and nearly all
+    equal; rows of a width that is no multiple of either vector width included; a NaN stays in its own row."""
     from llmfinetune.kernels import _RMSNorm
 
     generator = torch.Generator().manual_seed(0)
     for width in (512, 100, 7):
-        hidden = torch.randn(3, 37, width, generator=generator).requires_grad_()
-        weight = torch.rand(width, generator=generator) + 0.5
-        grad = torch.randn(3, 37, width, generator=generator)
+        hidden = torch.randn(3, 37, width, generator=generator).to(dtype).requires_grad_()
+        weight = (torch.rand(width, generator=generator) + 0.5).to(dtype)
+        grad = torch.randn(3, 37, width, generator=generator).to(dtype)
         results = []
         for library in (c_kernels, None):
             with _library(library):
@@ -126,24 +134,31 @@ def test_rms_norm_computes_what_torchs_ops_do(c_kernels):
                 output.backward(grad)
                 results.append((output.detach(), hidden.grad.clone()))
         (output, grad_hidden), (expected, expected_grad) = results
-        assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_hidden, expected_grad) < 1e-6
+        assert output.dtype == grad_hidden.dtype == dtype
+        if dtype == torch.float32:
+            assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_hidden, expected_grad) < 1e-6
+        else:
+            for mine, reference in ((output, expected), (grad_hidden, expected_grad)):
+                assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
     with _library(c_kernels), torch.no_grad():
-        hidden = torch.randn(4, 512)
+        hidden = torch.randn(4, 512, dtype=dtype)
         hidden[1, 3] = float("nan")
-        output = _RMSNorm.apply(hidden, torch.ones(512), 1e-6)
+        output = _RMSNorm.apply(hidden, torch.ones(512, dtype=dtype), 1e-6)
         assert output[1].isnan().all() and not output[[0, 2, 3]].isnan().any()
 
 
-def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels):
-    """Gate and up gradients within 1e-6 of the largest value of torch's (SiLU by another exp), over the whole range
-    of gates (large positive and negative ones, where a sigmoid written naively overflows), a length that is no
-    multiple of a vector or of a task's chunk; a NaN gate gives NaN at its own element only."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels, dtype):
+    """Gate and up gradients within 1e-6 of the largest value of torch's in fp32 (SiLU by another exp); in bf16 at
+    most one rounding step apart and nearly all equal; over the whole range of gates (large positive and negative
+    ones, where a sigmoid written naively overflows), a length that is no multiple of a vector or of a task's chunk;
+    a NaN gate gives NaN at its own element only."""
     from llmfinetune.kernels import _SwiGLU
 
     generator = torch.Generator().manual_seed(0)
-    gate = (torch.randn(5, 1001, generator=generator) * 20).requires_grad_()
-    up = torch.randn(5, 1001, generator=generator).requires_grad_()
-    grad = torch.randn(5, 1001, generator=generator)
+    gate = (torch.randn(5, 1001, generator=generator) * 20).to(dtype).requires_grad_()
+    up = torch.randn(5, 1001, generator=generator).to(dtype).requires_grad_()
+    grad = torch.randn(5, 1001, generator=generator).to(dtype)
     results = []
     for library in (c_kernels, None):
         with _library(library):
@@ -151,7 +166,11 @@ def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels):
             _SwiGLU.apply(gate, up).backward(grad)
             results.append((gate.grad.clone(), up.grad.clone()))
     for mine, reference in zip(*results):
-        assert _relative_error(mine, reference) < 1e-6
+        assert mine.dtype == dtype
+        if dtype == torch.float32:
+            assert _relative_error(mine, reference) < 1e-6
+        else:
+            assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
     with _library(c_kernels):
         nan_gate = gate.detach().clone()
         nan_gate[2, 7] = float("nan")
@@ -160,19 +179,21 @@ def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels):
         assert nan_gate.grad.isnan().sum() == 1 and nan_gate.grad[2, 7].isnan()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dim", [64, 40])
 @pytest.mark.parametrize("cos_batch", [1, 2])
-def test_the_rotary_embedding_computes_what_torchs_ops_do(c_kernels, dim, cos_batch):
-    """The rotation and its backward on the C kernel within 1e-6 of torch's ops, for query heads as the projection
-    leaves them (a transposed view), a batch of two rows with cos/sin per row or one for both, head dims whose half
-    is and is not a multiple of a vector; the gradient comes back in the input's own layout."""
+def test_the_rotary_embedding_computes_what_torchs_ops_do(c_kernels, dim, cos_batch, dtype):
+    """The rotation and its backward on the C kernel within 1e-6 of torch's ops in fp32, in bf16 at most one
+    rounding step apart and nearly all equal, for query heads as the projection leaves them (a transposed view), a
+    batch of two rows with cos/sin per row or one for both, head dims whose half is and is not a multiple of a
+    vector; the gradient comes back in the input's own layout."""
     from llmfinetune.kernels import _Rotary
 
     generator = torch.Generator().manual_seed(0)
-    states = torch.randn(2, 37, 3, dim, generator=generator).transpose(1, 2).requires_grad_()
+    states = torch.randn(2, 37, 3, dim, generator=generator).to(dtype).transpose(1, 2).requires_grad_()
     angles = torch.randn(cos_batch, 1, 37, dim, generator=generator)
-    cos, sin = angles.cos(), angles.sin()
-    grad = torch.randn(2, 3, 37, dim, generator=generator)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    grad = torch.randn(2, 3, 37, dim, generator=generator).to(dtype)
     results = []
     for library in (c_kernels, None):
         with _library(library):
@@ -181,7 +202,12 @@ def test_the_rotary_embedding_computes_what_torchs_ops_do(c_kernels, dim, cos_ba
             output.backward(grad)
             results.append((output.detach(), states.grad.clone()))
     (output, grad_states), (expected, expected_grad) = results
-    assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_states, expected_grad) < 1e-6
+    assert output.dtype == grad_states.dtype == dtype
+    if dtype == torch.float32:
+        assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_states, expected_grad) < 1e-6
+    else:
+        for mine, reference in ((output, expected), (grad_states, expected_grad)):
+            assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
     assert grad_states.stride() == states.stride()
 
 

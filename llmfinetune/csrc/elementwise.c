@@ -1,7 +1,8 @@
-// Element-wise passes of a Llama-style block on the CPU, fp32, each one read of its inputs and one write of its
-// outputs where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward, the SwiGLU MLP's
-// backward, the rotary embedding both ways, the softmax of the LM head's logits. Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested
-// against the torch functions they replace (tests/test_kernels.py).
+// Element-wise passes of a Llama-style block on the CPU, each one read of its inputs and one write of its outputs
+// where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward, the SwiGLU MLP's backward,
+// the rotary embedding both ways (fp32, and bf16 rounded where torch's ops round), the softmax of the LM head's logits
+// (fp32). Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested against the
+// torch functions they replace (tests/test_native.py, tests/test_kernels.py).
 #include "vectors.h"
 
 // sigmoid(x) = 1 / (1 + exp(-x)), from exp(-|x|) <= 1 so that nothing overflows; NaN kept.
@@ -29,6 +30,26 @@ void swiglu_backward(const float *grad, const float *gate, const float *up, floa
             float x = gate[i], s = vsigmoid(bc(x))[0];
             grad_up[i] = grad[i] * (x * s);
             grad_gate[i] = grad[i] * up[i] * (s * (1.0f + x * (1.0f - s)));
+        }
+    }
+}
+
+// The same for bf16 arrays, rounding where torch's ops round in kernels._SwiGLU: grad_up = bf16(bf16(silu(gate)) *
+// grad), grad_gate = bf16(bf16(grad * up) * silu'(gate)).
+void swiglu_backward_bf16(const uint16_t *grad, const uint16_t *gate, const uint16_t *up, uint16_t *grad_gate,
+                          uint16_t *grad_up, long n) {
+#pragma omp parallel for schedule(static)
+    for (long c = 0; c < n; c += CHUNK) {
+        long end = c + CHUNK < n ? c + CHUNK : n, i = c;
+        for (; i + VL <= end; i += VL) {
+            vf x = ldh(gate + i), s = vsigmoid(x), d = ldh(grad + i);
+            sth(grad_up + i, rnd(x * s) * d);
+            sth(grad_gate + i, rnd(d * ldh(up + i)) * (s * (1.0f + x * (1.0f - s))));
+        }
+        for (; i < end; i++) {
+            float x = h2f(gate[i]), s = vsigmoid(bc(x))[0], d = h2f(grad[i]);
+            grad_up[i] = f2h(rnd1(x * s) * d);
+            grad_gate[i] = f2h(rnd1(d * h2f(up[i])) * (s * (1.0f + x * (1.0f - s))));
         }
     }
 }
@@ -72,35 +93,83 @@ void rms_norm_backward(const float *grad, const float *x, const float *weight, c
     }
 }
 
-// The rotary embedding of one of q, k (Llama's: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)) and its
-// transpose for the backward (x * cos + (x2 * sin2, -x1 * sin1)): x [batch, heads, tokens, dim] with the strides
-// given (floats; the last dimension contiguous), cos and sin [batch or 1, tokens, dim] contiguous (cs: their batch
-// stride, 0 where one serves every batch), out with its own strides. One read and one write of x.
-void rotary(const float *x, long xbs, long xhs, long xts, const float *cos, const float *sin, long cs, float *out,
-            long obs, long ohs, long ots, int batch, int heads, long tokens, int dim, int transpose) {
-    int half = dim / 2;
+// The two above for bf16 x, weight, out and grad (inverse_rms fp32), rounding where torch's ops round in
+// kernels._RMSNorm: forward weight * bf16(x * r); backward from g = bf16(grad * weight), the rest in fp32 and rounded
+// once.
+void rms_norm_forward_bf16(const uint16_t *x, const uint16_t *weight, float eps, uint16_t *out, float *inverse_rms,
+                           long rows, int width) {
 #pragma omp parallel for schedule(static)
-    for (long row = 0; row < (long)batch * heads * tokens; row++) {
-        long b = row / ((long)heads * tokens), h = row / tokens % heads, t = row % tokens;
-        const float *in = x + b * xbs + h * xhs + t * xts, *c = cos + b * cs + t * dim, *s = sin + b * cs + t * dim;
-        float *o = out + b * obs + h * ohs + t * ots;
-        // first half: x1 * c1 - x2 * s1 (forward), x1 * c1 + x2 * s2 (transpose); second: x2 * c2 + x1 * s2,
-        // x2 * c2 - x1 * s1
-        const float *s_first = transpose ? s + half : s, *s_second = transpose ? s : s + half;
-        float sign = transpose ? 1.0f : -1.0f;
-        int j = 0;
-        for (; j + VL <= half; j += VL) {
-            vf x1 = ld(in + j), x2 = ld(in + half + j);
-            st(o + j, x1 * ld(c + j) + sign * (x2 * ld(s_first + j)));
-            st(o + half + j, x2 * ld(c + half + j) - sign * (x1 * ld(s_second + j)));
-        }
-        for (; j < half; j++) {
-            float x1 = in[j], x2 = in[half + j];
-            o[j] = x1 * c[j] + sign * (x2 * s_first[j]);
-            o[half + j] = x2 * c[half + j] - sign * (x1 * s_second[j]);
-        }
+    for (long r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * width;
+        uint16_t *o = out + r * width;
+        vf acc = {};
+        int i = 0;
+        for (; i + VL <= width; i += VL) { vf v = ldh(row + i); acc += v * v; }
+        float squares = hsum(acc);
+        for (; i < width; i++) squares += h2f(row[i]) * h2f(row[i]);
+        float inverse = 1.0f / sqrtf(squares / width + eps);
+        inverse_rms[r] = inverse;
+        for (i = 0; i + VL <= width; i += VL) sth(o + i, ldh(weight + i) * rnd(ldh(row + i) * inverse));
+        for (; i < width; i++) o[i] = f2h(h2f(weight[i]) * rnd1(h2f(row[i]) * inverse));
     }
 }
+
+void rms_norm_backward_bf16(const uint16_t *grad, const uint16_t *x, const uint16_t *weight, const float *inverse_rms,
+                            uint16_t *grad_x, long rows, int width) {
+#pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * width, *d = grad + r * width;
+        uint16_t *o = grad_x + r * width;
+        float inverse = inverse_rms[r];
+        vf acc = {};
+        int i = 0;
+        for (; i + VL <= width; i += VL) acc += rnd(ldh(d + i) * ldh(weight + i)) * ldh(row + i);
+        float along = hsum(acc);
+        for (; i < width; i++) along += rnd1(h2f(d[i]) * h2f(weight[i])) * h2f(row[i]);
+        float c = -along * inverse * inverse * inverse / width;
+        for (i = 0; i + VL <= width; i += VL)
+            sth(o + i, rnd(ldh(d + i) * ldh(weight + i)) * inverse + ldh(row + i) * c);
+        for (; i < width; i++) o[i] = f2h(rnd1(h2f(d[i]) * h2f(weight[i])) * inverse + h2f(row[i]) * c);
+    }
+}
+
+// The rotary embedding of one of q, k (Llama's: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)) and its
+// transpose for the backward (x * cos + (x2 * sin2, -x1 * sin1)): x [batch, heads, tokens, dim] with the strides
+// given (elements; the last dimension contiguous), cos and sin [batch or 1, tokens, dim] contiguous (cs: their batch
+// stride, 0 where one serves every batch), out with its own strides. One read and one write of x. In fp32 (rotary)
+// and in bf16 (rotary_bf16, every array bf16), where x * cos is rounded before the rest is added, as torch's mul and
+// addcmul_ in kernels._Rotary round.
+#define ROTARY(NAME, T, LOAD, STORE, ROUND, TO_FLOAT, ROUND1, FROM_FLOAT)                                              \
+    void NAME(const T *x, long xbs, long xhs, long xts, const T *cos, const T *sin, long cs, T *out, long obs,       \
+              long ohs, long ots, int batch, int heads, long tokens, int dim, int transpose) {                       \
+        int half = dim / 2;                                                                                           \
+        _Pragma("omp parallel for schedule(static)")                                                                  \
+        for (long row = 0; row < (long)batch * heads * tokens; row++) {                                               \
+            long b = row / ((long)heads * tokens), h = row / tokens % heads, t = row % tokens;                        \
+            const T *in = x + b * xbs + h * xhs + t * xts, *c = cos + b * cs + t * dim, *s = sin + b * cs + t * dim;  \
+            T *o = out + b * obs + h * ohs + t * ots;                                                                 \
+            /* first half: x1 * c1 - x2 * s1 (forward), x1 * c1 + x2 * s2 (transpose); second: x2 * c2 + x1 * s2,    \
+               x2 * c2 - x1 * s1 */                                                                                   \
+            const T *s_first = transpose ? s + half : s, *s_second = transpose ? s : s + half;                        \
+            float sign = transpose ? 1.0f : -1.0f;                                                                    \
+            int j = 0;                                                                                                \
+            for (; j + VL <= half; j += VL) {                                                                         \
+                vf x1 = LOAD(in + j), x2 = LOAD(in + half + j);                                                       \
+                STORE(o + j, ROUND(x1 * LOAD(c + j)) + sign * (x2 * LOAD(s_first + j)));                              \
+                STORE(o + half + j, ROUND(x2 * LOAD(c + half + j)) - sign * (x1 * LOAD(s_second + j)));               \
+            }                                                                                                         \
+            for (; j < half; j++) {                                                                                   \
+                float x1 = TO_FLOAT(in[j]), x2 = TO_FLOAT(in[half + j]);                                              \
+                o[j] = FROM_FLOAT(ROUND1(x1 * TO_FLOAT(c[j])) + sign * (x2 * TO_FLOAT(s_first[j])));                  \
+                o[half + j] = FROM_FLOAT(ROUND1(x2 * TO_FLOAT(c[half + j])) - sign * (x1 * TO_FLOAT(s_second[j])));   \
+            }                                                                                                         \
+        }                                                                                                             \
+    }
+
+static inline vf same(vf v) { return v; }
+static inline float same1(float f) { return f; }
+ROTARY(rotary, float, ld, st, same, same1, same1, same1)
+ROTARY(rotary_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
 
 // Each of `rows` rows of `width` logits (contiguous, fp32) becomes its softmax, in place, and its log-sum-exp goes to
 // lse: a pass for the row's maximum, one that writes exp(x - max) and sums it, one that scales by the sum's inverse.

@@ -19,6 +19,10 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+typedef uint16_t vhu __attribute__((vector_size(VL * 2), aligned(2)));
+
 static inline vf ld(const float *p) { return *(const vfu *)p; }
 static inline void st(float *p, vf v) { *(vfu *)p = v; }
 static inline vf bc(float s) { return (vf){} + s; }
@@ -45,4 +49,21 @@ static inline vf vexp(vf x0) {
     vi e = (__builtin_convertvector(n, vi) + 127) << 23;
     return sel(x0 < -87.0f, bc(0.0f), p * (vf)e);
 }
+
+// bf16 <-> fp32: a bf16 is the fp32's upper half. To bf16 rounded to nearest, ties to even, as torch's c10::BFloat16
+// rounds, so a kernel that rounds where torch's op does gives its values. A NaN stays a NaN: arithmetic makes quiet
+// ones (bit 22 set), which the rounding cannot carry into the exponent (torch writes every NaN as 0x7fc0).
+static inline vf ldh(const uint16_t *p) { return (vf)(__builtin_convertvector(*(const vhu *)p, vu) << 16); }
+static inline vu bf16_bits(vf v) {
+    vu u = (vu)v;
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+static inline void sth(uint16_t *p, vf v) { *(vhu *)p = __builtin_convertvector(bf16_bits(v), vh); }
+static inline vf rnd(vf v) { return (vf)(bf16_bits(v) << 16); }  // v rounded to bf16, kept in fp32
+static inline float h2f(uint16_t h) {
+    union { uint32_t u; float f; } v = {.u = (uint32_t)h << 16};
+    return v.f;
+}
+static inline uint16_t f2h(float f) { return (uint16_t)bf16_bits(bc(f))[0]; }
+static inline float rnd1(float f) { return rnd(bc(f))[0]; }
 #endif

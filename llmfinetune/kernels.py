@@ -23,14 +23,15 @@ for the norm classes whose forward is exactly that computation (SWAPPABLE: tests
 outputs and gradients with and without the swap). Others (Gemma's 1 + weight, OLMo-2's weight before the cast, ...)
 keep theirs.
 
-The rotary embedding (q * cos + rotate_half(q) * sin, for q and k) is ~5 passes forward and as many backward, with
-a zero-filled tensor per slice in the backward; written out it is one product and two in-place multiply-adds each
-way (3.1 against 1.5 ms a layer forward + backward, fp32, 1900 tokens, 8 + 2 heads of 64); in fp32 and bf16 on the
-package's C kernels one read and one write each way (csrc/elementwise.c; the SFT bench's fp32 step 10-20 ms
-shorter, within 1e-6 of torch's ops). Its output is contiguous in (batch, heads, tokens, head_dim), the layout the
-attention kernel reads fastest: packed SDPA over the projections' transposed views cost 1.6 ms more a layer. transformers calls it as a global of each modeling module, so it is
-swapped in only while the Trainer computes a loss (rotary_swapped), and only in the modules of ROTARY_SWAPPABLE,
-whose function is Llama's (tests/test_kernels.py compares logits and gradients with and without).
+The rotary embedding (q * cos + rotate_half(q) * sin, for q and k) is ~5 passes forward and as many backward, with a
+zero-filled tensor per slice in the backward; written out it is one product and two in-place multiply-adds each way
+(3.1 against 1.5 ms a layer forward + backward, fp32, 1900 tokens, 8 + 2 heads of 64); in fp32 and bf16 on the
+package's C kernels one read and one write each way (csrc/elementwise.c; the SFT bench's fp32 step 10-20 ms shorter,
+within 1e-6 of torch's ops). Its output is contiguous in (batch, heads, tokens, head_dim), the layout the attention
+kernel reads fastest: packed SDPA over the projections' transposed views cost 1.6 ms more a layer. transformers calls
+it as a global of each modeling module, so it is swapped in only while the Trainer computes a loss (rotary_swapped),
+and only in the modules of ROTARY_SWAPPABLE, whose function is Llama's (tests/test_kernels.py compares logits and
+gradients with and without).
 
 A LoRA layer (peft's lora.Linear: base(x) + B(A(dropout(x))) * scaling) is recorded by autograd as separate products,
 a scaling pass and an add over the layer's output, and in the backward the scaled gradient, a second input gradient

@@ -114,11 +114,22 @@ def _bf16_steps_apart(mine, reference):
     return int((mine.view(torch.int16).int() - reference.view(torch.int16).int()).abs().max())
 
 
+def _as_torchs(pairs, dtype):
+    """Each (kernel's result, torch's) pair of `dtype`: in fp32 within 1e-6 of the largest value (sums in another
+    order, an exp computed another way); in bf16, where the kernel rounds where torch's ops round, at most one
+    rounding step apart and nearly all equal."""
+    for mine, reference in pairs:
+        assert mine.dtype == reference.dtype == dtype
+        if dtype == torch.float32:
+            assert _relative_error(mine, reference) < 1e-6
+        else:
+            assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype):
-    """Forward and input gradient within 1e-6 of the largest value of the torch path in fp32 (sums in another
-    order); in bf16, where both round where torch's ops round, at most one rounding step apart and nearly all
-    equal; rows of a width that is no multiple of either vector width included; a NaN stays in its own row."""
+    """Forward and input gradient as the torch path's (_as_torchs), rows of a width that is no multiple of either
+    vector width included; a NaN stays in its own row."""
     from llmfinetune.kernels import _RMSNorm
 
     generator = torch.Generator().manual_seed(0)
@@ -133,13 +144,7 @@ def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype):
                 output = _RMSNorm.apply(hidden, weight, 1e-6)
                 output.backward(grad)
                 results.append((output.detach(), hidden.grad.clone()))
-        (output, grad_hidden), (expected, expected_grad) = results
-        assert output.dtype == grad_hidden.dtype == dtype
-        if dtype == torch.float32:
-            assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_hidden, expected_grad) < 1e-6
-        else:
-            for mine, reference in ((output, expected), (grad_hidden, expected_grad)):
-                assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
+        _as_torchs(zip(*results), dtype)
     with _library(c_kernels), torch.no_grad():
         hidden = torch.randn(4, 512, dtype=dtype)
         hidden[1, 3] = float("nan")
@@ -149,10 +154,9 @@ def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels, dtype):
-    """Gate and up gradients within 1e-6 of the largest value of torch's in fp32 (SiLU by another exp); in bf16 at
-    most one rounding step apart and nearly all equal; over the whole range of gates (large positive and negative
-    ones, where a sigmoid written naively overflows), a length that is no multiple of a vector or of a task's chunk;
-    a NaN gate gives NaN at its own element only."""
+    """Gate and up gradients as torch's (_as_torchs; SiLU by another exp) over the whole range of gates (large
+    positive and negative ones, where a sigmoid written naively overflows), a length that is no multiple of a vector
+    or of a task's chunk; a NaN gate gives NaN at its own element only."""
     from llmfinetune.kernels import _SwiGLU
 
     generator = torch.Generator().manual_seed(0)
@@ -165,12 +169,7 @@ def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels, dtype):
             gate.grad = up.grad = None
             _SwiGLU.apply(gate, up).backward(grad)
             results.append((gate.grad.clone(), up.grad.clone()))
-    for mine, reference in zip(*results):
-        assert mine.dtype == dtype
-        if dtype == torch.float32:
-            assert _relative_error(mine, reference) < 1e-6
-        else:
-            assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
+    _as_torchs(zip(*results), dtype)
     with _library(c_kernels):
         nan_gate = gate.detach().clone()
         nan_gate[2, 7] = float("nan")
@@ -183,10 +182,9 @@ def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels, dtype):
 @pytest.mark.parametrize("dim", [64, 40])
 @pytest.mark.parametrize("cos_batch", [1, 2])
 def test_the_rotary_embedding_computes_what_torchs_ops_do(c_kernels, dim, cos_batch, dtype):
-    """The rotation and its backward on the C kernel within 1e-6 of torch's ops in fp32, in bf16 at most one
-    rounding step apart and nearly all equal, for query heads as the projection leaves them (a transposed view), a
-    batch of two rows with cos/sin per row or one for both, head dims whose half is and is not a multiple of a
-    vector; the gradient comes back in the input's own layout."""
+    """The rotation and its backward on the C kernel as torch's ops (_as_torchs), for query heads as the projection
+    leaves them (a transposed view), a batch of two rows with cos/sin per row or one for both, head dims whose half
+    is and is not a multiple of a vector; the gradient comes back in the input's own layout."""
     from llmfinetune.kernels import _Rotary
 
     generator = torch.Generator().manual_seed(0)
@@ -201,14 +199,8 @@ def test_the_rotary_embedding_computes_what_torchs_ops_do(c_kernels, dim, cos_ba
             output = _Rotary.apply(states, cos, sin)
             output.backward(grad)
             results.append((output.detach(), states.grad.clone()))
-    (output, grad_states), (expected, expected_grad) = results
-    assert output.dtype == grad_states.dtype == dtype
-    if dtype == torch.float32:
-        assert _relative_error(output, expected) < 1e-6 and _relative_error(grad_states, expected_grad) < 1e-6
-    else:
-        for mine, reference in ((output, expected), (grad_states, expected_grad)):
-            assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
-    assert grad_states.stride() == states.stride()
+    _as_torchs(zip(*results), dtype)
+    assert results[0][1].stride() == states.stride()
 
 
 @pytest.mark.parametrize("width", [8000, 37])

@@ -54,84 +54,53 @@ void swiglu_backward_bf16(const uint16_t *grad, const uint16_t *gate, const uint
     }
 }
 
-// out = weight * (x * r) per row of `width` floats, r = 1 / sqrt(mean(x^2) + eps) kept in inverse_rms for the
-// backward. x and out rows x width, contiguous.
-void rms_norm_forward(const float *x, const float *weight, float eps, float *out, float *inverse_rms, long rows,
-                      int width) {
-#pragma omp parallel for schedule(static)
-    for (long r = 0; r < rows; r++) {
-        const float *row = x + r * width;
-        float *o = out + r * width;
-        vf acc = {};
-        int i = 0;
-        for (; i + VL <= width; i += VL) { vf v = ld(row + i); acc += v * v; }
-        float squares = hsum(acc);
-        for (; i < width; i++) squares += row[i] * row[i];
-        float inverse = 1.0f / sqrtf(squares / width + eps);
-        inverse_rms[r] = inverse;
-        for (i = 0; i + VL <= width; i += VL) st(o + i, ld(weight + i) * (ld(row + i) * inverse));
-        for (; i < width; i++) o[i] = weight[i] * (row[i] * inverse);
+// out = weight * (x * r) per row of `width` elements, r = 1 / sqrt(mean(x^2) + eps) kept in inverse_rms (fp32) for
+// the backward; x and out rows x width, contiguous. Its input gradient: r * g - x * r^3 * mean(g * x), g = grad *
+// weight. In fp32 (rms_norm_forward, rms_norm_backward) and in bf16 (x, weight, out and grad bf16), rounding where
+// torch's ops round in kernels._RMSNorm: forward weight * bf16(x * r); backward from g = bf16(grad * weight), the
+// rest in fp32 and rounded once.
+#define RMS_NORM(FORWARD, BACKWARD, T, LOAD, STORE, ROUND, TO_FLOAT, ROUND1, FROM_FLOAT)                               \
+    void FORWARD(const T *x, const T *weight, float eps, T *out, float *inverse_rms, long rows, int width) {           \
+        _Pragma("omp parallel for schedule(static)")                                                                  \
+        for (long r = 0; r < rows; r++) {                                                                             \
+            const T *row = x + r * width;                                                                             \
+            T *o = out + r * width;                                                                                   \
+            vf acc = {};                                                                                              \
+            int i = 0;                                                                                                \
+            for (; i + VL <= width; i += VL) { vf v = LOAD(row + i); acc += v * v; }                                  \
+            float squares = hsum(acc);                                                                                \
+            for (; i < width; i++) squares += TO_FLOAT(row[i]) * TO_FLOAT(row[i]);                                    \
+            float inverse = 1.0f / sqrtf(squares / width + eps);                                                      \
+            inverse_rms[r] = inverse;                                                                                 \
+            for (i = 0; i + VL <= width; i += VL) STORE(o + i, LOAD(weight + i) * ROUND(LOAD(row + i) * inverse));    \
+            for (; i < width; i++) o[i] = FROM_FLOAT(TO_FLOAT(weight[i]) * ROUND1(TO_FLOAT(row[i]) * inverse));       \
+        }                                                                                                             \
+    }                                                                                                                 \
+                                                                                                                      \
+    void BACKWARD(const T *grad, const T *x, const T *weight, const float *inverse_rms, T *grad_x, long rows,         \
+                  int width) {                                                                                        \
+        _Pragma("omp parallel for schedule(static)")                                                                  \
+        for (long r = 0; r < rows; r++) {                                                                             \
+            const T *row = x + r * width, *d = grad + r * width;                                                      \
+            T *o = grad_x + r * width;                                                                                \
+            float inverse = inverse_rms[r];                                                                           \
+            vf acc = {};                                                                                              \
+            int i = 0;                                                                                                \
+            for (; i + VL <= width; i += VL) acc += ROUND(LOAD(d + i) * LOAD(weight + i)) * LOAD(row + i);            \
+            float along = hsum(acc);                                                                                  \
+            for (; i < width; i++) along += ROUND1(TO_FLOAT(d[i]) * TO_FLOAT(weight[i])) * TO_FLOAT(row[i]);          \
+            float c = -along * inverse * inverse * inverse / width;                                                   \
+            for (i = 0; i + VL <= width; i += VL)                                                                     \
+                STORE(o + i, ROUND(LOAD(d + i) * LOAD(weight + i)) * inverse + LOAD(row + i) * c);                    \
+            for (; i < width; i++)                                                                                    \
+                o[i] = FROM_FLOAT(ROUND1(TO_FLOAT(d[i]) * TO_FLOAT(weight[i])) * inverse + TO_FLOAT(row[i]) * c);     \
+        }                                                                                                             \
     }
-}
 
-// d/dx of weight * x * r: r * g - x * r^3 * mean(g * x), g = grad * weight, per row.
-void rms_norm_backward(const float *grad, const float *x, const float *weight, const float *inverse_rms,
-                       float *grad_x, long rows, int width) {
-#pragma omp parallel for schedule(static)
-    for (long r = 0; r < rows; r++) {
-        const float *row = x + r * width, *d = grad + r * width;
-        float *o = grad_x + r * width;
-        float inverse = inverse_rms[r];
-        vf acc = {};
-        int i = 0;
-        for (; i + VL <= width; i += VL) acc += ld(d + i) * ld(weight + i) * ld(row + i);
-        float along = hsum(acc);
-        for (; i < width; i++) along += d[i] * weight[i] * row[i];
-        float c = -along * inverse * inverse * inverse / width;
-        for (i = 0; i + VL <= width; i += VL) st(o + i, ld(d + i) * ld(weight + i) * inverse + ld(row + i) * c);
-        for (; i < width; i++) o[i] = d[i] * weight[i] * inverse + row[i] * c;
-    }
-}
-
-// The two above for bf16 x, weight, out and grad (inverse_rms fp32), rounding where torch's ops round in
-// kernels._RMSNorm: forward weight * bf16(x * r); backward from g = bf16(grad * weight), the rest in fp32 and rounded
-// once.
-void rms_norm_forward_bf16(const uint16_t *x, const uint16_t *weight, float eps, uint16_t *out, float *inverse_rms,
-                           long rows, int width) {
-#pragma omp parallel for schedule(static)
-    for (long r = 0; r < rows; r++) {
-        const uint16_t *row = x + r * width;
-        uint16_t *o = out + r * width;
-        vf acc = {};
-        int i = 0;
-        for (; i + VL <= width; i += VL) { vf v = ldh(row + i); acc += v * v; }
-        float squares = hsum(acc);
-        for (; i < width; i++) squares += h2f(row[i]) * h2f(row[i]);
-        float inverse = 1.0f / sqrtf(squares / width + eps);
-        inverse_rms[r] = inverse;
-        for (i = 0; i + VL <= width; i += VL) sth(o + i, ldh(weight + i) * rnd(ldh(row + i) * inverse));
-        for (; i < width; i++) o[i] = f2h(h2f(weight[i]) * rnd1(h2f(row[i]) * inverse));
-    }
-}
-
-void rms_norm_backward_bf16(const uint16_t *grad, const uint16_t *x, const uint16_t *weight, const float *inverse_rms,
-                            uint16_t *grad_x, long rows, int width) {
-#pragma omp parallel for schedule(static)
-    for (long r = 0; r < rows; r++) {
-        const uint16_t *row = x + r * width, *d = grad + r * width;
-        uint16_t *o = grad_x + r * width;
-        float inverse = inverse_rms[r];
-        vf acc = {};
-        int i = 0;
-        for (; i + VL <= width; i += VL) acc += rnd(ldh(d + i) * ldh(weight + i)) * ldh(row + i);
-        float along = hsum(acc);
-        for (; i < width; i++) along += rnd1(h2f(d[i]) * h2f(weight[i])) * h2f(row[i]);
-        float c = -along * inverse * inverse * inverse / width;
-        for (i = 0; i + VL <= width; i += VL)
-            sth(o + i, rnd(ldh(d + i) * ldh(weight + i)) * inverse + ldh(row + i) * c);
-        for (; i < width; i++) o[i] = f2h(rnd1(h2f(d[i]) * h2f(weight[i])) * inverse + h2f(row[i]) * c);
-    }
-}
+static inline vf same(vf v) { return v; }
+static inline float same1(float f) { return f; }
+RMS_NORM(rms_norm_forward, rms_norm_backward, float, ld, st, same, same1, same1, same1)
+RMS_NORM(rms_norm_forward_bf16, rms_norm_backward_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
 
 // The rotary embedding of one of q, k (Llama's: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)) and its
 // transpose for the backward (x * cos + (x2 * sin2, -x1 * sin1)): x [batch, heads, tokens, dim] with the strides
@@ -166,8 +135,6 @@ void rms_norm_backward_bf16(const uint16_t *grad, const uint16_t *x, const uint1
         }                                                                                                             \
     }
 
-static inline vf same(vf v) { return v; }
-static inline float same1(float f) { return f; }
 ROTARY(rotary, float, ld, st, same, same1, same1, same1)
 ROTARY(rotary_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
 

@@ -86,11 +86,10 @@ SWAPPABLE = frozenset({
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, eps):
-        library = c_kernels(hidden, weight, bf16=True) if weight.shape == hidden.shape[-1:] else None
-        if library is not None:  # one read and one write of the hidden states (csrc/elementwise.c)
+        forward = c_kernel("rms_norm_forward", hidden, weight) if weight.shape == hidden.shape[-1:] else None
+        if forward is not None:  # one read and one write of the hidden states (csrc/elementwise.c)
             output = torch.empty_like(hidden)
             inverse_rms = hidden.new_empty(hidden.shape[:-1] + (1,), dtype=torch.float32)
-            forward = library.rms_norm_forward if hidden.dtype == torch.float32 else library.rms_norm_forward_bf16
             forward(hidden.data_ptr(), weight.data_ptr(), eps, output.data_ptr(), inverse_rms.data_ptr(),
                     inverse_rms.numel(), hidden.shape[-1])
         else:
@@ -104,10 +103,10 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, inverse_rms = ctx.saved_tensors
         # A trained weight's gradient (full fine-tuning) is a sum over the rows: torch's ops below.
-        library = None if ctx.needs_input_grad[1] else c_kernels(hidden, weight, grad := grad.contiguous(), bf16=True)
-        if library is not None:
+        backward = (None if ctx.needs_input_grad[1]
+                    else c_kernel("rms_norm_backward", hidden, weight, grad := grad.contiguous()))
+        if backward is not None:
             grad_hidden = torch.empty_like(hidden)
-            backward = library.rms_norm_backward if hidden.dtype == torch.float32 else library.rms_norm_backward_bf16
             backward(grad.data_ptr(), hidden.data_ptr(), weight.data_ptr(), inverse_rms.data_ptr(),
                      grad_hidden.data_ptr(), inverse_rms.numel(), hidden.shape[-1])
             return grad_hidden, None, None
@@ -125,16 +124,17 @@ class _RMSNorm(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
-def c_kernels(*tensors, bf16: bool = False):
-    """The package's C kernels (native.library) where these tensors are what they take: fp32 (or, for a kernel with
-    a bf16 version, all bf16), contiguous, on the CPU; None otherwise (torch's ops then run)."""
-    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
-    if not all(t.device.type == "cpu" and t.dtype == tensors[0].dtype in dtypes and t.is_contiguous()
-               for t in tensors):
+def c_kernel(name: str, *tensors):
+    """The package's C kernel `name` (native.library) for these tensors: on the CPU, contiguous, all fp32, or all
+    bf16 where the library has the kernel's bf16 version (`name`_bf16); None otherwise (torch's ops then run)."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.bfloat16) or not all(
+            t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors):
         return None
     from . import native
 
-    return native.library()
+    library = native.library()
+    return None if library is None else getattr(library, name if dtype == torch.float32 else f"{name}_bf16", None)
 
 
 def _forward(self, hidden_states):
@@ -175,10 +175,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        library = c_kernels(gate, up, grad := grad.contiguous(), bf16=True) if all(ctx.needs_input_grad) else None
-        if library is not None:  # one pass, sigmoid(gate) computed once (csrc/elementwise.c)
+        backward = (c_kernel("swiglu_backward", gate, up, grad := grad.contiguous()) if all(ctx.needs_input_grad)
+                    else None)
+        if backward is not None:  # one pass, sigmoid(gate) computed once (csrc/elementwise.c)
             grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-            backward = library.swiglu_backward if gate.dtype == torch.float32 else library.swiglu_backward_bf16
             backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr(),
                      gate.numel())
             return grad_gate, grad_up
@@ -254,11 +254,10 @@ def _rotary_in_c(states, cos, sin, out, transpose: bool) -> bool:
             and cos.shape[2:] == states.shape[2:] and cos.shape[0] in (1, states.shape[0])
             and states.stride(-1) == out.stride(-1) == 1 and states.dtype == out.dtype == cos.dtype):
         return False
-    library = c_kernels(cos, sin, bf16=True) if states.device.type == "cpu" else None
-    if library is None:
+    rotary = c_kernel("rotary", cos, sin) if states.device.type == "cpu" else None
+    if rotary is None:
         return False
     batch, heads, tokens, dim = states.shape
-    rotary = library.rotary if states.dtype == torch.float32 else library.rotary_bf16
     rotary(states.data_ptr(), *(states.stride(i) for i in range(3)), cos.data_ptr(), sin.data_ptr(),
            cos.stride(0) if cos.shape[0] > 1 else 0, out.data_ptr(), *(out.stride(i) for i in range(3)),
            batch, heads, tokens, dim, transpose)

@@ -303,12 +303,12 @@ class _BlockedHead(torch.autograd.Function):
     changes every step). Alone, at the SFT bench's shapes (fp32, 1088 rows, vocabulary 8000): 96-100 against
     113-122 ms for the head's products and the loss both ways; the same blocks through MKL's unpacked products
     127-133: hence packed only. Each block's softmax is one exp per logit where the package's C kernels run
-    (softmax_rows in csrc/elementwise.c; torch's logsumexp and then exp took two, over more passes: the fp32 step 10-35 ms shorter,
-    bench/README.md, session 26)."""
+    (softmax_rows in csrc/elementwise.c; torch's logsumexp and then exp took two, over more passes: the fp32 step
+    10-35 ms shorter, bench/README.md, session 26)."""
 
     @staticmethod
     def forward(ctx, rows, weight, targets, smoothing, packs):
-        from .kernels import c_kernels
+        from .kernels import c_kernel
 
         forward_pack, backward_pack = packs
         vocabulary, count = weight.shape[0], len(targets)
@@ -326,10 +326,10 @@ class _BlockedHead(torch.autograd.Function):
             # d total / d logits, in the logits themselves: softmax - (1 - e) * onehot - e / V on the learned rows,
             # zero on the others
             grad = logits[:learned]
-            library = c_kernels(logits)
-            if library is not None:  # one exp per logit (csrc/elementwise.c), where the two lines below take two
+            softmax_rows = c_kernel("softmax_rows", logits)
+            if softmax_rows is not None:  # one exp per logit (csrc/elementwise.c), where the two lines below take two
                 lse = logits.new_empty(learned)
-                library.softmax_rows(logits.data_ptr(), learned, vocabulary, lse.data_ptr())
+                softmax_rows(logits.data_ptr(), learned, vocabulary, lse.data_ptr())
             else:
                 lse = torch.logsumexp(grad, dim=-1)
                 grad.sub_(lse[:, None]).exp_()

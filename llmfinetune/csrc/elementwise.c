@@ -16,43 +16,32 @@ static inline vf vsigmoid(vf x) {
 #define CHUNK 4096
 
 // silu(gate) * up's gradients: grad_up = grad * silu(gate), grad_gate = grad * up * silu'(gate), where
-// silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x). All arrays n floats, contiguous.
-void swiglu_backward(const float *grad, const float *gate, const float *up, float *grad_gate, float *grad_up, long n) {
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < n; c += CHUNK) {
-        long end = c + CHUNK < n ? c + CHUNK : n, i = c;
-        for (; i + VL <= end; i += VL) {
-            vf x = ld(gate + i), s = vsigmoid(x), d = ld(grad + i);
-            st(grad_up + i, d * (x * s));
-            st(grad_gate + i, d * ld(up + i) * (s * (1.0f + x * (1.0f - s))));
-        }
-        for (; i < end; i++) {
-            float x = gate[i], s = vsigmoid(bc(x))[0];
-            grad_up[i] = grad[i] * (x * s);
-            grad_gate[i] = grad[i] * up[i] * (s * (1.0f + x * (1.0f - s)));
-        }
+// silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x). All arrays n elements, contiguous. In fp32 (swiglu_backward) and
+// in bf16, rounding where torch's ops round in kernels._SwiGLU: grad_up = bf16(bf16(silu(gate)) * grad), grad_gate =
+// bf16(bf16(grad * up) * silu'(gate)).
+#define SWIGLU_BACKWARD(NAME, T, LOAD, STORE, ROUND, TO_FLOAT, ROUND1, FROM_FLOAT)                                     \
+    void NAME(const T *grad, const T *gate, const T *up, T *grad_gate, T *grad_up, long n) {                          \
+        _Pragma("omp parallel for schedule(static)")                                                                  \
+        for (long c = 0; c < n; c += CHUNK) {                                                                         \
+            long end = c + CHUNK < n ? c + CHUNK : n, i = c;                                                          \
+            for (; i + VL <= end; i += VL) {                                                                          \
+                vf x = LOAD(gate + i), s = vsigmoid(x), d = LOAD(grad + i);                                           \
+                STORE(grad_up + i, ROUND(x * s) * d);                                                                 \
+                STORE(grad_gate + i, ROUND(d * LOAD(up + i)) * (s * (1.0f + x * (1.0f - s))));                        \
+            }                                                                                                         \
+            for (; i < end; i++) {                                                                                    \
+                float x = TO_FLOAT(gate[i]), s = vsigmoid(bc(x))[0], d = TO_FLOAT(grad[i]);                           \
+                grad_up[i] = FROM_FLOAT(ROUND1(x * s) * d);                                                           \
+                grad_gate[i] = FROM_FLOAT(ROUND1(d * TO_FLOAT(up[i])) * (s * (1.0f + x * (1.0f - s))));               \
+            }                                                                                                         \
+        }                                                                                                             \
     }
-}
 
-// The same for bf16 arrays, rounding where torch's ops round in kernels._SwiGLU: grad_up = bf16(bf16(silu(gate)) *
-// grad), grad_gate = bf16(bf16(grad * up) * silu'(gate)).
-void swiglu_backward_bf16(const uint16_t *grad, const uint16_t *gate, const uint16_t *up, uint16_t *grad_gate,
-                          uint16_t *grad_up, long n) {
-#pragma omp parallel for schedule(static)
-    for (long c = 0; c < n; c += CHUNK) {
-        long end = c + CHUNK < n ? c + CHUNK : n, i = c;
-        for (; i + VL <= end; i += VL) {
-            vf x = ldh(gate + i), s = vsigmoid(x), d = ldh(grad + i);
-            sth(grad_up + i, rnd(x * s) * d);
-            sth(grad_gate + i, rnd(d * ldh(up + i)) * (s * (1.0f + x * (1.0f - s))));
-        }
-        for (; i < end; i++) {
-            float x = h2f(gate[i]), s = vsigmoid(bc(x))[0], d = h2f(grad[i]);
-            grad_up[i] = f2h(rnd1(x * s) * d);
-            grad_gate[i] = f2h(rnd1(d * h2f(up[i])) * (s * (1.0f + x * (1.0f - s))));
-        }
-    }
-}
+// The identity, where a bf16 kernel rounds to bf16 (rnd, rnd1) and the fp32 one keeps the value.
+static inline vf same(vf v) { return v; }
+static inline float same1(float f) { return f; }
+SWIGLU_BACKWARD(swiglu_backward, float, ld, st, same, same1, same1, same1)
+SWIGLU_BACKWARD(swiglu_backward_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
 
 // out = weight * (x * r) per row of `width` elements, r = 1 / sqrt(mean(x^2) + eps) kept in inverse_rms (fp32) for
 // the backward; x and out rows x width, contiguous. Its input gradient: r * g - x * r^3 * mean(g * x), g = grad *
@@ -97,8 +86,6 @@ void swiglu_backward_bf16(const uint16_t *grad, const uint16_t *gate, const uint
         }                                                                                                             \
     }
 
-static inline vf same(vf v) { return v; }
-static inline float same1(float f) { return f; }
 RMS_NORM(rms_norm_forward, rms_norm_backward, float, ld, st, same, same1, same1, same1)
 RMS_NORM(rms_norm_forward_bf16, rms_norm_backward_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
 

@@ -114,6 +114,9 @@ def _bf16_steps_apart(mine, reference):
     return int((mine.view(torch.int16).int() - reference.view(torch.int16).int()).abs().max())
 
 
+in_fp32_and_bf16 = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
 def _as_torchs(pairs, dtype):
     """Each (kernel's result, torch's) pair of `dtype`: in fp32 within 1e-6 of the largest value (sums in another
     order, an exp computed another way); in bf16, where the kernel rounds where torch's ops round, at most one
@@ -126,7 +129,7 @@ def _as_torchs(pairs, dtype):
             assert _bf16_steps_apart(mine, reference) <= 1 and (mine != reference).float().mean() < 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@in_fp32_and_bf16
 def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype):
     """Forward and input gradient as the torch path's (_as_torchs), rows of a width that is no multiple of either
     vector width included; a NaN stays in its own row."""
@@ -152,7 +155,7 @@ def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype):
         assert output[1].isnan().all() and not output[[0, 2, 3]].isnan().any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@in_fp32_and_bf16
 def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels, dtype):
     """Gate and up gradients as torch's (_as_torchs; SiLU by another exp) over the whole range of gates (large
     positive and negative ones, where a sigmoid written naively overflows), a length that is no multiple of a vector
@@ -178,7 +181,7 @@ def test_the_swiglu_backward_computes_what_torchs_ops_do(c_kernels, dtype):
         assert nan_gate.grad.isnan().sum() == 1 and nan_gate.grad[2, 7].isnan()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@in_fp32_and_bf16
 @pytest.mark.parametrize("dim", [64, 40])
 @pytest.mark.parametrize("cos_batch", [1, 2])
 def test_the_rotary_embedding_computes_what_torchs_ops_do(c_kernels, dim, cos_batch, dtype):

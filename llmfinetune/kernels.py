@@ -102,14 +102,15 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, inverse_rms = ctx.saved_tensors
-        # A trained weight's gradient (full fine-tuning) is a sum over the rows: torch's ops below.
-        backward = (None if ctx.needs_input_grad[1]
-                    else c_kernel("rms_norm_backward", hidden, weight, grad := grad.contiguous()))
+        backward = c_kernel("rms_norm_backward", hidden, weight, grad := grad.contiguous())
         if backward is not None:
             grad_hidden = torch.empty_like(hidden)
+            # a trained weight's gradient (full fine-tuning), summed over the rows in fp32 and rounded once
+            grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if ctx.needs_input_grad[1] else None
             backward(grad.data_ptr(), hidden.data_ptr(), weight.data_ptr(), inverse_rms.data_ptr(),
-                     grad_hidden.data_ptr(), inverse_rms.numel(), hidden.shape[-1])
-            return grad_hidden, None, None
+                     grad_hidden.data_ptr(), None if grad_weight is None else grad_weight.data_ptr(),
+                     inverse_rms.numel(), hidden.shape[-1])
+            return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None
         wide = hidden.float()  # for an fp32 input the saved input itself: only read below
         weighted = (grad * weight).float()
         grad_weight = None
@@ -170,6 +171,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
+        # torch's silu and mul_: measured as fast as one C pass in fp32 and faster in bf16 (2048 x 1408, session 28)
         return torch.nn.functional.silu(gate).mul_(up)
 
     @staticmethod

@@ -223,13 +223,20 @@ def _overwritable(logits) -> bool:
 class _TargetsCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, smoothing, overwrite):
+        from .kernels import c_kernel
+
         lse = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
         row_sums = torch.empty_like(lse) if smoothing else None
-        for rows in _row_blocks(len(targets)):
-            block = logits[rows].float()
-            lse[rows] = torch.logsumexp(block, dim=-1)
-            if smoothing:
-                row_sums[rows] = block.sum(dim=-1)
+        forward = c_kernel("cross_entropy_forward", logits)
+        if forward is not None:  # one read of the logits, in fp32 (csrc/elementwise.c)
+            forward(logits.data_ptr(), len(targets), logits.shape[-1], lse.data_ptr(),
+                    None if row_sums is None else row_sums.data_ptr())
+        else:
+            for rows in _row_blocks(len(targets)):
+                block = logits[rows].float()
+                lse[rows] = torch.logsumexp(block, dim=-1)
+                if smoothing:
+                    row_sums[rows] = block.sum(dim=-1)
         picked = logits[:len(targets)].gather(1, targets[:, None]).squeeze(1).float()
         # Per row: lse - (1 - e) * x_target - (e / V) * sum_j x_j
         total = lse.sum() - (1.0 - smoothing) * picked.sum()
@@ -241,14 +248,23 @@ class _TargetsCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
+        from .kernels import c_kernel
+
         logits, targets, lse = ctx.saved_tensors
         smoothing, scale = ctx.smoothing, grad_total.float()
+        grad = logits if ctx.overwrite else torch.empty_like(logits)
+        grad[len(targets):] = 0
+        backward = c_kernel("cross_entropy_backward", logits, grad) if targets.dtype == torch.int64 else None
+        if backward is not None:  # one pass, in fp32 and rounded once (csrc/elementwise.c)
+            factor = float(scale)
+            backward(logits.data_ptr(), lse.data_ptr(), targets.contiguous().data_ptr(), factor,
+                     -(1.0 - smoothing) * factor, smoothing / logits.shape[-1] * factor, grad.data_ptr(),
+                     len(targets), logits.shape[-1])
+            return grad, None, None, None
         positive = bool(scale > 0)
         # scale * softmax = exp(x - lse + log(scale)): the scale costs no pass of its own when it is positive
         shift = lse - scale.log() if positive else lse
         in_place = ctx.overwrite and logits.dtype == torch.float32
-        grad = logits if ctx.overwrite else torch.empty_like(logits)
-        grad[len(targets):] = 0
         for rows in _row_blocks(len(targets)):
             # in fp32 whatever the logits' dtype, as cross_entropy computes its gradient
             block = logits[rows].sub_(shift[rows, None]) if in_place else logits[rows].float() - shift[rows, None]

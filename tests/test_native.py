@@ -110,7 +110,8 @@ def _relative_error(mine, reference):
 
 def _bf16_steps_apart(mine, reference):
     """The most bf16 rounding steps between two bf16 tensors' elements (their bit patterns as integers: adjacent
-    bf16 values of one sign differ by 1)."""
+    bf16 values of one sign differ by 1; -0 made +0 first, the same value)."""
+    mine, reference = mine + 0.0, reference + 0.0
     return int((mine.view(torch.int16).int() - reference.view(torch.int16).int()).abs().max())
 
 
@@ -130,23 +131,26 @@ def _as_torchs(pairs, dtype):
 
 
 @in_fp32_and_bf16
-def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype):
-    """Forward and input gradient as the torch path's (_as_torchs), rows of a width that is no multiple of either
-    vector width included; a NaN stays in its own row."""
+@pytest.mark.parametrize("weight_trains", [False, True], ids=["frozen", "trained"])
+def test_rms_norm_computes_what_torchs_ops_do(c_kernels, dtype, weight_trains):
+    """Forward, input gradient and a trained weight's gradient (a sum over rows, here 111 of them, more than a
+    thread's share) as the torch path's (_as_torchs), rows of a width that is no multiple of either vector width
+    included; a NaN stays in its own row."""
     from llmfinetune.kernels import _RMSNorm
 
     generator = torch.Generator().manual_seed(0)
     for width in (512, 100, 7):
         hidden = torch.randn(3, 37, width, generator=generator).to(dtype).requires_grad_()
-        weight = (torch.rand(width, generator=generator) + 0.5).to(dtype)
+        weight = (torch.rand(width, generator=generator) + 0.5).to(dtype).requires_grad_(weight_trains)
         grad = torch.randn(3, 37, width, generator=generator).to(dtype)
         results = []
         for library in (c_kernels, None):
             with _library(library):
-                hidden.grad = None
+                hidden.grad = weight.grad = None
                 output = _RMSNorm.apply(hidden, weight, 1e-6)
                 output.backward(grad)
-                results.append((output.detach(), hidden.grad.clone()))
+                results.append((output.detach(), hidden.grad.clone(),
+                                *([weight.grad.clone()] if weight_trains else [])))
         _as_torchs(zip(*results), dtype)
     with _library(c_kernels), torch.no_grad():
         hidden = torch.randn(4, 512, dtype=dtype)
@@ -222,3 +226,42 @@ def test_the_softmax_of_the_heads_logits_is_torchs(c_kernels, width):
     assert _relative_error(logits[:4], expected) < 1e-6 and _relative_error(lse[:4], expected_lse) < 1e-6
     assert logits[4].isnan().all() and lse[4] == float("-inf")
     assert logits[5].isnan().all() and lse[5].isnan()
+
+
+@in_fp32_and_bf16
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_cross_entropy_computes_what_torchs_ops_do(c_kernels, dtype, smoothing):
+    """The LM head's loss (lm_head._TargetsCrossEntropy) on the C kernels as on torch's ops: the loss within 1e-6, the
+    logits' gradient within 1e-5 in fp32 and as _as_torchs says in bf16, written over the logits or into a tensor of its own, for logits far from 0,
+    a vocabulary that is no multiple of either vector width, -inf logits, rows past the targets (zero gradient), upstream
+    gradients above 1, below and zero; a NaN logit makes the loss NaN and its own row's gradient NaN only."""
+    from llmfinetune.lm_head import _TargetsCrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    for vocabulary in (8000, 37):
+        logits = (torch.randn(29, vocabulary, generator=generator) * 8 + 30).to(dtype)
+        targets = torch.randint(0, vocabulary, (25,), generator=generator)  # 4 rows past the targets
+        if not smoothing:  # (smoothing's mean over the vocabulary makes -inf logits an infinite loss)
+            logits[3, ::5] = float("-inf")
+            targets[3] = 1
+        for scale, overwrite in ((0.01, True), (3.0, False), (0.0, False), (-0.5, True)):
+            results = []
+            for library in (c_kernels, None):
+                with _library(library):
+                    given = logits.clone().requires_grad_()
+                    loss = _TargetsCrossEntropy.apply(given * 1, targets, smoothing, overwrite)
+                    (loss * scale).backward()
+                    results.append((loss.detach(), given.grad))
+            (loss, grad), (torch_loss, torch_grad) = results
+            assert abs(float(loss - torch_loss)) <= 1e-6 * abs(float(torch_loss))
+            assert not grad[25:].any()
+            if dtype == torch.float32:  # both round x - lse, ~4e-6 absolute at logits ~50 (torch's path x - (lse - log s))
+                assert (grad - torch_grad).abs().max() <= 1e-5 * torch_grad.abs().max()
+            else:
+                _as_torchs([(grad, torch_grad)], dtype)
+    with _library(c_kernels):
+        logits[5, 11] = float("nan")
+        given = logits.clone().requires_grad_()
+        loss = _TargetsCrossEntropy.apply(given * 1, targets, smoothing, True)
+        loss.backward()
+        assert loss.isnan() and given.grad[5].isnan().all() and not given.grad[[4, 6]].isnan().any()

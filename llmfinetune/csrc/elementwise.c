@@ -3,6 +3,9 @@
 // the rotary embedding both ways (fp32, and bf16 rounded where torch's ops round), the softmax of the LM head's logits
 // (fp32). Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested against the
 // torch functions they replace (tests/test_native.py, tests/test_kernels.py).
+#include <omp.h>
+#include <stdlib.h>
+
 #include "vectors.h"
 
 // sigmoid(x) = 1 / (1 + exp(-x)), from exp(-|x|) <= 1 so that nothing overflows; NaN kept.
@@ -47,7 +50,9 @@ SWIGLU_BACKWARD(swiglu_backward_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
 // the backward; x and out rows x width, contiguous. Its input gradient: r * g - x * r^3 * mean(g * x), g = grad *
 // weight. In fp32 (rms_norm_forward, rms_norm_backward) and in bf16 (x, weight, out and grad bf16), rounding where
 // torch's ops round in kernels._RMSNorm: forward weight * bf16(x * r); backward from g = bf16(grad * weight), the
-// rest in fp32 and rounded once.
+// rest in fp32 and rounded once. Where the weight trains (grad_weight not NULL, width fp32 zeros), its gradient, the
+// sum over rows of bf16(grad * bf16(x * r)), is added into grad_weight in fp32 (the caller rounds it once, as torch's
+// sum of bf16 does).
 #define RMS_NORM(FORWARD, BACKWARD, T, LOAD, STORE, ROUND, TO_FLOAT, ROUND1, FROM_FLOAT)                               \
     void FORWARD(const T *x, const T *weight, float eps, T *out, float *inverse_rms, long rows, int width) {           \
         _Pragma("omp parallel for schedule(static)")                                                                  \
@@ -66,24 +71,41 @@ SWIGLU_BACKWARD(swiglu_backward_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
         }                                                                                                             \
     }                                                                                                                 \
                                                                                                                       \
-    void BACKWARD(const T *grad, const T *x, const T *weight, const float *inverse_rms, T *grad_x, long rows,         \
-                  int width) {                                                                                        \
-        _Pragma("omp parallel for schedule(static)")                                                                  \
-        for (long r = 0; r < rows; r++) {                                                                             \
-            const T *row = x + r * width, *d = grad + r * width;                                                      \
-            T *o = grad_x + r * width;                                                                                \
-            float inverse = inverse_rms[r];                                                                           \
-            vf acc = {};                                                                                              \
-            int i = 0;                                                                                                \
-            for (; i + VL <= width; i += VL) acc += ROUND(LOAD(d + i) * LOAD(weight + i)) * LOAD(row + i);            \
-            float along = hsum(acc);                                                                                  \
-            for (; i < width; i++) along += ROUND1(TO_FLOAT(d[i]) * TO_FLOAT(weight[i])) * TO_FLOAT(row[i]);          \
-            float c = -along * inverse * inverse * inverse / width;                                                   \
-            for (i = 0; i + VL <= width; i += VL)                                                                     \
-                STORE(o + i, ROUND(LOAD(d + i) * LOAD(weight + i)) * inverse + LOAD(row + i) * c);                    \
-            for (; i < width; i++)                                                                                    \
-                o[i] = FROM_FLOAT(ROUND1(TO_FLOAT(d[i]) * TO_FLOAT(weight[i])) * inverse + TO_FLOAT(row[i]) * c);     \
+    void BACKWARD(const T *grad, const T *x, const T *weight, const float *inverse_rms, T *grad_x,                   \
+                  float *grad_weight, long rows, int width) {                                                         \
+        /* The weight's gradient, a sum over rows: each thread's rows into its own fp32 row, those added in thread    \
+           order after (the same sum every run) */                                                                    \
+        int threads = omp_get_max_threads();                                                                          \
+        float *partials = grad_weight ? calloc((size_t)threads * width, sizeof(float)) : NULL;                        \
+        _Pragma("omp parallel num_threads(threads)")                                                                  \
+        {                                                                                                             \
+            float *mine = partials ? partials + (long)omp_get_thread_num() * width : NULL;                            \
+            _Pragma("omp for schedule(static)")                                                                       \
+            for (long r = 0; r < rows; r++) {                                                                         \
+                const T *row = x + r * width, *d = grad + r * width;                                                  \
+                T *o = grad_x + r * width;                                                                            \
+                float inverse = inverse_rms[r];                                                                       \
+                vf acc = {};                                                                                          \
+                int i = 0;                                                                                            \
+                for (; i + VL <= width; i += VL) acc += ROUND(LOAD(d + i) * LOAD(weight + i)) * LOAD(row + i);        \
+                float along = hsum(acc);                                                                              \
+                for (; i < width; i++) along += ROUND1(TO_FLOAT(d[i]) * TO_FLOAT(weight[i])) * TO_FLOAT(row[i]);      \
+                float c = -along * inverse * inverse * inverse / width;                                               \
+                for (i = 0; i + VL <= width; i += VL)                                                                 \
+                    STORE(o + i, ROUND(LOAD(d + i) * LOAD(weight + i)) * inverse + LOAD(row + i) * c);                \
+                for (; i < width; i++)                                                                                \
+                    o[i] = FROM_FLOAT(ROUND1(TO_FLOAT(d[i]) * TO_FLOAT(weight[i])) * inverse + TO_FLOAT(row[i]) * c); \
+                if (!mine) continue;                                                                                  \
+                /* grad * bf16(x * r): the forward's normalised input as it multiplied the weight */                  \
+                for (i = 0; i + VL <= width; i += VL)                                                                 \
+                    st(mine + i, ld(mine + i) + ROUND(LOAD(d + i) * ROUND(LOAD(row + i) * inverse)));                 \
+                for (; i < width; i++) mine[i] += ROUND1(TO_FLOAT(d[i]) * ROUND1(TO_FLOAT(row[i]) * inverse));        \
+            }                                                                                                         \
         }                                                                                                             \
+        if (!partials) return;                                                                                        \
+        for (int t = 0; t < threads; t++)                                                                             \
+            for (int i = 0; i < width; i++) grad_weight[i] += partials[(long)t * width + i];                          \
+        free(partials);                                                                                               \
     }
 
 RMS_NORM(rms_norm_forward, rms_norm_backward, float, ld, st, same, same1, same1, same1)
@@ -161,3 +183,57 @@ void softmax_rows(float *logits, long rows, int width, float *lse) {
         lse[r] = top + logf(sum);
     }
 }
+
+// The cross-entropy of rows of logits against one target each (the LM head's loss, lm_head._TargetsCrossEntropy),
+// fp32 or bf16 logits, every sum and exp in fp32. Forward: each row's log-sum-exp into lse, and where sums is not
+// NULL (label smoothing) the row's sum: one read of the logits, where torch's cast, logsumexp and sum read them
+// three times and wrote a copy. Backward: the gradient of scale * (sum over rows of the loss) as the loss's torch
+// path computes it, scale * softmax(x) + target_delta at the target, then - uniform_delta, rounded once (bf16), into
+// grad (which may be the logits themselves): one pass, where the cast, subtraction, exp, scatter and cast back took
+// five.
+#define CROSS_ENTROPY(FORWARD, BACKWARD, T, LOAD, STORE, TO_FLOAT, FROM_FLOAT)                                         \
+    void FORWARD(const T *logits, long rows, int width, float *lse, float *sums) {                                    \
+        _Pragma("omp parallel for schedule(static)")                                                                  \
+        for (long r = 0; r < rows; r++) {                                                                             \
+            const T *x = logits + r * width;                                                                          \
+            vf top_v = bc(-INFINITY), all_v = {};                                                                     \
+            int j = 0;                                                                                                \
+            for (; j + VL <= width; j += VL) {                                                                        \
+                vf v = LOAD(x + j);                                                                                   \
+                top_v = sel(v > top_v, v, top_v);                                                                     \
+                all_v += v;                                                                                           \
+            }                                                                                                         \
+            float top = -INFINITY, all = hsum(all_v);                                                                 \
+            for (int c = 0; c < VL; c++) top = top_v[c] > top ? top_v[c] : top;                                       \
+            for (; j < width; j++) {                                                                                  \
+                float v = TO_FLOAT(x[j]);                                                                             \
+                top = v > top ? v : top;                                                                              \
+                all += v;                                                                                             \
+            }                                                                                                         \
+            vf sum_v = {};                                                                                            \
+            for (j = 0; j + VL <= width; j += VL) sum_v += vexp(LOAD(x + j) - top);                                   \
+            float sum = hsum(sum_v);                                                                                  \
+            for (; j < width; j++) sum += vexp(bc(TO_FLOAT(x[j]) - top))[0];                                          \
+            lse[r] = top + logf(sum);                                                                                 \
+            if (sums) sums[r] = all;                                                                                  \
+        }                                                                                                             \
+    }                                                                                                                 \
+                                                                                                                      \
+    void BACKWARD(const T *logits, const float *lse, const long *targets, float scale, float target_delta,            \
+                  float uniform_delta, T *grad, long rows, int width) {                                               \
+        _Pragma("omp parallel for schedule(static)")                                                                  \
+        for (long r = 0; r < rows; r++) {                                                                             \
+            const T *x = logits + r * width;                                                                          \
+            T *g = grad + r * width;                                                                                  \
+            float shift = lse[r];                                                                                     \
+            long target = targets[r];                                                                                 \
+            float at_target = vexp(bc(TO_FLOAT(x[target]) - shift))[0] * scale + target_delta;                        \
+            int j = 0;                                                                                                \
+            for (; j + VL <= width; j += VL) STORE(g + j, vexp(LOAD(x + j) - shift) * scale - uniform_delta);         \
+            for (; j < width; j++) g[j] = FROM_FLOAT(vexp(bc(TO_FLOAT(x[j]) - shift))[0] * scale - uniform_delta);    \
+            g[target] = FROM_FLOAT(at_target - uniform_delta);                                                        \
+        }                                                                                                             \
+    }
+
+CROSS_ENTROPY(cross_entropy_forward, cross_entropy_backward, float, ld, st, same1, same1)
+CROSS_ENTROPY(cross_entropy_forward_bf16, cross_entropy_backward_bf16, uint16_t, ldh, sth, h2f, f2h)

@@ -1,11 +1,11 @@
-"""Causal attention of a packed row's examples on the CPU, fp32, through the package's C kernel (csrc/packed_attention.c;
-why it exists is said there), built and loaded by native.py.
+"""Causal attention of a packed row's examples on the CPU, fp32 or bf16 (computed in fp32), through the package's C
+kernel (csrc/packed_attention.c; why it exists is said there), built and loaded by native.py.
 
 SFT bench's shapes (27M Qwen2, 8 query / 2 key-value heads of 64, a 1900-token row of 20 examples of 15-130 tokens,
 one layer, AMD avx512_bf16, 2 cores): forward 3.3 against 6.3 ms, backward 5.0 against 11.4 for torch's flash kernel
 once per example (bench/README.md, #12, session 24). Used by packing's per-example attention in training (grad
-enabled) for examples up to MAX_EXAMPLE_TOKENS long, head_dim 64, fp32, no dropout and no sliding window shorter
-than the example, wherever native.library() has the kernels (x86 with AVX-512 or AVX2, GCC, torch on libgomp);
+enabled) for examples up to MAX_EXAMPLE_TOKENS long, head_dim 64, fp32 or bf16, no dropout and no sliding window
+shorter than the example, wherever native.library() has the kernels (x86 with AVX-512 or AVX2, GCC, torch on libgomp);
 anywhere else torch's kernel runs. Set LLMFINETUNE_CPU_ATTENTION=0 to keep torch's kernel.
 """
 from __future__ import annotations
@@ -24,8 +24,10 @@ MAX_EXAMPLE_TOKENS = 512
 
 
 def usable(query, key, value, dropout: float, window) -> bool:
-    """Whether this call may run on the kernel: a training forward on the CPU in fp32 with head_dim 64."""
-    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32
+    """Whether this call may run on the kernel: a training forward on the CPU in fp32 or bf16 (all three the same)
+    with head_dim 64."""
+    return (query.device.type == "cpu" and query.dtype == key.dtype == value.dtype
+            and query.dtype in (torch.float32, torch.bfloat16)
             and query.shape[-1] == HEAD_DIM and query.shape[0] == 1 and query.shape[1] % key.shape[1] == 0
             and not dropout and window is None and torch.is_grad_enabled()
             and any(t.requires_grad for t in (query, key, value)) and _library() is not None)
@@ -61,11 +63,14 @@ class _PackedAttention(torch.autograd.Function):
         layout = (torch.empty_like(lens), lens, torch.empty(len(lengths), dtype=torch.int64))  # starts, lens, poff
         probabilities = torch.empty(_library().packed_attention_layout(
             lens.data_ptr(), len(lengths), heads, layout[0].data_ptr(), layout[2].data_ptr()))
-        output = torch.empty(1, tokens, heads, HEAD_DIM)
+        output = query.new_empty(1, tokens, heads, HEAD_DIM)
+        # bf16: the output in fp32 too, for the backward (its dO . O as in fp32; fp32's output is this tensor itself)
+        wide_output = torch.empty(output.shape) if _is_bf16(query) else output
         _library().packed_attention_forward(
-            *_strided(query), *_strided(key), *_strided(value), output.data_ptr(), probabilities.data_ptr(),
-            *(t.data_ptr() for t in layout), len(lengths), heads, kv_heads, scale)
-        ctx.save_for_backward(query, key, value, output, probabilities, *layout)
+            *_strided(query), *_strided(key), *_strided(value), output.data_ptr(),
+            wide_output.data_ptr() if _is_bf16(query) else None, probabilities.data_ptr(),
+            *(t.data_ptr() for t in layout), len(lengths), heads, kv_heads, scale, _is_bf16(query))
+        ctx.save_for_backward(query, key, value, wide_output, probabilities, *layout)
         ctx.scale = scale
         return output
 
@@ -74,14 +79,19 @@ class _PackedAttention(torch.autograd.Function):
     def backward(ctx, grad):
         query, key, value, output, probabilities, *layout = ctx.saved_tensors
         heads, tokens, kv_heads = query.shape[1], query.shape[2], key.shape[1]
-        grad = grad.contiguous()
-        grad_query = torch.empty(1, tokens, heads, HEAD_DIM)
-        grad_key, grad_value = torch.empty(1, kv_heads, tokens, HEAD_DIM), torch.empty(1, kv_heads, tokens, HEAD_DIM)
+        grad = grad.to(query.dtype).contiguous()
+        grad_query = query.new_empty(1, tokens, heads, HEAD_DIM)
+        grad_key, grad_value = (query.new_empty(1, kv_heads, tokens, HEAD_DIM) for _ in range(2))
         _library().packed_attention_backward(
             *_strided(query), *_strided(key), *_strided(value), output.data_ptr(), grad.data_ptr(),
             probabilities.data_ptr(), grad_query.data_ptr(), grad_key.data_ptr(), grad_value.data_ptr(),
-            *(t.data_ptr() for t in layout), len(layout[1]), heads, kv_heads, ctx.scale, tokens)
+            *(t.data_ptr() for t in layout), len(layout[1]), heads, kv_heads, ctx.scale, tokens, _is_bf16(query))
         return grad_query.transpose(1, 2), grad_key, grad_value, None, None
+
+
+def _is_bf16(tensor) -> int:
+    """The kernel's bf16 flag: its tensors bf16 (read and written as such, computed in fp32), else fp32."""
+    return int(tensor.dtype == torch.bfloat16)
 
 
 def _strided(tensor):

@@ -38,8 +38,8 @@ _LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, le
 SIGNATURES = {
     "packed_attention_vector_width": ([], _INT),
     "packed_attention_layout": ([_POINTER, _INT, _INT, _POINTER, _POINTER], _LONG),
-    "packed_attention_forward": ([*_STRIDED * 3, _POINTER, _POINTER, *_LAYOUT], None),
-    "packed_attention_backward": ([*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG], None),
+    "packed_attention_forward": ([*_STRIDED * 3, _POINTER, _POINTER, _POINTER, *_LAYOUT, _INT], None),
+    "packed_attention_backward": ([*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG, _INT], None),
     "swiglu_backward": ([_POINTER] * 5 + [_LONG], None),
     "swiglu_backward_bf16": ([_POINTER] * 5 + [_LONG], None),
     "rms_norm_forward": ([_POINTER, _POINTER, _FLOAT, _POINTER, _POINTER, _LONG, _INT], None),

@@ -343,8 +343,8 @@ def _per_example_sdpa(module, query, key, value, bounds, window, dropout, scalin
         # fp32, which keeps none (autocast would cast back to bf16). Under autocast with an fp32 base the rotary
         # embedding already made query fp32, hence the autocast check.
         with torch.autocast("cpu", enabled=False):
-            return _examples_sdpa(module, query.float(), key.float(), value.float(), lengths, window, dropout,
-                                  scaling).to(dtype)
+            return _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling, torch_in_fp32=True
+                                  ).to(dtype)
     return _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
 
 
@@ -352,15 +352,21 @@ def _per_example_sdpa(module, query, key, value, bounds, window, dropout, scalin
 _per_example_uncompiled = _per_example_sdpa
 
 
-def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling):
+def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling, torch_in_fp32=False):
     import torch
 
     from . import cpu_attention
 
-    # Training on the CPU in fp32: each run of examples up to cpu_attention.MAX_EXAMPLE_TOKENS long in one call of
-    # the package's kernel, ~2x torch's; longer examples in torch's, as fast there and saving no probabilities.
+    # Training on the CPU in fp32 or bf16: each run of examples up to cpu_attention.MAX_EXAMPLE_TOKENS long in one
+    # call of the package's kernel, ~2x torch's; longer examples in torch's, as fast there and saving no
+    # probabilities. torch_in_fp32: torch's kernel gets fp32 tensors; the package's reads bf16 ones as they are.
     short = [length for length in lengths if length <= cpu_attention.MAX_EXAMPLE_TOKENS]
-    if short and cpu_attention.usable(query, key, value, dropout, window if window and window < max(short) else None):
+    kernel_window = window if window and short and window < max(short) else None
+    kernel_takes_them = bool(short) and cpu_attention.usable(query, key, value, dropout, kernel_window)
+    if torch_in_fp32 and not kernel_takes_them:
+        query, key, value = query.float(), key.float(), value.float()
+        kernel_takes_them = bool(short) and cpu_attention.usable(query, key, value, dropout, kernel_window)
+    if kernel_takes_them:
         runs = cpu_attention.runs(lengths)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         # One run is not split into one piece: a split's backward concatenates its pieces' gradients, a copy of each
@@ -368,7 +374,8 @@ def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)
         pieces = ([(query, key, value)] if len(runs) == 1 else
                   zip(*(t.split([sum(run) for _, run in runs], dim=2) for t in (query, key, value))))
         outputs = [cpu_attention.attention(*qkv, run, scale) if kernel
-                   else _torch_examples_sdpa(module, *qkv, run, window, dropout, scaling)
+                   else _torch_examples_sdpa(module, *(t.float() if torch_in_fp32 else t for t in qkv), run, window,
+                                             dropout, scaling).to(query.dtype)
                    for (kernel, run), qkv in zip(runs, pieces)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return _torch_examples_sdpa(module, query, key, value, lengths, window, dropout, scaling)

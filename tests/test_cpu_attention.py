@@ -74,6 +74,39 @@ def test_the_same_to_the_bit_on_any_thread_count(c_kernels):
     assert all(torch.equal(a, b) for a, b in zip(alone, shared))
 
 
+def test_in_bf16_it_is_the_fp32_kernel_rounded_with_no_casts(c_kernels):
+    """bf16 query, key and value (as a bf16 model's layers make them) are read and written by the kernel itself: the
+    output and gradients are the fp32 kernel's on the same values, rounded to bf16, to the bit; and the packed
+    attention of a bf16 model runs it with no cast of its own (one kernel call, no _to_copy either way)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llmfinetune.packing import _per_example_sdpa
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            seen.append(op.overloadpacket.__name__)
+            return op(*args, **(kwargs or {}))
+
+    halves = [t.detach().bfloat16().requires_grad_() for t in _inputs(LENGTHS, 8, 2)]
+    assert cpu_attention.usable(*halves, 0.0, None)
+    grad = torch.randn(1, sum(LENGTHS), 8, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    wide = _run(cpu_attention.attention, [t.detach().float().requires_grad_() for t in halves], LENGTHS, grad.float())
+    seen, calls = [], []
+    kernel = cpu_attention.attention
+    cpu_attention.attention = lambda *args: calls.append(1) or kernel(*args)
+    module = type("Attention", (), {"num_key_value_groups": 4})()
+    bounds = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()])
+    try:
+        with Ops():
+            ours = _run(lambda q, k, v, lengths, scale: _per_example_sdpa(module, q, k, v, bounds, None, 0.0, scale),
+                        halves, LENGTHS, grad)
+    finally:
+        cpu_attention.attention = kernel
+    assert calls == [1] and "_to_copy" not in seen, seen
+    for name, mine, reference in zip(("output", "query", "key", "value"), ours, wide):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, reference.bfloat16()), name
+
+
 def test_a_nan_reaches_the_rows_that_see_it_and_no_other(c_kernels):
     """A NaN in one key reaches the output rows of its example's queries from that position on, and nothing before
     it or in another example (a NaN guard reads it in the loss: the kernel must not swallow it)."""
@@ -142,7 +175,9 @@ def test_it_runs_only_where_it_is_the_same_computation():
     assert not cpu_attention.usable(*inputs, 0.0, 4)  # a sliding window shorter than an example
     with torch.no_grad():  # evaluation and generation keep torch's kernel (nothing to save for a backward)
         assert not cpu_attention.usable(*inputs, 0.0, None)
-    assert not cpu_attention.usable(*(t.detach().to(torch.bfloat16).requires_grad_() for t in inputs), 0.0, None)
+    assert not cpu_attention.usable(*(t.detach().half().requires_grad_() for t in inputs), 0.0, None)
+    assert not cpu_attention.usable(inputs[0], *(t.detach().bfloat16().requires_grad_() for t in inputs[1:]), 0.0,
+                                    None)  # mixed dtypes (autocast over an fp32 base): cast to fp32 first
     with pytest.raises(ValueError, match="examples of 10 tokens in a row of 11"):
         cpu_attention.attention(*inputs, [4, 6], 0.125)
     wide = [torch.randn(1, 2, 11, 128, requires_grad=True) for _ in range(3)]

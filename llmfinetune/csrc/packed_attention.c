@@ -10,12 +10,18 @@
 // file is compiled with -fopenmp and loaded after torch, so it shares torch's libgomp: a second runtime's threads would
 // compete with torch's spinning ones).
 //
-// Layouts (floats): q [T, H, HEAD_DIM] with token stride qts and head stride qhs; k, v likewise with KV heads; out,
+// Layouts (elements): q [T, H, HEAD_DIM] with token stride qts and head stride qhs; k, v likewise with KV heads; out,
 // dout, dq [T, H, HEAD_DIM] contiguous; dk, dv [KV, T, HEAD_DIM] contiguous. p holds each (example, head)'s
 // probabilities at poff[example] + head * head_size(L), as its 4-row blocks one after the other, each block's rows
 // as wide as the keys the block reaches rounded up to KEY_TILE: about half of L x L, the causal part and its tiles'
 // margin. packed_attention_layout computes starts and poff (and the caller allocates p from its total). Tested
 // against torch's SDPA (tests/test_cpu_attention.py).
+//
+// With bf16 set, q, k, v, out, dout, dq, dk and dv are bf16 (p stays fp32): a task widens its example's rows into
+// fp32 buffers as it starts (in cache) and rounds its results back (to nearest even) as it ends, so the arithmetic
+// is the fp32 kernel's and bf16 tensors need no cast before and after it (a pass over memory each, 64 a step on the
+// SFT bench). The forward then also writes its output in fp32 (out32), which the backward reads as out, so that its
+// dO . O is the fp32 kernel's too: the results are the fp32 kernel's on the same inputs, rounded.
 #include <stdlib.h>
 #include <string.h>
 
@@ -116,10 +122,40 @@ static void rows_into_keys(const float *w, int ws, int rows, int jmax, const flo
     }
 }
 
-// HEAD_DIM x lp, zero past the L rows of x (stride xs).
-static void transpose(const float *x, long xs, int L, int lp, float *xt) {
+// HEAD_DIM x lp, zero past the L rows of x (stride xs; bf16 where bf16 is set).
+static void transpose(const void *x, long xs, int bf16, int L, int lp, float *xt) {
     for (int j = 0; j < lp; j++)
-        for (int d = 0; d < HEAD_DIM; d++) xt[(long)d * lp + j] = j < L ? x[(long)j * xs + d] : 0.0f;
+        for (int d = 0; d < HEAD_DIM; d++) {
+            long at = (long)j * xs + d;
+            xt[(long)d * lp + j] = j >= L ? 0.0f : bf16 ? h2f(((const uint16_t *)x)[at]) : ((const float *)x)[at];
+        }
+}
+
+// L rows of HEAD_DIM bf16 values (stride xs) as fp32 rows one after the other, and fp32 rows (stride ws) back.
+static void widen(const uint16_t *x, long xs, int L, float *wide) {
+    for (int j = 0; j < L; j++)
+        for (int d = 0; d < HEAD_DIM; d += VL) st(wide + (long)j * HEAD_DIM + d, ldh(x + (long)j * xs + d));
+}
+
+static void narrow(const float *wide, long ws, int L, uint16_t *x, long xs) {
+    for (int j = 0; j < L; j++)
+        for (int d = 0; d < HEAD_DIM; d += VL) sth(x + (long)j * xs + d, ld(wide + (long)j * ws + d));
+}
+
+// Where the kernel reads rows of a tensor: the tensor itself (fp32), or its rows widened into `buffer`, HEAD_DIM apart.
+static const float *rows_of(const void *x, long xs, int bf16, int L, float *buffer, long *stride) {
+    if (!bf16) {
+        *stride = xs;
+        return (const float *)x;
+    }
+    widen(x, xs, L, buffer);
+    *stride = HEAD_DIM;
+    return buffer;
+}
+
+// The element at `index` of an fp32 or bf16 array.
+static inline const void *at(const void *x, int bf16, long index) {
+    return (const char *)x + index * (bf16 ? 2 : 4);
 }
 
 // Softmax of the causal part of one probability row (keys 0..i), zero from i + 1 to the next multiple of VL: no
@@ -144,81 +180,97 @@ static void causal_softmax(float *row, int i) {
     for (int j = 0; j < nv; j += VL) st(row + j, ld(row + j) * inverse);
 }
 
-void packed_attention_forward(const float *q, long qts, long qhs, const float *k, long kts, long khs, const float *v,
-                              long vts, long vhs, float *out, float *p, const int *starts, const int *lens,
-                              const long *poff, int examples, int H, int KV, float scale) {
-    int group = H / KV;
-#pragma omp parallel
-    {
-        float *kt = NULL;
-        int capacity = 0;
-#pragma omp for schedule(dynamic, 1)
-        for (int t = 0; t < examples * KV; t++) {
-            int e = t / KV, g = t % KV, s = starts[e], L = lens[e], lp = padded(L);
-            if (HEAD_DIM * lp > capacity) {
-                free(kt);
-                capacity = HEAD_DIM * lp;
-                kt = malloc(sizeof(float) * capacity);
-            }
-            transpose(k + (long)s * kts + (long)g * khs, kts, L, lp, kt);
-            const float *vb = v + (long)s * vts + (long)g * vhs;
-            long per_head = head_size(L);
-            for (int h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = q + (long)s * qts + (long)h * qhs;
-                float *block = p + poff[e] + h * per_head, *oh = out + ((long)s * H + h) * HEAD_DIM;
-                for (int i0 = 0; i0 < L; i0 += 4) {
-                    int rows = block_rows(L, i0), jmax = i0 + rows, width = padded(jmax);
-                    rows_by_keys(qh + (long)i0 * qts, qts, rows, kt, lp, jmax, block, width, scale);
-                    for (int r = 0; r < rows; r++) causal_softmax(block + (long)r * width, i0 + r);
-                    weights_by_rows(block, width, rows, jmax, vb, vts, oh + (long)i0 * H * HEAD_DIM,
-                                    (long)H * HEAD_DIM);
-                    block += (long)rows * width;
-                }
-            }
-        }
-        free(kt);
-    }
-}
-
-void packed_attention_backward(const float *q, long qts, long qhs, const float *k, long kts, long khs,
-                               const float *v, long vts, long vhs, const float *out, const float *dout, const float *p,
-                               float *dq, float *dk, float *dv, const int *starts, const int *lens, const long *poff,
-                               int examples, int H, int KV, float scale, long T) {
+void packed_attention_forward(const void *q, long qts, long qhs, const void *k, long kts, long khs, const void *v,
+                              long vts, long vhs, void *out, float *out32, float *p, const int *starts,
+                              const int *lens, const long *poff, int examples, int H, int KV, float scale, int bf16) {
     int group = H / KV;
     long hs = (long)H * HEAD_DIM;
 #pragma omp parallel
     {
-        float *vt = NULL, *ds = NULL;
+        // kt: the keys transposed; wide (bf16 only): the value rows and a head's query rows
+        float *kt = NULL, *wide = NULL;
         int capacity = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int t = 0; t < examples * KV; t++) {
             int e = t / KV, g = t % KV, s = starts[e], L = lens[e], lp = padded(L);
             if (HEAD_DIM * lp > capacity) {
-                free(vt); free(ds);
+                free(kt); free(wide);
+                capacity = HEAD_DIM * lp;
+                kt = malloc(sizeof(float) * capacity);
+                wide = bf16 ? malloc(sizeof(float) * 2 * capacity) : NULL;
+            }
+            transpose(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, L, lp, kt);
+            long vs, qs;
+            const float *vb = rows_of(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, L, wide, &vs);
+            long per_head = head_size(L);
+            for (int h = g * group; h < (g + 1) * group; h++) {
+                const float *qh = rows_of(at(q, bf16, (long)s * qts + (long)h * qhs), qts, bf16, L,
+                                          wide + capacity, &qs);
+                long head_at = ((long)s * H + h) * HEAD_DIM;
+                // in bf16 the output in fp32 too, in out32: the backward's dO . O reads it unrounded
+                float *block = p + poff[e] + h * per_head, *oh = (bf16 ? out32 : (float *)out) + head_at;
+                for (int i0 = 0; i0 < L; i0 += 4) {
+                    int rows = block_rows(L, i0), jmax = i0 + rows, width = padded(jmax);
+                    rows_by_keys(qh + (long)i0 * qs, qs, rows, kt, lp, jmax, block, width, scale);
+                    for (int r = 0; r < rows; r++) causal_softmax(block + (long)r * width, i0 + r);
+                    weights_by_rows(block, width, rows, jmax, vb, vs, oh + (long)i0 * hs, hs);
+                    block += (long)rows * width;
+                }
+                if (bf16) narrow(oh, hs, L, (uint16_t *)out + head_at, hs);
+            }
+        }
+        free(kt); free(wide);
+    }
+}
+
+void packed_attention_backward(const void *q, long qts, long qhs, const void *k, long kts, long khs,
+                               const void *v, long vts, long vhs, const float *out, const void *dout, const float *p,
+                               void *dq, void *dk, void *dv, const int *starts, const int *lens, const long *poff,
+                               int examples, int H, int KV, float scale, long T, int bf16) {
+    int group = H / KV;
+    long hs = (long)H * HEAD_DIM;
+#pragma omp parallel
+    {
+        // vt: the values transposed; ds: a block's dS rows; wide (bf16 only): the key rows, dK, dV, and a head's
+        // query, dO and dQ rows (out is the forward's fp32 output in bf16 too: see out32)
+        float *vt = NULL, *ds = NULL, *wide = NULL;
+        int capacity = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < examples * KV; t++) {
+            int e = t / KV, g = t % KV, s = starts[e], L = lens[e], lp = padded(L);
+            if (HEAD_DIM * lp > capacity) {
+                free(vt); free(ds); free(wide);
                 capacity = HEAD_DIM * lp;
                 vt = malloc(sizeof(float) * capacity);
                 ds = malloc(sizeof(float) * 4 * lp);
+                wide = bf16 ? malloc(sizeof(float) * 6 * capacity) : NULL;
             }
-            const float *kb = k + (long)s * kts + (long)g * khs;
-            transpose(v + (long)s * vts + (long)g * vhs, vts, L, lp, vt);
+            long ks, qs, dos, dqs = bf16 ? HEAD_DIM : hs;
+            const float *kb = rows_of(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, L, wide, &ks);
+            transpose(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, L, lp, vt);
             // this task's rows of dK and dV (its example, its key/value head): no other task writes them
-            float *dkb = dk + ((long)g * T + s) * HEAD_DIM, *dvb = dv + ((long)g * T + s) * HEAD_DIM;
+            long kv_at = ((long)g * T + s) * HEAD_DIM;
+            float *dkb = bf16 ? wide + capacity : (float *)dk + kv_at;
+            float *dvb = bf16 ? wide + 2 * capacity : (float *)dv + kv_at;
             memset(dkb, 0, sizeof(float) * L * HEAD_DIM);
             memset(dvb, 0, sizeof(float) * L * HEAD_DIM);
             long per_head = head_size(L);
             for (int h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = q + (long)s * qts + (long)h * qhs, *block = p + poff[e] + h * per_head;
-                const float *oh = out + ((long)s * H + h) * HEAD_DIM, *doh = dout + ((long)s * H + h) * HEAD_DIM;
-                float *dqh = dq + ((long)s * H + h) * HEAD_DIM;
+                long head_at = ((long)s * H + h) * HEAD_DIM;
+                const float *qh = rows_of(at(q, bf16, (long)s * qts + (long)h * qhs), qts, bf16, L,
+                                          wide + 3 * capacity, &qs);
+                const float *oh = out + head_at, *block = p + poff[e] + h * per_head;
+                const float *doh = rows_of(at(dout, bf16, head_at), hs, bf16, L, wide + 4 * capacity, &dos);
+                float *dqh = bf16 ? wide + 5 * capacity : (float *)dq + head_at;
                 for (int i0 = 0; i0 < L; i0 += 4) {
                     int rows = block_rows(L, i0), jmax = i0 + rows, width = padded(jmax);
-                    const float *do0 = doh + (long)i0 * hs;
-                    rows_into_keys(block, width, rows, jmax, do0, hs, dvb);    // dV[j] += P[i, j] dO[i]
-                    rows_by_keys(do0, hs, rows, vt, lp, jmax, ds, lp, 1.0f);  // dP = dO V^T
+                    const float *do0 = doh + (long)i0 * dos;
+                    rows_into_keys(block, width, rows, jmax, do0, dos, dvb);    // dV[j] += P[i, j] dO[i]
+                    rows_by_keys(do0, dos, rows, vt, lp, jmax, ds, lp, 1.0f);  // dP = dO V^T
                     for (int r = 0; r < rows; r++) {
                         // dS = P (dP - dO . O) * scale: zero past the diagonal up to the block's last key, where P is
                         // zero (what lies beyond is never read)
-                        const float *orow = oh + (long)(i0 + r) * hs, *drow = do0 + (long)r * hs;
+                        const float *orow = oh + (long)(i0 + r) * hs, *drow = do0 + (long)r * dos;
                         vf dot = {};
                         for (int d = 0; d < HEAD_DIM; d += VL) dot += ld(orow + d) * ld(drow + d);
                         float delta = hsum(dot);
@@ -227,12 +279,17 @@ void packed_attention_backward(const float *q, long qts, long qhs, const float *
                         for (int j = 0; j < width; j += VL)
                             st(srow + j, ld(prow + j) * (ld(srow + j) - delta) * scale);
                     }
-                    weights_by_rows(ds, lp, rows, jmax, kb, kts, dqh + (long)i0 * hs, hs);  // dQ = dS K
-                    rows_into_keys(ds, lp, rows, jmax, qh + (long)i0 * qts, qts, dkb);     // dK[j] += dS[i, j] Q[i]
+                    weights_by_rows(ds, lp, rows, jmax, kb, ks, dqh + (long)i0 * dqs, dqs);  // dQ = dS K
+                    rows_into_keys(ds, lp, rows, jmax, qh + (long)i0 * qs, qs, dkb);       // dK[j] += dS[i, j] Q[i]
                     block += (long)rows * width;
                 }
+                if (bf16) narrow(dqh, HEAD_DIM, L, (uint16_t *)dq + head_at, hs);
+            }
+            if (bf16) {
+                narrow(dkb, HEAD_DIM, L, (uint16_t *)dk + kv_at, HEAD_DIM);
+                narrow(dvb, HEAD_DIM, L, (uint16_t *)dv + kv_at, HEAD_DIM);
             }
         }
-        free(vt); free(ds);
+        free(vt); free(ds); free(wide);
     }
 }

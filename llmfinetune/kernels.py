@@ -102,7 +102,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, inverse_rms = ctx.saved_tensors
-        backward = c_kernel("rms_norm_backward", hidden, weight, grad := grad.contiguous())
+        backward = (c_kernel("rms_norm_backward", hidden, weight, grad := grad.contiguous())
+                    if weight.shape == hidden.shape[-1:] else None)
         if backward is not None:
             grad_hidden = torch.empty_like(hidden)
             # a trained weight's gradient (full fine-tuning), summed over the rows in fp32 and rounded once

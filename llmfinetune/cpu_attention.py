@@ -65,7 +65,7 @@ class _PackedAttention(torch.autograd.Function):
             lens.data_ptr(), len(lengths), heads, layout[0].data_ptr(), layout[2].data_ptr()))
         output = query.new_empty(1, tokens, heads, HEAD_DIM)
         # bf16: the output in fp32 too, for the backward (its dO . O as in fp32; fp32's output is this tensor itself)
-        wide_output = torch.empty(output.shape) if _is_bf16(query) else output
+        wide_output = torch.empty(output.shape, dtype=torch.float32) if _is_bf16(query) else output
         _library().packed_attention_forward(
             *_strided(query), *_strided(key), *_strided(value), output.data_ptr(),
             wide_output.data_ptr() if _is_bf16(query) else None, probabilities.data_ptr(),

@@ -77,6 +77,7 @@ SWIGLU_BACKWARD(swiglu_backward_bf16, uint16_t, ldh, sth, rnd, h2f, rnd1, f2h)
            order after (the same sum every run) */                                                                    \
         int threads = omp_get_max_threads();                                                                          \
         float *partials = grad_weight ? calloc((size_t)threads * width, sizeof(float)) : NULL;                        \
+        if (grad_weight && !partials) abort(); /* a lost gradient must not pass for a zero one */                     \
         _Pragma("omp parallel num_threads(threads)")                                                                  \
         {                                                                                                             \
             float *mine = partials ? partials + (long)omp_get_thread_num() * width : NULL;                            \

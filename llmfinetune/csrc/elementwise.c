@@ -1,8 +1,9 @@
 // Element-wise passes of a Llama-style block on the CPU, each one read of its inputs and one write of its outputs
-// where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward, the SwiGLU MLP's backward,
-// the rotary embedding both ways (fp32, and bf16 rounded where torch's ops round), the softmax of the LM head's logits
-// (fp32). Rows (tokens) or chunks run on torch's own OpenMP threads (see packed_attention.c). Tested against the
-// torch functions they replace (tests/test_native.py, tests/test_kernels.py).
+// where torch runs an op, and a pass over memory, per term: RMSNorm forward and backward (its weight's gradient
+// too), the SwiGLU MLP's backward, the rotary embedding both ways, the LM head's cross-entropy both ways (fp32, and
+// bf16 rounded where torch's ops round), the softmax of the fp32 head's logits. Rows (tokens) or chunks run on
+// torch's own OpenMP threads (see packed_attention.c). Tested against the torch functions they replace
+// (tests/test_native.py, tests/test_kernels.py).
 #include <omp.h>
 #include <stdlib.h>
 

@@ -86,7 +86,9 @@ SWAPPABLE = frozenset({
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, eps):
-        forward = c_kernel("rms_norm_forward", hidden, weight) if weight.shape == hidden.shape[-1:] else None
+        # the C kernels' layout: one weight per feature (decided here, read again by the backward)
+        ctx.weight_per_feature = weight.shape == hidden.shape[-1:]
+        forward = c_kernel("rms_norm_forward", hidden, weight) if ctx.weight_per_feature else None
         if forward is not None:  # one read and one write of the hidden states (csrc/elementwise.c)
             output = torch.empty_like(hidden)
             inverse_rms = hidden.new_empty(hidden.shape[:-1] + (1,), dtype=torch.float32)
@@ -103,7 +105,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, inverse_rms = ctx.saved_tensors
         backward = (c_kernel("rms_norm_backward", hidden, weight, grad := grad.contiguous())
-                    if weight.shape == hidden.shape[-1:] else None)
+                    if ctx.weight_per_feature else None)
         if backward is not None:
             grad_hidden = torch.empty_like(hidden)
             # a trained weight's gradient (full fine-tuning), summed over the rows in fp32 and rounded once

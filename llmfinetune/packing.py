@@ -362,11 +362,13 @@ def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling,
     # probabilities. torch_in_fp32: torch's kernel gets fp32 tensors; the package's reads bf16 ones as they are.
     short = [length for length in lengths if length <= cpu_attention.MAX_EXAMPLE_TOKENS]
     kernel_window = window if window and short and window < max(short) else None
-    kernel_takes_them = bool(short) and cpu_attention.usable(query, key, value, dropout, kernel_window)
-    if torch_in_fp32 and not kernel_takes_them:
+
+    def kernel_takes(*qkv) -> bool:
+        return bool(short) and cpu_attention.usable(*qkv, dropout, kernel_window)
+
+    if torch_in_fp32 and not kernel_takes(query, key, value):  # mixed dtypes, or a kernel that is not used
         query, key, value = query.float(), key.float(), value.float()
-        kernel_takes_them = bool(short) and cpu_attention.usable(query, key, value, dropout, kernel_window)
-    if kernel_takes_them:
+    if kernel_takes(query, key, value):
         runs = cpu_attention.runs(lengths)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         # One run is not split into one piece: a split's backward concatenates its pieces' gradients, a copy of each

@@ -37,6 +37,7 @@ _LAYOUT = [_POINTER, _POINTER, _POINTER, _INT, _INT, _INT, _FLOAT]  # starts, le
 # Every function the sources export: (argument types, return type).
 SIGNATURES = {
     "packed_attention_vector_width": ([], _INT),
+    "packed_attention_bf16_pairs": ([], _INT),
     "packed_attention_layout": ([_POINTER, _INT, _INT, _POINTER, _POINTER], _LONG),
     "packed_attention_forward": ([*_STRIDED * 3, _POINTER, _POINTER, _POINTER, *_LAYOUT, _INT], None),
     "packed_attention_backward": ([*_STRIDED * 3, *[_POINTER] * 6, *_LAYOUT, _LONG, _INT], None),

@@ -74,10 +74,33 @@ def test_the_same_to_the_bit_on_any_thread_count(c_kernels):
     assert all(torch.equal(a, b) for a, b in zip(alone, shared))
 
 
+def _in_eighths(tensor):
+    """Multiples of 1/8 in [-2, 2]: their products' sums over a head (64 terms) are exact in fp32 in any order."""
+    return (tensor * 8).round().clamp(-16, 16) / 8
+
+
+def _bf16_and_fp32_runs(exact: bool):
+    """The bf16 kernel's output and gradients on bf16 inputs, and the fp32 kernel's on the same values."""
+    halves = [t.detach().bfloat16().requires_grad_() for t in _inputs(LENGTHS, 8, 2)]
+    grad = torch.randn(1, sum(LENGTHS), 8, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    if exact:
+        halves = [_in_eighths(t).detach().requires_grad_() for t in halves]
+        grad = _in_eighths(grad)
+    wide = _run(cpu_attention.attention, [t.detach().float().requires_grad_() for t in halves], LENGTHS, grad.float())
+    return halves, grad, wide
+
+
+def _has_avx512_bf16() -> bool:
+    from llmfinetune import native
+
+    return " avx512_bf16" in native._cpu_flags()
+
+
 def test_in_bf16_it_is_the_fp32_kernel_rounded_with_no_casts(c_kernels):
     """bf16 query, key and value (as a bf16 model's layers make them) are read and written by the kernel itself: the
-    output and gradients are the fp32 kernel's on the same values, rounded to bf16, to the bit; and the packed
-    attention of a bf16 model runs it with no cast of its own (one kernel call, no _to_copy either way)."""
+    output and gradients are the fp32 kernel's on the same values, rounded to bf16, to the bit, where Q K^T and
+    dO V^T sum exactly (the bf16-pairs build sums them in pairs: another order); and the packed attention of a bf16
+    model runs it with no cast of its own (one kernel call, no _to_copy either way)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from llmfinetune.packing import _per_example_sdpa
@@ -87,10 +110,8 @@ def test_in_bf16_it_is_the_fp32_kernel_rounded_with_no_casts(c_kernels):
             seen.append(op.overloadpacket.__name__)
             return op(*args, **(kwargs or {}))
 
-    halves = [t.detach().bfloat16().requires_grad_() for t in _inputs(LENGTHS, 8, 2)]
+    halves, grad, wide = _bf16_and_fp32_runs(exact=True)
     assert cpu_attention.usable(*halves, 0.0, None)
-    grad = torch.randn(1, sum(LENGTHS), 8, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
-    wide = _run(cpu_attention.attention, [t.detach().float().requires_grad_() for t in halves], LENGTHS, grad.float())
     seen, calls = [], []
     kernel = cpu_attention.attention
     cpu_attention.attention = lambda *args: calls.append(1) or kernel(*args)
@@ -107,11 +128,27 @@ def test_in_bf16_it_is_the_fp32_kernel_rounded_with_no_casts(c_kernels):
         assert mine.dtype == torch.bfloat16 and torch.equal(mine, reference.bfloat16()), name
 
 
-def test_a_nan_reaches_the_rows_that_see_it_and_no_other(c_kernels):
+def test_in_bf16_on_bf16_pairs_where_the_cpu_has_them_within_a_rounding_of_fp32(c_kernels):
+    """Where the CPU has avx512_bf16, the AVX-512 build computes Q K^T and dO V^T on bf16 pairs (vdpbf16ps: exact
+    products, fp32 sums in pairs); on any values its output and gradients are then within one bf16 rounding step of
+    each element of the fp32 kernel's, or 1e-5 of the largest, and nearly all equal."""
+    width = c_kernels.packed_attention_vector_width()
+    assert c_kernels.packed_attention_bf16_pairs() == int(width == 16 and _has_avx512_bf16())
+    halves, grad, wide = _bf16_and_fp32_runs(exact=False)
+    ours = _run(cpu_attention.attention, halves, LENGTHS, grad)
+    for name, mine, reference in zip(("output", "query", "key", "value"), ours, wide):
+        mine = mine.float()
+        bound = reference.abs() * 2.0 ** -8 + 1e-5 * reference.abs().max()
+        assert ((mine - reference).abs() <= bound).all(), name
+        assert (mine != reference.bfloat16().float()).float().mean() < 5e-3, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_nan_reaches_the_rows_that_see_it_and_no_other(c_kernels, dtype):
     """A NaN in one key reaches the output rows of its example's queries from that position on, and nothing before
     it or in another example (a NaN guard reads it in the loss: the kernel must not swallow it)."""
     lengths = [7, 9]
-    query, key, value = _inputs(lengths, 2, 1)
+    query, key, value = (t.detach().to(dtype) for t in _inputs(lengths, 2, 1))
     with torch.no_grad():
         key[0, 0, 10, 5] = float("nan")  # the second example's fourth key
     output = cpu_attention.attention(query, key, value, lengths, 0.125)

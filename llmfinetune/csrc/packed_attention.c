@@ -21,7 +21,8 @@
 // fp32 buffers as it starts (in cache) and rounds its results back (to nearest even) as it ends, so the arithmetic
 // is the fp32 kernel's and bf16 tensors need no cast before and after it (a pass over memory each, 64 a step on the
 // SFT bench). The forward then also writes its output in fp32 (out32), which the backward reads as out, so that its
-// dO . O is the fp32 kernel's too: the results are the fp32 kernel's on the same inputs, rounded.
+// dO . O is the fp32 kernel's too: the results are the fp32 kernel's on the same inputs, rounded, except that with
+// avx512_bf16 Q K^T and dO V^T are summed in pairs (BF16_PAIRS below: the same exact products in another order).
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,8 +41,20 @@
 #endif
 #define KEY_VECTORS (KEY_TILE / VL)
 
-// The vector width this build runs on (tests read it: a machine's build is the one they test).
+// With avx512_bf16, the two products whose operands are both bf16 already (Q K^T and dO V^T) run on vdpbf16ps, two
+// products a lane per instruction from bf16 pairs: exact products summed in fp32 (in pairs, so in another order than
+// the fp32 kernel's), 2.8x the fp32 FMAs' rate on a query-key tile (bench/README.md, #12, session 28).
+#if VL == 16 && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define BF16_PAIRS 1
+#else
+#define BF16_PAIRS 0
+#endif
+
+// The vector width this build runs on, and whether its bf16 products run on bf16 pairs (tests read them: a machine's
+// build is the one they test).
 int packed_attention_vector_width(void) { return VL; }
+int packed_attention_bf16_pairs(void) { return BF16_PAIRS; }
 
 static inline int padded(int n) { return (n + KEY_TILE - 1) & ~(KEY_TILE - 1); }
 static inline int block_rows(int L, int i0) { return L - i0 < 4 ? L - i0 : 4; }
@@ -122,6 +135,43 @@ static void rows_into_keys(const float *w, int ws, int rows, int jmax, const flo
     }
 }
 
+// The bf16 rows x (stride xs) as HEAD_DIM / 2 rows of lp pairs: (x[j][d], x[j][d + 1]) at [d / 2][j], zero past L.
+static void pairs(const uint16_t *x, long xs, int L, int lp, uint32_t *xp) {
+    for (int j = 0; j < lp; j++)
+        for (int d = 0; d < HEAD_DIM; d += 2) {
+            uint32_t pair = 0;
+            if (j < L) memcpy(&pair, x + (long)j * xs + d, sizeof pair);
+            xp[(long)(d / 2) * lp + j] = pair;
+        }
+}
+
+// rows_by_keys with a's rows bf16 (stride as) and the keys as pairs (see pairs). Called only where BF16_PAIRS is set.
+static void rows_by_key_pairs(const uint16_t *a, long as, int rows, const uint32_t *bp, int lp, int jmax, float *c,
+                              int cs, float scale) {
+#if BF16_PAIRS
+    const uint16_t *ar[4];
+    for (int r = 0; r < 4; r++) ar[r] = a + (r < rows ? r : 0) * as;
+    for (int j = 0; j < jmax; j += KEY_TILE) {
+        __m512 x[4][KEY_VECTORS];
+        for (int r = 0; r < 4; r++)
+            for (int u = 0; u < KEY_VECTORS; u++) x[r][u] = _mm512_setzero_ps();
+        for (int d = 0; d < HEAD_DIM / 2; d++) {
+            __m512bh k[KEY_VECTORS];
+            for (int u = 0; u < KEY_VECTORS; u++)
+                k[u] = (__m512bh)_mm512_loadu_si512(bp + (long)d * lp + j + VL * u);
+            for (int r = 0; r < 4; r++) {
+                uint32_t pair;
+                memcpy(&pair, ar[r] + 2 * d, sizeof pair);
+                __m512bh s = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int u = 0; u < KEY_VECTORS; u++) x[r][u] = _mm512_dpbf16_ps(x[r][u], k[u], s);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int u = 0; u < KEY_VECTORS; u++) st(c + (long)r * cs + j + VL * u, (vf)x[r][u] * scale);
+    }
+#endif
+}
+
 // HEAD_DIM x lp, zero past the L rows of x (stride xs; bf16 where bf16 is set).
 static void transpose(const void *x, long xs, int bf16, int L, int lp, float *xt) {
     for (int j = 0; j < lp; j++)
@@ -199,19 +249,29 @@ void packed_attention_forward(const void *q, long qts, long qhs, const void *k, 
                 kt = malloc(sizeof(float) * capacity);
                 wide = bf16 ? malloc(sizeof(float) * 2 * capacity) : NULL;
             }
-            transpose(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, L, lp, kt);
-            long vs, qs;
+            // Q K^T on bf16 pairs: the keys as pairs (in kt's memory), the queries read as they are
+            int by_pairs = BF16_PAIRS && bf16;
+            const void *keys = at(k, bf16, (long)s * kts + (long)g * khs);
+            if (by_pairs)
+                pairs(keys, kts, L, lp, (uint32_t *)kt);
+            else
+                transpose(keys, kts, bf16, L, lp, kt);
+            long vs, qs = 0;
             const float *vb = rows_of(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, L, wide, &vs);
             long per_head = head_size(L);
             for (int h = g * group; h < (g + 1) * group; h++) {
-                const float *qh = rows_of(at(q, bf16, (long)s * qts + (long)h * qhs), qts, bf16, L,
-                                          wide + capacity, &qs);
+                const void *queries = at(q, bf16, (long)s * qts + (long)h * qhs);
+                const float *qh = by_pairs ? NULL : rows_of(queries, qts, bf16, L, wide + capacity, &qs);
                 long head_at = ((long)s * H + h) * HEAD_DIM;
                 // in bf16 the output in fp32 too, in out32: the backward's dO . O reads it unrounded
                 float *block = p + poff[e] + h * per_head, *oh = (bf16 ? out32 : (float *)out) + head_at;
                 for (int i0 = 0; i0 < L; i0 += 4) {
                     int rows = block_rows(L, i0), jmax = i0 + rows, width = padded(jmax);
-                    rows_by_keys(qh + (long)i0 * qs, qs, rows, kt, lp, jmax, block, width, scale);
+                    if (by_pairs)
+                        rows_by_key_pairs((const uint16_t *)queries + (long)i0 * qts, qts, rows, (uint32_t *)kt, lp,
+                                          jmax, block, width, scale);
+                    else
+                        rows_by_keys(qh + (long)i0 * qs, qs, rows, kt, lp, jmax, block, width, scale);
                     for (int r = 0; r < rows; r++) causal_softmax(block + (long)r * width, i0 + r);
                     weights_by_rows(block, width, rows, jmax, vb, vs, oh + (long)i0 * hs, hs);
                     block += (long)rows * width;
@@ -247,7 +307,13 @@ void packed_attention_backward(const void *q, long qts, long qhs, const void *k,
             }
             long ks, qs, dos, dqs = bf16 ? HEAD_DIM : hs;
             const float *kb = rows_of(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, L, wide, &ks);
-            transpose(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, L, lp, vt);
+            // dO V^T on bf16 pairs: the values as pairs (in vt's memory), dO read as it is
+            int by_pairs = BF16_PAIRS && bf16;
+            const void *values = at(v, bf16, (long)s * vts + (long)g * vhs);
+            if (by_pairs)
+                pairs(values, vts, L, lp, (uint32_t *)vt);
+            else
+                transpose(values, vts, bf16, L, lp, vt);
             // this task's rows of dK and dV (its example, its key/value head): no other task writes them
             long kv_at = ((long)g * T + s) * HEAD_DIM;
             float *dkb = bf16 ? wide + capacity : (float *)dk + kv_at;
@@ -260,13 +326,18 @@ void packed_attention_backward(const void *q, long qts, long qhs, const void *k,
                 const float *qh = rows_of(at(q, bf16, (long)s * qts + (long)h * qhs), qts, bf16, L,
                                           wide + 3 * capacity, &qs);
                 const float *oh = out + head_at, *block = p + poff[e] + h * per_head;
-                const float *doh = rows_of(at(dout, bf16, head_at), hs, bf16, L, wide + 4 * capacity, &dos);
+                const void *grads = at(dout, bf16, head_at);
+                const float *doh = rows_of(grads, hs, bf16, L, wide + 4 * capacity, &dos);
                 float *dqh = bf16 ? wide + 5 * capacity : (float *)dq + head_at;
                 for (int i0 = 0; i0 < L; i0 += 4) {
                     int rows = block_rows(L, i0), jmax = i0 + rows, width = padded(jmax);
                     const float *do0 = doh + (long)i0 * dos;
                     rows_into_keys(block, width, rows, jmax, do0, dos, dvb);    // dV[j] += P[i, j] dO[i]
-                    rows_by_keys(do0, dos, rows, vt, lp, jmax, ds, lp, 1.0f);  // dP = dO V^T
+                    if (by_pairs)  // dP = dO V^T
+                        rows_by_key_pairs((const uint16_t *)grads + (long)i0 * hs, hs, rows, (uint32_t *)vt, lp, jmax,
+                                          ds, lp, 1.0f);
+                    else
+                        rows_by_keys(do0, dos, rows, vt, lp, jmax, ds, lp, 1.0f);
                     for (int r = 0; r < rows; r++) {
                         // dS = P (dP - dO . O) * scale: zero past the diagonal up to the block's last key, where P is
                         // zero (what lies beyond is never read)

@@ -181,6 +181,14 @@ static void transpose(const void *x, long xs, int bf16, int L, int lp, float *xt
         }
 }
 
+// A block's keys (or values) as the scores' product reads them: as bf16 pairs (rows_by_key_pairs), or transposed.
+static void arrange(const void *x, long xs, int bf16, int by_pairs, int L, int lp, float *buffer) {
+    if (by_pairs)
+        pairs(x, xs, L, lp, (uint32_t *)buffer);
+    else
+        transpose(x, xs, bf16, L, lp, buffer);
+}
+
 // L rows of HEAD_DIM bf16 values (stride xs) as fp32 rows one after the other, and fp32 rows (stride ws) back.
 static void widen(const uint16_t *x, long xs, int L, float *wide) {
     for (int j = 0; j < L; j++)
@@ -251,11 +259,7 @@ void packed_attention_forward(const void *q, long qts, long qhs, const void *k, 
             }
             // Q K^T on bf16 pairs: the keys as pairs (in kt's memory), the queries read as they are
             int by_pairs = BF16_PAIRS && bf16;
-            const void *keys = at(k, bf16, (long)s * kts + (long)g * khs);
-            if (by_pairs)
-                pairs(keys, kts, L, lp, (uint32_t *)kt);
-            else
-                transpose(keys, kts, bf16, L, lp, kt);
+            arrange(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, by_pairs, L, lp, kt);
             long vs, qs = 0;
             const float *vb = rows_of(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, L, wide, &vs);
             long per_head = head_size(L);
@@ -309,11 +313,7 @@ void packed_attention_backward(const void *q, long qts, long qhs, const void *k,
             const float *kb = rows_of(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, L, wide, &ks);
             // dO V^T on bf16 pairs: the values as pairs (in vt's memory), dO read as it is
             int by_pairs = BF16_PAIRS && bf16;
-            const void *values = at(v, bf16, (long)s * vts + (long)g * vhs);
-            if (by_pairs)
-                pairs(values, vts, L, lp, (uint32_t *)vt);
-            else
-                transpose(values, vts, bf16, L, lp, vt);
+            arrange(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, by_pairs, L, lp, vt);
             // this task's rows of dK and dV (its example, its key/value head): no other task writes them
             long kv_at = ((long)g * T + s) * HEAD_DIM;
             float *dkb = bf16 ? wide + capacity : (float *)dk + kv_at;

@@ -150,20 +150,28 @@ def job_dict(task: str, method: str, model: Path, data: Path, output_dir: Path, 
     return config
 
 
-@pytest.fixture(params=["native", "avx2"])
+@pytest.fixture(params=["native", "avx2", "avx512-without-bf16"])
 def c_kernels(request, monkeypatch):
-    """The package's C kernels (native.library) as this machine builds them, and their AVX2 build (8-float vectors:
-    what an AVX2-only machine runs), each checked to be the build it names; skipped where there are none."""
+    """The package's C kernels (native.library) as this machine builds them, their AVX2 build (8-float vectors: what
+    an AVX2-only machine runs) and, on an AVX-512 CPU with avx512_bf16, their build without it (what an AVX-512 CPU
+    without bf16 dot products runs: bf16 attention widened to fp32), each checked to be the build it names; skipped
+    where there are none."""
     from llmfinetune import native
 
     if native.library() is None:
         pytest.skip("the package's C kernels are not used here (no AVX2, no GCC, or torch not on libgomp)")
     best = native.torch_capability()
+    has_bf16_pairs = best == "AVX512" and " avx512_bf16" in native._cpu_flags()
     if request.param == "avx2":  # as ATEN_CPU_CAPABILITY=avx2 holds torch's kernels to it
         monkeypatch.setattr(native, "torch_capability", lambda: "AVX2")
+    if request.param == "avx512-without-bf16":
+        if not has_bf16_pairs:
+            pytest.skip("the native build is the AVX-512 build without bf16 pairs here (or there is none)")
+        monkeypatch.setitem(native.ISA_FLAGS, "AVX512", [*native.ISA_FLAGS["AVX512"], "-mno-avx512bf16"])
     native.library.cache_clear()
     library = native.library()
-    assert library.packed_attention_vector_width() == (16 if best == "AVX512" and request.param == "native" else 8)
+    assert library.packed_attention_vector_width() == (16 if best == "AVX512" and request.param != "avx2" else 8)
+    assert library.packed_attention_bf16_pairs() == int(has_bf16_pairs and request.param == "native")
     yield library
     monkeypatch.undo()
     native.library.cache_clear()

@@ -124,6 +124,11 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=790.0)
     parser.add_argument("--contender-timeout", type=float, default=300.0, help="seconds before one is stopped")
     args = parser.parse_args()
+    names = [name.strip() for name in args.only.split(",")] if args.only else list(CONTENDERS)
+    unknown = [name for name in names if name not in CONTENDERS]
+    if unknown:  # before the model is built: a device's minutes are few
+        parser.error(f"--only: no contender named {', '.join(map(repr, unknown))}; the contenders are: "
+                     f"{', '.join(CONTENDERS)}")
 
     import torch
 
@@ -154,7 +159,6 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "LLMFINETUNE_CACHE": str(work / "cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    names = args.only.split(",") if args.only else list(CONTENDERS)
     results = {}
     for name in names:
         method, rows, length, per_example, overrides = CONTENDERS[name]

@@ -64,13 +64,13 @@ class _PackedAttention(torch.autograd.Function):
         layout = (torch.empty_like(lens), lens, torch.empty(len(lengths), dtype=torch.int64))  # starts, lens, poff
         probabilities = torch.empty(_library().packed_attention_layout(
             lens.data_ptr(), len(lengths), heads, layout[0].data_ptr(), layout[2].data_ptr()))
-        output = query.new_empty(1, tokens, heads, HEAD_DIM)
+        output, bf16 = query.new_empty(1, tokens, heads, HEAD_DIM), _is_bf16(query)
         # bf16: the output in fp32 too, for the backward (its dO . O as in fp32; fp32's output is this tensor itself)
-        wide_output = torch.empty(output.shape, dtype=torch.float32) if _is_bf16(query) else output
+        wide_output = torch.empty(output.shape, dtype=torch.float32) if bf16 else output
         _library().packed_attention_forward(
             *_strided(query), *_strided(key), *_strided(value), output.data_ptr(),
-            wide_output.data_ptr() if _is_bf16(query) else None, probabilities.data_ptr(),
-            *(t.data_ptr() for t in layout), len(lengths), heads, kv_heads, scale, _is_bf16(query))
+            wide_output.data_ptr() if bf16 else None, probabilities.data_ptr(),
+            *(t.data_ptr() for t in layout), len(lengths), heads, kv_heads, scale, bf16)
         ctx.save_for_backward(query, key, value, wide_output, probabilities, *layout)
         ctx.scale = scale
         return output

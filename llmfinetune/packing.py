@@ -366,9 +366,11 @@ def _examples_sdpa(module, query, key, value, lengths, window, dropout, scaling,
     def kernel_takes(*qkv) -> bool:
         return bool(short) and cpu_attention.usable(*qkv, dropout, kernel_window)
 
-    if torch_in_fp32 and not kernel_takes(query, key, value):  # mixed dtypes, or a kernel that is not used
+    takes = kernel_takes(query, key, value)
+    if torch_in_fp32 and not takes:  # mixed dtypes, or a kernel that is not used
         query, key, value = query.float(), key.float(), value.float()
-    if kernel_takes(query, key, value):
+        takes = kernel_takes(query, key, value)
+    if takes:
         runs = cpu_attention.runs(lengths)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         # One run is not split into one piece: a split's backward concatenates its pieces' gradients, a copy of each

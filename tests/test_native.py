@@ -232,9 +232,10 @@ def test_the_softmax_of_the_heads_logits_is_torchs(c_kernels, width):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_the_cross_entropy_computes_what_torchs_ops_do(c_kernels, dtype, smoothing):
     """The LM head's loss (lm_head._TargetsCrossEntropy) on the C kernels as on torch's ops: the loss within 1e-6, the
-    logits' gradient within 1e-5 in fp32 and as _as_torchs says in bf16, written over the logits or into a tensor of its own, for logits far from 0,
-    a vocabulary that is no multiple of either vector width, -inf logits, rows past the targets (zero gradient), upstream
-    gradients above 1, below and zero; a NaN logit makes the loss NaN and its own row's gradient NaN only."""
+    logits' gradient within 1e-5 in fp32 and as _as_torchs says in bf16, written over the logits or into a tensor of
+    its own, for logits far from 0, a vocabulary that is no multiple of either vector width, -inf logits, rows past
+    the targets (zero gradient), upstream gradients above 1, below and zero; a NaN logit makes the loss NaN and its
+    own row's gradient NaN only."""
     from llmfinetune.lm_head import _TargetsCrossEntropy
 
     generator = torch.Generator().manual_seed(0)

@@ -243,9 +243,10 @@ void packed_attention_forward(const void *q, long qts, long qhs, const void *k, 
                               const int *lens, const long *poff, int examples, int H, int KV, float scale, int bf16) {
     int group = H / KV;
     long hs = (long)H * HEAD_DIM;
+    int by_pairs = BF16_PAIRS && bf16;  // Q K^T on bf16 pairs: the keys as pairs, the queries read as they are
 #pragma omp parallel
     {
-        // kt: the keys transposed; wide (bf16 only): the value rows and a head's query rows
+        // kt: the keys transposed (or as pairs); wide (bf16 only): the value rows and a head's query rows
         float *kt = NULL, *wide = NULL;
         int capacity = 0;
 #pragma omp for schedule(dynamic, 1)
@@ -257,8 +258,6 @@ void packed_attention_forward(const void *q, long qts, long qhs, const void *k, 
                 kt = malloc(sizeof(float) * capacity);
                 wide = bf16 ? malloc(sizeof(float) * 2 * capacity) : NULL;
             }
-            // Q K^T on bf16 pairs: the keys as pairs (in kt's memory), the queries read as they are
-            int by_pairs = BF16_PAIRS && bf16;
             arrange(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, by_pairs, L, lp, kt);
             long vs, qs = 0;
             const float *vb = rows_of(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, L, wide, &vs);
@@ -293,9 +292,10 @@ void packed_attention_backward(const void *q, long qts, long qhs, const void *k,
                                int examples, int H, int KV, float scale, long T, int bf16) {
     int group = H / KV;
     long hs = (long)H * HEAD_DIM;
+    int by_pairs = BF16_PAIRS && bf16;  // dO V^T on bf16 pairs: the values as pairs, dO read as it is
 #pragma omp parallel
     {
-        // vt: the values transposed; ds: a block's dS rows; wide (bf16 only): the key rows, dK, dV, and a head's
+        // vt: the values transposed (or as pairs); ds: a block's dS rows; wide (bf16 only): the key rows, dK, dV, and a head's
         // query, dO and dQ rows (out is the forward's fp32 output in bf16 too: see out32)
         float *vt = NULL, *ds = NULL, *wide = NULL;
         int capacity = 0;
@@ -311,8 +311,6 @@ void packed_attention_backward(const void *q, long qts, long qhs, const void *k,
             }
             long ks, qs, dos, dqs = bf16 ? HEAD_DIM : hs;
             const float *kb = rows_of(at(k, bf16, (long)s * kts + (long)g * khs), kts, bf16, L, wide, &ks);
-            // dO V^T on bf16 pairs: the values as pairs (in vt's memory), dO read as it is
-            int by_pairs = BF16_PAIRS && bf16;
             arrange(at(v, bf16, (long)s * vts + (long)g * vhs), vts, bf16, by_pairs, L, lp, vt);
             // this task's rows of dK and dV (its example, its key/value head): no other task writes them
             long kv_at = ((long)g * T + s) * HEAD_DIM;

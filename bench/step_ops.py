@@ -78,7 +78,8 @@ def main() -> None:
             wall = time.perf_counter() - state["start"]
             state["profiler"].__exit__(None, None, None)
             report_kernels(state["profiler"], wall, last - first)
-        return training_step(self, *step_args, **step_kwargs)
+        with torch.profiler.record_function("## training_step (forward, loss, backward) ##"):
+            return training_step(self, *step_args, **step_kwargs)
 
     def report_kernels(profiler, wall: float, steps: int) -> None:
         def kernel_us(event):
@@ -92,6 +93,40 @@ def main() -> None:
         ops = sorted(profiler.key_averages(), key=lambda event: -kernel_us(event))
         for event in ops[:args.top]:
             print(f"{kernel_us(event) / steps / 1e3:9.2f} ms/step {event.count // steps:6d} calls  {event.key[:110]}",
+                  flush=True)
+        try:
+            report_gaps(profiler.events(), steps)
+        except Exception as error:  # the kernel table above still stands
+            print(f"GPU idle report failed: {type(error).__name__}: {error}", flush=True)
+
+    def report_gaps(events, steps: int) -> None:
+        """The GPU's idle time between kernels, each gap put on the innermost CPU op (or record_function range)
+        running at its middle: what the host was doing while the GPU waited."""
+        import bisect
+
+        busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                      if str(getattr(e, "device_type", "")).endswith("CUDA"))
+        host = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                      if str(getattr(e, "device_type", "")).endswith("CPU"))
+        starts = [start for start, _, _ in host]
+        idle, gaps, reach = collections.Counter(), collections.Counter(), busy[0][1] if busy else 0
+        for start, end in busy[1:]:
+            if start - reach >= 5:  # microseconds
+                middle = (start + reach) / 2
+                where = "(no op: Python)"
+                for i in range(bisect.bisect_right(starts, middle) - 1, max(-1, bisect.bisect_right(starts, middle)
+                                                                          - 3000), -1):
+                    if host[i][1] >= middle:
+                        where = host[i][2]
+                        break
+                idle[where] += start - reach
+                gaps[where] += 1
+            reach = max(reach, end)
+        total = sum(idle.values())
+        print(f"GPU idle between kernels: {total / steps / 1e3:.1f} ms a step, by the host's innermost op at the "
+              f"gap's middle:", flush=True)
+        for where, microseconds in idle.most_common(args.top):
+            print(f"{microseconds / steps / 1e3:9.2f} ms/step {gaps[where] // steps:6d} gaps   {where[:100]}",
                   flush=True)
 
     def timed_step(self, *step_args, **step_kwargs):

@@ -225,6 +225,12 @@ class _TargetsCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, smoothing, overwrite):
         from .kernels import c_kernel
 
+        fused = _fused_loss(logits) and _run_fused(_fused_total_and_lse, logits, targets, smoothing)
+        if fused:  # one kernel, one read of the logits
+            total, lse = fused
+            ctx.save_for_backward(logits, targets, lse)
+            ctx.smoothing, ctx.overwrite, ctx.fused = smoothing, overwrite, True
+            return total
         lse = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
         row_sums = torch.empty_like(lse) if smoothing else None
         forward = c_kernel("cross_entropy_forward", logits)
@@ -243,7 +249,7 @@ class _TargetsCrossEntropy(torch.autograd.Function):
         if smoothing:
             total = total - smoothing / logits.shape[-1] * row_sums.sum()
         ctx.save_for_backward(logits, targets, lse)
-        ctx.smoothing, ctx.overwrite = smoothing, overwrite
+        ctx.smoothing, ctx.overwrite, ctx.fused = smoothing, overwrite, False
         return total
 
     @staticmethod
@@ -253,6 +259,8 @@ class _TargetsCrossEntropy(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         smoothing, scale = ctx.smoothing, grad_total.float()
         grad = logits if ctx.overwrite else torch.empty_like(logits)
+        if ctx.fused and _run_fused(_fused_gradient_into, logits, grad, targets, lse, scale, smoothing):
+            return grad, None, None, None
         grad[len(targets):] = 0
         backward = c_kernel("cross_entropy_backward", logits, grad) if targets.dtype == torch.int64 else None
         if backward is not None:  # one pass, in fp32 and rounded once (csrc/elementwise.c)
@@ -277,6 +285,59 @@ class _TargetsCrossEntropy(torch.autograd.Function):
             if not in_place:
                 grad[rows] = block
         return grad, None, None, None
+
+
+# Devices where targets_cross_entropy runs as two compiled kernels (_fused_loss). On a GPU the row blocks' eager ops
+# made ~7 passes over the logits each way (casts, logsumexp's max / subtract / exp / sum, the gradient's cast back):
+# at 16k learned rows x 151936 (Qwen2's vocabulary) in bf16 that is ~150 GB of memory traffic a step, the
+# compiled pair ~15 GB. The CPU has its own C kernels (csrc/elementwise.c), and inductor's CPU compile takes seconds.
+FUSED_LOSS_DEVICES = ("cuda",)
+_fused_state = {}
+
+
+def _fused_total_and_lse(logits, targets, smoothing: float):
+    """targets_cross_entropy's forward: its total and each learned row's log-sum-exp, in fp32."""
+    rows = logits[:targets.shape[0]].float()
+    lse = torch.logsumexp(rows, dim=-1)
+    total = lse.sum() - (1.0 - smoothing) * rows.gather(1, targets[:, None]).sum()
+    if smoothing:
+        total = total - smoothing / rows.shape[-1] * rows.sum()
+    return total, lse
+
+
+def _fused_gradient_into(logits, grad, targets, lse, scale, smoothing: float):
+    """targets_cross_entropy's backward into `grad` (which may be `logits` itself): scale x (softmax - (1 - e) x
+    onehot - e / V) on the learned rows, computed in fp32 and rounded once, zero on the rows past them."""
+    count, vocabulary = targets.shape[0], logits.shape[-1]
+    rows = torch.exp(logits[:count].float() - lse[:, None]) * scale
+    chosen = torch.arange(vocabulary, device=logits.device)[None, :] == targets[:, None]
+    rows = rows - torch.where(chosen, (1.0 - smoothing) * scale, 0.0)
+    if smoothing:
+        rows = rows - smoothing / vocabulary * scale
+    grad[:count] = rows.to(grad.dtype)
+    grad[count:] = 0
+
+
+def _fused_loss(logits) -> bool:
+    """Whether targets_cross_entropy runs compiled (_fused_total_and_lse, _fused_gradient_into) for these logits."""
+    return logits.device.type in FUSED_LOSS_DEVICES and not _fused_state.get("failed")
+
+
+def _run_fused(function, *args):
+    """`function` compiled (once per process, dynamic shapes: every step's row count differs), called; None where
+    the compilation failed (a GPU without a working Triton, say): one warning, and the eager row blocks from then
+    on, the same loss, slower."""
+    if function.__name__ not in _fused_state:
+        _fused_state[function.__name__] = torch.compile(function, dynamic=True, fullgraph=True)
+    compiled = _fused_state[function.__name__]
+    try:
+        result = compiled(*args)
+    except Exception as error:  # noqa: BLE001 - any compiler failure: the eager path computes the same
+        logger.warning("The loss's compiled kernels failed to build (%s: %s); it runs in row blocks of eager ops.",
+                       type(error).__name__, (str(error).splitlines() or [""])[0])
+        _fused_state["failed"] = True
+        return None
+    return True if result is None else result
 
 
 # Model types whose causal-LM forward returns the output layer's result as the logits, unchanged (no scale or softcap

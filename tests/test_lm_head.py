@@ -270,6 +270,77 @@ def test_targets_cross_entropy_equals_cross_entropy(dtype, smoothing, may_overwr
         torch.testing.assert_close(got_grad, want_grad, **tolerance)
 
 
+@pytest.mark.parametrize("dtype, smoothing, may_overwrite", [("float32", 0.0, True), ("bfloat16", 0.3, False),
+                                                             ("bfloat16", 0.0, True)])
+def test_the_compiled_loss_equals_cross_entropy(dtype, smoothing, may_overwrite, monkeypatch):
+    """The GPU's loss (two compiled kernels, FUSED_LOSS_DEVICES), compiled here by inductor's CPU backend from the
+    same functions: the value and gradient of cross_entropy in fp32, with a negative and a zero upstream gradient,
+    the rows past the targets zero; neither the C kernels nor the eager row blocks run."""
+    import torch
+
+    from llmfinetune import kernels, lm_head
+
+    monkeypatch.setattr(lm_head, "FUSED_LOSS_DEVICES", ("cpu",))
+    monkeypatch.setattr(lm_head, "_fused_state", {})
+    monkeypatch.setattr(kernels, "c_kernel", lambda *args: pytest.fail("a C kernel ran"))
+    monkeypatch.setattr(lm_head, "_row_blocks", lambda *args: pytest.fail("the eager row blocks ran"))
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16).to(getattr(torch, dtype))
+    targets = torch.randint(0, 50, (26,))  # 4 extra rows
+    for scale in (0.25, -2.0, 0.0):
+        grads = []
+        for fused in (True, False):
+            weight = torch.randn(16, 50, generator=torch.Generator().manual_seed(1)).to(hidden.dtype)
+            weight.requires_grad_(True)
+            logits = hidden @ weight
+            seen = []
+            logits.register_hook(lambda grad: seen.append(grad.clone()))
+            if fused:
+                loss = lm_head.targets_cross_entropy(logits, targets, smoothing, may_overwrite=may_overwrite)
+            else:
+                loss = torch.nn.functional.cross_entropy(logits[:26].float(), targets, reduction="sum",
+                                                         label_smoothing=smoothing)
+            (loss * scale).backward()
+            grads.append((loss.detach(), weight.grad, seen[0]))
+        (got, got_grad, got_rows), (want, want_grad, _) = grads
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-2, "atol": 1e-2}
+        torch.testing.assert_close(got_grad, want_grad, **tolerance)
+        assert not got_rows[26:].any()
+    assert not lm_head._fused_state.get("failed")
+    assert set(lm_head._fused_state) == {"_fused_total_and_lse", "_fused_gradient_into"}
+
+
+def test_a_loss_that_fails_to_compile_runs_in_eager_row_blocks_with_one_warning(monkeypatch, caplog):
+    import torch
+
+    from llmfinetune import lm_head
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working Triton here\nsecond line")
+
+    monkeypatch.setattr(lm_head, "FUSED_LOSS_DEVICES", ("cpu",))
+    monkeypatch.setattr(lm_head, "_fused_state", {})
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: broken)
+    torch.manual_seed(0)
+    targets = torch.randint(0, 20, (9,))
+    results = []
+    for fused in (True, True, False):
+        logits = torch.randn(9, 20, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        if fused:
+            loss = lm_head.targets_cross_entropy(logits, targets)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        loss.backward()
+        results.append((loss.detach(), logits.grad))
+    for got, got_grad in results[:2]:
+        torch.testing.assert_close(got, results[2][0])
+        torch.testing.assert_close(got_grad, results[2][1])
+    warnings = [r.getMessage() for r in caplog.records if "failed to build" in r.getMessage()]
+    assert warnings == ["The loss's compiled kernels failed to build (RuntimeError: no working Triton here); it "
+                        "runs in row blocks of eager ops."]
+
+
 def test_the_gradient_is_written_into_the_heads_logits_but_not_into_a_tensor_another_node_keeps():
     """A head's output (a matrix product) is read by nothing after the loss: its memory takes the gradient. A tanh's
     output is kept by the tanh for its own backward: overwriting it would give wrong gradients."""

@@ -53,6 +53,7 @@ BASE = "ft_config.train_config.base_config."
 FP32_WEIGHTS = ["model_config.initialization.initializer.dtype=float32"]
 COMPILED = [f"{BASE}torch_compile=true"]
 LIGER = [f"{BASE}use_liger_kernel=true"]  # Liger's Triton RMSNorm, SwiGLU and rotary kernels (pip liger-kernel)
+WORKERS = [f"{BASE}dataloader_num_workers=2"]  # the batches read and packed in 2 processes ahead of the step
 # name: (method, rows a step, row length, attention once per example, job overrides), in the order they run.
 CONTENDERS = {
     "full varlen 8x4096": ("full", 8, 4096, False, []),
@@ -62,6 +63,7 @@ CONTENDERS = {
     "full compiled 8x4096": ("full", 8, 4096, False, COMPILED),
     "full compiled 12x4096": ("full", 12, 4096, False, COMPILED),
     "full liger 8x4096": ("full", 8, 4096, False, LIGER),
+    "full workers 8x4096": ("full", 8, 4096, False, WORKERS),
     "lora varlen 8x4096": ("lora", 8, 4096, False, []),
     "full per-example-sdpa 8x4096": ("full", 8, 4096, True, []),
     "full varlen 8x256": ("full", 8, 256, False, []),

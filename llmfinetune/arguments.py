@@ -5,6 +5,7 @@ way): keys pass through to TrainingArguments, so every field it has works and ev
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
@@ -57,7 +58,10 @@ OWN_TYPES = {"checkpoints_output_dir": str, "max_length": int, "mlm_probability"
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
             "include_num_input_tokens_seen": "non_padding",
             # Log NaN/inf losses as they are (transformers' default hides them) so the run stops on them.
-            "logging_nan_inf_filter": False}
+            "logging_nan_inf_filter": False,
+            # Each batch goes to the GPU without the host waiting for the copy (from pinned memory, Trainer's
+            # default): a blocking copy waits for every kernel queued before it, the whole previous step.
+            "accelerator_config": {"non_blocking": True}}
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number"}
@@ -289,7 +293,7 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     arguments_class, task_settings = task.training_arguments(job)
     written = translate(job)
     # The task's settings are its defaults: what the user wrote in base_config wins.
-    kwargs = {**_plain_defaults(arguments_class), **DEFAULTS, **task_settings, **written}
+    kwargs = {**_plain_defaults(arguments_class), **copy.deepcopy(DEFAULTS), **task_settings, **written}
     precision, why = default_precision(written, deepspeed)
     if why:
         kwargs["bf16"] = precision == "bf16"

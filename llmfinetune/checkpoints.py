@@ -57,6 +57,23 @@ def unpickle_training_arguments(folder: Path, args) -> None:
         pickled.unlink()
 
 
+# Devices whose step flags StopOnNonFiniteLoss reads a step late where the step decides nothing (see on_step_end).
+READ_LATER_DEVICES = ("cuda", "xpu")
+
+
+def _start_reading(flag):
+    """(the flag's host copy, an event to wait for before reading it; None where the copy is done)."""
+    import torch
+
+    if flag.device.type == "cpu":
+        return flag.clone(), None
+    host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    written = torch.get_device_module(flag.device).Event()
+    written.record()
+    return host, written
+
+
 class StopOnNonFiniteLoss(TrainerCallback):
     """A NaN/inf loss poisons the weights at the optimizer step it feeds, and every checkpoint after. The loss of
     every micro-batch is checked (through the trainer's own `training_step`, so every Trainer subclass is covered,
@@ -69,6 +86,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self.bad_step: Optional[int] = None
         self.bad_value: Optional[float] = None
         self._step_losses: list = []
+        self._unread: list = []  # (step, losses, which are bad, the flag on its way to the host), oldest first
         self._watching = False
 
     def watch(self, trainer) -> None:
@@ -85,6 +103,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self._watching = True
 
     def poisoned(self, step: int) -> bool:
+        self._read(len(self._unread))
         return self.bad_step is not None and step >= self.bad_step
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -102,17 +121,36 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if self.bad_step is None and flag.item() > 0:
-            self.bad_step = state.global_step
-            self.bad_value = float(losses[local_bad][0]) if bool(local_bad.any()) else None
+        self._unread.append((state.global_step, losses, local_bad, _start_reading(flag)))
+        decided = control.should_save or control.should_evaluate or control.should_log or control.should_training_stop
+        # Read now where this step saves, evaluates, logs or ends, or where reading costs nothing (the CPU); else
+        # every step but this one, whose flag the GPU has long written: reading it now would wait for the GPU to
+        # finish this step, and the host could not prepare the next meanwhile. Each process decides alike (the
+        # flags above are the same everywhere), and a bad step is still found before anything is saved after it.
+        self._read(len(self._unread) if decided or flag.device.type not in READ_LATER_DEVICES
+                   else len(self._unread) - 1)
         if self.bad_step is not None:
             self._stop(control)
         return control
 
+    def _read(self, count: int) -> None:
+        """The oldest `count` unread steps' flags: the first bad step, with its loss where this process had it."""
+        for step, losses, local_bad, (host_flag, written) in self._unread[:count]:
+            if written is not None:
+                written.synchronize()
+            if self.bad_step is None and host_flag.item() > 0:
+                self.bad_step = step
+                self.bad_value = float(losses[local_bad][0]) if bool(local_bad.any()) else None
+        del self._unread[:count]
+
     def on_epoch_end(self, args, state, control, **kwargs):
+        self._read(len(self._unread))
         if self.bad_step is not None:  # save_strategy epoch would save the NaN weights after the loop
             self._stop(control)
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._read(len(self._unread))
 
     @staticmethod
     def _stop(control) -> None:
@@ -122,6 +160,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
     def raise_if_diverged(self, output_dir: Path, train_loss: Optional[float], last_step: int) -> None:
         """The run's end when the loss was non-finite: the first bad step and the newest checkpoint before it."""
+        self._read(len(self._unread))
         if self.bad_step is None and (train_loss is None or math.isfinite(train_loss)):
             return
         step = self.bad_step if self.bad_step is not None else last_step

@@ -40,6 +40,42 @@ class CausalLMTrainer(Trainer):
         if eager_kernels_wanted(self.args):
             swap_rms_norms(self.model)
             self._rotary_modules = rotary_modules(self.model)
+        self._held_facts = None
+
+    def _prepare_inputs(self, inputs):
+        """The batch on its device without the collator's host facts (packing.HOST_FACTS: the model takes no such
+        arguments), which are held for compute_loss with the batch they came with."""
+        from .packing import HOST_FACTS
+
+        prepared = super()._prepare_inputs(inputs)
+        self._held_facts = (prepared, {key: prepared.pop(key) for key in HOST_FACTS if key in prepared})
+        return prepared
+
+    def host_facts(self, inputs) -> dict:
+        """The collator's host facts of this (prepared) batch; {} where it brought none."""
+        from .packing import HOST_FACTS
+
+        if self._held_facts is not None and self._held_facts[0] is inputs:
+            return self._held_facts[1]
+        return {key: inputs[key] for key in HOST_FACTS if key in inputs}
+
+    def _track_num_input_tokens(self, inputs):
+        """Trainer's count of non-padding tokens, from the collator's count where it gave one: Trainer's own sums
+        the batch on the device and reads the sum back, a wait for the GPU every step. Several processes still
+        count through Trainer (it adds up every process's count)."""
+        from .packing import NON_PAD_TOKENS
+
+        counted = inputs.get(NON_PAD_TOKENS) if isinstance(inputs, dict) else None
+        if counted is None or self.args.include_num_input_tokens_seen != "non_padding" or self.args.world_size > 1:
+            return super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen += counted
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from .packing import HOST_FACTS
+
+        if any(key in inputs for key in HOST_FACTS):  # a batch straight from the collator, not prepared
+            inputs = {key: value for key, value in inputs.items() if key not in HOST_FACTS}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def compute_loss_context_manager(self):
         """On the CPU the hand-written rotary embedding (kernels.rotary_swapped) while the loss is computed. Under
@@ -82,13 +118,17 @@ class TargetsOnlyTrainer(CausalLMTrainer):
         labels = inputs.get("labels")
         if head is None or labels is None or self._steps_aside(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        targets = labels[:, 1:]
-        # Position t predicts the token at t + 1: keep the positions whose next token is learned.
-        learned = torch.nn.functional.pad(targets != IGNORE, (0, 1), value=False)
-        count = int(learned.sum())
+        from .packing import HOST_FACTS, LEARNED_POSITIONS, learned_positions
+
+        # Position t predicts the token at t + 1: the positions whose next token is learned, counted by the
+        # collator on the host where it could (reading a count or the positions back waits for the GPU).
         # Flat indices and index_select rather than a boolean mask: the mask's backward is an index_put with
         # accumulation (7.6 ms a step on the SFT bench, bf16 on a CPU with AMX), index_select's an index_add.
-        projected = self._bounded(learned, count)
+        positions = self.host_facts(inputs).get(LEARNED_POSITIONS)
+        if positions is None:
+            positions = learned_positions(labels)
+        count = len(positions)
+        projected = self._bounded(positions, labels)
         # Training steps where the loss may multiply by the head's weight itself (head_cross_entropy): the model's
         # "logits" are then the head's input rows. Decided before the hooks below are on the head.
         packs = self._head_packs(model, head) if not return_outputs and torch.is_grad_enabled() else None
@@ -99,7 +139,7 @@ class TargetsOnlyTrainer(CausalLMTrainer):
             handles += _mlp_at(mlp, projected)
         try:
             with _returns_its_input(head) if packs is not None else contextlib.nullcontext():
-                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels" and k not in HOST_FACTS})
         finally:
             for handle in handles:
                 handle.remove()
@@ -112,7 +152,7 @@ class TargetsOnlyTrainer(CausalLMTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if len(projected) != count and packs is None:
             outputs["logits"] = logits[:count]  # callers see the learned positions only
-        chosen = targets[targets != IGNORE]
+        chosen = labels.flatten().index_select(0, positions + 1)  # position p predicts the token at p + 1
         # LabelSmoother's (1 - e) * nll + e * mean over the vocabulary of -log p, summed over the targets: the same
         # per-target term as cross_entropy's label_smoothing (tested equal).
         smoothing = self.label_smoother.epsilon if self.label_smoother is not None else 0.0
@@ -130,20 +170,20 @@ class TargetsOnlyTrainer(CausalLMTrainer):
                 loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
 
-    def _bounded(self, learned, count: int):
-        """The flat positions the head projects: the learned ones in order (targets' order), then, where kernels keep
-        state per shape, as many of the first positions not learned as make the row count a multiple of
+    def _bounded(self, positions, labels):
+        """The flat positions the head projects: the learned ones in order, then, where kernels keep state per
+        shape (on the CPU), as many of the first positions not learned as make the row count a multiple of
         arguments.SHAPE_MULTIPLE (as far as the batch has them; their logits are not read)."""
         from . import arguments
 
-        flat = learned.flatten()
-        positions = flat.nonzero().flatten()
-        missing = -count % arguments.SHAPE_MULTIPLE
+        missing = -len(positions) % arguments.SHAPE_MULTIPLE
         if not hasattr(self, "_few_shapes"):  # found once: walking the modules each step is waste
             self._few_shapes = arguments.kernels_keep_state_per_shape(self.args, self.model)
         if not missing or not self._few_shapes:
             return positions
-        spare = (~flat).nonzero().flatten()[:missing]
+        learned = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
+        learned[positions] = True
+        spare = (~learned).nonzero().flatten()[:missing]
         return torch.cat([positions, spare])
 
     def _last_mlp(self, model):

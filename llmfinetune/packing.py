@@ -43,6 +43,10 @@ ROWS, FLATTENED = "rows", "flattened"
 # Attention implementations whose masks come from masking_utils, which turns the per-row position ids into a
 # block-diagonal mask (tests/test_packing_attention.py runs each of them).
 MASKED_FROM_POSITIONS = ("eager", "sdpa", "flex_attention")
+# Facts of a batch that the collator knows on the host and hands the Trainer beside the tensors (host_facts), so a
+# GPU step need not read them back from the device (each read waits for the GPU: lm_head.CausalLMTrainer).
+LEARNED_POSITIONS, NON_PAD_TOKENS = "llmfinetune_learned_positions", "llmfinetune_non_pad_tokens"
+HOST_FACTS = (LEARNED_POSITIONS, NON_PAD_TOKENS)
 # The attention a packed SDPA model trains with (registered with transformers by use_segmented_sdpa).
 SEGMENTED_SDPA = "llmfinetune_sdpa_segments"
 # Where it runs the whole flattened row in torch's variable-length flash kernel (half precision; CUDA only in torch).
@@ -157,12 +161,16 @@ class PackedCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.layout = layout
         self.flat_row_multiple = flat_row_multiple
+        self.host_facts = False
 
-    def bind_to(self, model, n_gpu: int = 1, few_shapes: bool = False) -> None:
+    def bind_to(self, model, n_gpu: int = 1, few_shapes: bool = False, host_facts: bool = False) -> None:
+        """`host_facts`: each batch also carries HOST_FACTS, for a Trainer that takes them out before the model
+        sees the batch (lm_head.CausalLMTrainer)."""
         self.layout = packed_layout(getattr(model.config, "_attn_implementation", None))
         from .arguments import SHAPE_MULTIPLE
 
         self.flat_row_multiple = SHAPE_MULTIPLE if few_shapes else None
+        self.host_facts = host_facts
         if self.layout == FLATTENED and n_gpu > 1:
             # nn.DataParallel would hand the single row to one GPU and split the cu_seq_lens tensors across all.
             raise UserError(
@@ -182,6 +190,9 @@ class PackedCollator:
         # With a KV cache the models skip reading example boundaries from the position ids (that path is meant for
         # generation), and every example would attend to the ones before it.
         tensors["use_cache"] = False
+        if self.host_facts:
+            tensors[LEARNED_POSITIONS] = learned_positions(tensors["labels"])
+            tensors[NON_PAD_TOKENS] = int((tensors["input_ids"] != self.pad_token_id).sum())
         return tensors
 
     def _rows(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -231,6 +242,14 @@ class PackedCollator:
                 "max_length_q": longest, "max_length_k": longest}
 
 
+def learned_positions(labels):
+    """The flat positions (over rows x tokens) whose next token is learned, in order: where the LM head projects."""
+    import torch
+
+    learned = torch.nn.functional.pad(labels[:, 1:] != IGNORE, (0, 1), value=False)
+    return learned.flatten().nonzero().flatten()
+
+
 def bind_packed_collator(trainer) -> None:
     """Give a PackedCollator (or a wrapper of one that forwards bind_to) the layout of the model this Trainer trains
     or evaluates, once the model has the attention it packs with (use_segmented_sdpa)."""
@@ -240,7 +259,7 @@ def bind_packed_collator(trainer) -> None:
 
         use_segmented_sdpa(trainer.model)
         few_shapes = kernels_keep_state_per_shape(trainer.args, trainer.model)
-        bind_to(trainer.model, trainer.args.n_gpu, few_shapes=few_shapes)
+        bind_to(trainer.model, trainer.args.n_gpu, few_shapes=few_shapes, host_facts=True)
 
 
 def use_segmented_sdpa(model) -> str:
@@ -272,7 +291,22 @@ _ROW_BOUNDS_GIVEN: list = []
 
 
 def _note_bounds(module, args, kwargs):
-    _ROW_BOUNDS_GIVEN.append(kwargs.get("cu_seq_lens_q") is not None)
+    bounded = kwargs.get("cu_seq_lens_q") is not None
+    _ROW_BOUNDS_GIVEN.append(bounded)
+    if bounded and kwargs.get("attention_mask") is None:
+        # Without a mask, masking_utils reads the position ids for packed examples first (find_packed_sequence_
+        # indices: a read back from the GPU every forward, which waits for it); a 4D mask it hands on as it is.
+        return args, {**kwargs, "attention_mask": _unread_mask()}
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _unread_mask():
+    """The 4D attention mask a flattened row's model call gets: never read (segmented_sdpa_forward attends from the
+    bounds, and refuses to attend without them)."""
+    import torch
+
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
 def _forget_bounds(module, args, output):
@@ -313,7 +347,8 @@ def segmented_sdpa_forward(module, query, key, value, attention_mask, dropout: f
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None and attention_mask is None and _ROW_BOUNDS_GIVEN and _ROW_BOUNDS_GIVEN[-1]:
+    if bounds is None and (attention_mask is None or attention_mask is _unread_mask()) and _ROW_BOUNDS_GIVEN \
+            and _ROW_BOUNDS_GIVEN[-1]:
         # The model dropped the bounds on the way to its attention after its mask was skipped (_segmented_sdpa_mask):
         # causal attention over the whole row would let its examples see each other.
         raise RuntimeError(f"{type(module).__name__} got no cu_seq_lens_q for a flattened packed row, and no mask: "

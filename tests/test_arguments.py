@@ -310,3 +310,16 @@ def test_unquoted_no_is_the_string_no(tmp_path, key):
 
     job = make_job(tmp_path, {key: False})  # what YAML makes of `save_strategy: no`
     assert translate(job)[key] == "no"
+
+
+def test_batches_go_to_the_device_without_waiting_unless_the_job_says_otherwise(tmp_path, no_cuda):
+    """A blocking copy to the GPU waits for every kernel queued before it (the previous step): non_blocking is the
+    default (from pinned memory, which Trainer's data loader gives on a GPU); a job's own accelerator_config
+    replaces it."""
+    args = build_training_arguments(make_job(tmp_path, {"max_steps": 1}), _StubTask(), tmp_path / "out")
+    assert args.accelerator_config.non_blocking is True
+    again = build_training_arguments(make_job(tmp_path, {"max_steps": 1}), _StubTask(), tmp_path / "again")
+    assert again.accelerator_config.non_blocking is True  # the default is not used up by the first run
+    own = build_training_arguments(make_job(tmp_path, {"accelerator_config": {"split_batches": True}}), _StubTask(),
+                                   tmp_path / "own")
+    assert own.accelerator_config.non_blocking is False and own.accelerator_config.split_batches is True

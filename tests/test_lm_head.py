@@ -153,6 +153,51 @@ def test_the_flattened_row_gives_the_standard_loss(tiny_models, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["rows", "flattened"])
+def test_the_collators_host_facts_give_the_same_loss_and_token_count(layout, tiny_models, tmp_path, monkeypatch):
+    """A bound collator counts on the host what the step would otherwise read back from the device (packing.
+    HOST_FACTS): the learned positions (the same loss, the facts never reaching the model) and the non-padding
+    tokens (Trainer's own count)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from llmfinetune.packing import HOST_FACTS, LEARNED_POSITIONS, NON_PAD_TOKENS, PackedCollator
+
+    rows = [{"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids)))}
+            for ids, labels in zip(INPUTS, LABELS)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], attn_implementation="sdpa").eval()
+    fast, _ = _trainers(model, tmp_path, include_num_input_tokens_seen="non_padding")
+    fast.processing_class = SimpleNamespace(pad_token_id=0)  # Trainer's count reads the pad id from the tokenizer
+    collator = PackedCollator(pad_token_id=0, layout=layout)
+    plain = collator(rows)
+    collator.host_facts = True
+    with_facts = collator(rows)
+    assert set(with_facts) - set(plain) == set(HOST_FACTS)
+    assert len(with_facts[LEARNED_POSITIONS]) == LEARNED
+    seen_keys = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen_keys.append(set(kwargs)), with_kwargs=True)
+    monkeypatch.setattr("llmfinetune.packing.learned_positions",
+                        lambda labels: pytest.fail("the positions were read from the device batch"))
+    with torch.no_grad():
+        got = fast.compute_loss(model, fast._prepare_inputs(dict(with_facts)), num_items_in_batch=5)
+    monkeypatch.undo()
+    with torch.no_grad():
+        want = fast.compute_loss(model, fast._prepare_inputs(dict(plain)), num_items_in_batch=5)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not set(HOST_FACTS) & set.union(*seen_keys)
+
+    counts = []
+    for batch in (with_facts, plain):
+        fast.state.num_input_tokens_seen = 0
+        fast._track_num_input_tokens(batch)
+        counts.append(fast.state.num_input_tokens_seen)
+    fast.state.num_input_tokens_seen = 0
+    Trainer._track_num_input_tokens(fast, plain)
+    assert counts == [with_facts[NON_PAD_TOKENS]] * 2 == [fast.state.num_input_tokens_seen] * 2
+
+
 def test_on_the_cpu_in_half_precision_the_head_projects_a_bounded_row_count_with_the_same_loss(
         tiny_models, tmp_path, monkeypatch):
     """oneDNN keeps a compiled matmul per shape there, so the head's row count is rounded up (extra positions whose
@@ -178,8 +223,7 @@ def test_on_the_cpu_in_half_precision_the_head_projects_a_bounded_row_count_with
     with torch.no_grad():
         _, outputs = _trainers(model, tmp_path, bf16=True)[0].compute_loss(model, _batch(), return_outputs=True)
     assert outputs["logits"].shape[0] == LEARNED  # callers see the learned positions' logits only
-    learned = torch.tensor([[True, False, False]])
-    projected = _trainers(model, tmp_path / "fp32")[0]._bounded(learned, 1)
+    projected = _trainers(model, tmp_path / "fp32")[0]._bounded(torch.tensor([0]), torch.tensor([[-100, 5, -100]]))
     assert projected.tolist() == [0]  # fp32: no kernel state per shape, nothing extra
 
 

@@ -73,6 +73,28 @@ def test_nan_between_logging_steps_is_caught_at_its_step_and_no_later_checkpoint
     assert not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_read_a_step_late_the_bad_step_is_still_named_and_nothing_after_it_is_saved(tiny_models, tmp_path,
+                                                                                    monkeypatch):
+    """As on a GPU (READ_LATER_DEVICES, the CPU standing in): step 4 goes bad between saves (every 3 steps), is
+    read at step 5's end, training stops there; checkpoint-3 is the last, step 4 is the step named."""
+    from llmfinetune import checkpoints
+    from llmfinetune.workflow import run
+
+    monkeypatch.setattr(checkpoints, "READ_LATER_DEVICES", ("cpu",))
+    data = make_dataset(tmp_path / "data", "sequenceclassification")
+    out = tmp_path / "run"
+    _poison_classifier_at(monkeypatch, BAD_STEP)
+    job = parse_job(job_dict("sequenceclassification", "full", tiny_models["bert"], data, out, max_steps=8,
+                             save_steps=3, logging_steps=10, eval_strategy="no", per_device_train_batch_size=2,
+                             learning_rate=1e-3))
+    with pytest.raises(UserError, match=f"the loss became nan at step {BAD_STEP};.*Last good checkpoint: "
+                                        f"{out / 'checkpoint-3'}"):
+        run(job)
+    assert [c.name for c in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-3"]
+
+
 def _guard_with(losses: list[float]) -> StopOnNonFiniteLoss:
     guard = StopOnNonFiniteLoss()
     trainer = SimpleNamespace(training_step=lambda value: torch.tensor(value))
@@ -99,6 +121,38 @@ def test_any_micro_batch_of_a_step_counts_and_the_step_stops_without_saving():
     healthy = _guard_with([0.5, 0.4])
     control = _step_end(healthy, 7)
     assert healthy.bad_step is None and control.should_save and not control.should_training_stop
+
+
+def test_on_a_gpu_a_step_that_decides_nothing_is_read_a_step_late_and_one_that_saves_at_once(monkeypatch):
+    """READ_LATER_DEVICES (the CPU standing in for a GPU here): a plain step's flag is read at the next step's end,
+    with its own step number; a step that saves, evaluates, logs or ends training is read at once, with every
+    step before it, so nothing is saved after a bad step."""
+    from transformers import TrainerControl
+
+    from llmfinetune import checkpoints
+
+    monkeypatch.setattr(checkpoints, "READ_LATER_DEVICES", ("cpu",))
+    args = SimpleNamespace(device=torch.device("cpu"))
+    guard = StopOnNonFiniteLoss()
+    trainer = SimpleNamespace(training_step=lambda value: torch.tensor(value))
+    guard.watch(trainer)
+    for step, loss in ((1, 0.5), (2, math.nan)):
+        trainer.training_step(loss)
+        control = TrainerControl()
+        guard.on_step_end(args, SimpleNamespace(global_step=step), control)
+        assert guard.bad_step is None and not control.should_training_stop  # step 2 not read yet
+    trainer.training_step(0.25)
+    control = TrainerControl()
+    guard.on_step_end(args, SimpleNamespace(global_step=3), control)
+    assert (guard.bad_step, math.isnan(guard.bad_value)) == (2, True) and control.should_training_stop
+
+    for decision in ("should_save", "should_evaluate", "should_log", "should_training_stop"):
+        guard = StopOnNonFiniteLoss()
+        guard.watch(trainer)
+        trainer.training_step(math.inf)
+        control = TrainerControl(**{decision: True})
+        guard.on_step_end(args, SimpleNamespace(global_step=5), control)
+        assert guard.bad_step == 5 and not control.should_save, decision
 
 
 def test_every_process_stops_when_one_process_saw_a_nan(monkeypatch, tmp_path):

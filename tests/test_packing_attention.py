@@ -12,7 +12,7 @@ from conftest import job_dict, make_dataset
 from llmfinetune.config import parse_job
 from llmfinetune.errors import UserError
 from llmfinetune.packing import (FLATTENED, IGNORE, ISOLATING_MODEL_TYPES, MASKED_FROM_POSITIONS, ROWS, SEGMENTED_SDPA,
-                                 PackedCollator, packed_layout, use_segmented_sdpa)
+                                 PackedCollator, _unread_mask, packed_layout, use_segmented_sdpa)
 
 LENGTHS = [[5, 9, 7], [11, 4]]  # two packed rows, the second shorter (so padded in the rows layout)
 
@@ -118,9 +118,10 @@ def test_segmented_sdpa_runs_each_packed_example_alone(model_type):
             logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
         # Per example where the model hands the flash kwargs to its attention (stablelm drops them: it then gets
         # masking_utils' block-diagonal mask from the position ids, which the equality below proves isolated too).
-        # Where the kwargs reach the attention, no (tokens x tokens) mask is built for the row: it is never read.
+        # Where the kwargs reach the attention, no (tokens x tokens) mask is built for the row (it is never read):
+        # the model gets a 1-element 4D one, so that masking_utils does not read the position ids back either.
         per_example = [segments is not None for segments, _ in calls]
-        assert (all(per_example) and all(mask is None for _, mask in calls)) or (
+        assert (all(per_example) and all(mask is _unread_mask() for _, mask in calls)) or (
             model_type == "stablelm" and not any(per_example)
             and all(mask is not None and mask.dim() == 4 for _, mask in calls))
         for (row, start, end), expected in zip(_spans(batch), alone):

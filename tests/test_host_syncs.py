@@ -21,7 +21,6 @@ ALLOWED = ("_maybe_log_save_evaluate", "_finalize_training", "on_train_end", "wi
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_a_gpu_training_step_reads_nothing_back_from_the_device(method, tiny_models, tmp_path, monkeypatch):
-    import torch
     import transformers
     from torch.utils._python_dispatch import TorchDispatchMode
 

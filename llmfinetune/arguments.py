@@ -58,10 +58,16 @@ OWN_TYPES = {"checkpoints_output_dir": str, "max_length": int, "mlm_probability"
 DEFAULTS = {"logging_steps": 10, "report_to": "none", "remove_unused_columns": False, "save_total_limit": None,
             "include_num_input_tokens_seen": "non_padding",
             # Log NaN/inf losses as they are (transformers' default hides them) so the run stops on them.
-            "logging_nan_inf_filter": False,
-            # Each batch goes to the GPU without the host waiting for the copy (from pinned memory, Trainer's
-            # default): a blocking copy waits for every kernel queued before it, the whole previous step.
-            "accelerator_config": {"non_blocking": True}}
+            "logging_nan_inf_filter": False}
+# On a GPU each batch goes to the device without the host waiting for the copy (from the pinned memory Trainer's data
+# loader gives there): a blocking copy waits for every kernel queued before it, the whole previous step.
+GPU_DEFAULTS = {"accelerator_config": {"non_blocking": True}}
+
+
+def our_defaults(on_gpu: bool) -> dict:
+    """DEFAULTS, and GPU_DEFAULTS on a GPU (on the CPU, non_blocking without pinned memory only makes transformers
+    warn); a fresh copy each time (Trainer pops keys out of accelerator_config)."""
+    return copy.deepcopy({**DEFAULTS, **(GPU_DEFAULTS if on_gpu else {})})
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number"}
@@ -293,7 +299,8 @@ def build_training_arguments(job: "Job", task: "Task", output_dir: Path, deepspe
     arguments_class, task_settings = task.training_arguments(job)
     written = translate(job)
     # The task's settings are its defaults: what the user wrote in base_config wins.
-    kwargs = {**_plain_defaults(arguments_class), **copy.deepcopy(DEFAULTS), **task_settings, **written}
+    on_gpu = torch.cuda.is_available() and not written.get("use_cpu")
+    kwargs = {**_plain_defaults(arguments_class), **our_defaults(on_gpu), **task_settings, **written}
     precision, why = default_precision(written, deepspeed)
     if why:
         kwargs["bf16"] = precision == "bf16"

@@ -312,14 +312,20 @@ def test_unquoted_no_is_the_string_no(tmp_path, key):
     assert translate(job)[key] == "no"
 
 
-def test_batches_go_to_the_device_without_waiting_unless_the_job_says_otherwise(tmp_path, no_cuda):
+def test_on_a_gpu_batches_go_to_the_device_without_waiting_unless_the_job_says_otherwise(tmp_path, no_cuda):
     """A blocking copy to the GPU waits for every kernel queued before it (the previous step): non_blocking is the
-    default (from pinned memory, which Trainer's data loader gives on a GPU); a job's own accelerator_config
-    replaces it."""
+    default there (from pinned memory, which Trainer's data loader gives on a GPU), a fresh dict every time (Trainer
+    pops it); a job's own accelerator_config replaces it. On the CPU it stays off (transformers would warn about the
+    unpinned memory)."""
+    from llmfinetune.arguments import our_defaults
+
+    first = our_defaults(on_gpu=True)
+    assert first["accelerator_config"] == {"non_blocking": True}
+    first["accelerator_config"].pop("non_blocking")
+    assert our_defaults(on_gpu=True)["accelerator_config"] == {"non_blocking": True}
+    assert "accelerator_config" not in our_defaults(on_gpu=False)
     args = build_training_arguments(make_job(tmp_path, {"max_steps": 1}), _StubTask(), tmp_path / "out")
-    assert args.accelerator_config.non_blocking is True
-    again = build_training_arguments(make_job(tmp_path, {"max_steps": 1}), _StubTask(), tmp_path / "again")
-    assert again.accelerator_config.non_blocking is True  # the default is not used up by the first run
+    assert args.accelerator_config.non_blocking is False
     own = build_training_arguments(make_job(tmp_path, {"accelerator_config": {"split_batches": True}}), _StubTask(),
                                    tmp_path / "own")
-    assert own.accelerator_config.non_blocking is False and own.accelerator_config.split_batches is True
+    assert own.accelerator_config.split_batches is True

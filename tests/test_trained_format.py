@@ -152,3 +152,27 @@ def test_eval_prepares_the_data_as_training_did(tiny_models, tmp_path):
     assert again.eval["input_ids"] == prepared.eval["input_ids"] and again.eval["labels"] == prepared.eval["labels"]
     changed = task.prepare(splits, "validation", tokenizer, later)
     assert changed.eval["input_ids"] != prepared.eval["input_ids"]  # what reading the job file alone would give
+
+
+def test_the_format_file_is_replaced_whole_for_processes_reading_it(tmp_path, monkeypatch):
+    """On a resumed run under several processes the others read sft_format.json while the writing process writes
+    it: a plain write_text truncates it first, and a reader then found it empty ('not readable JSON'). The new
+    file is written beside it and renamed over it, so a reader sees the old or the new file whole."""
+    import os
+
+    from llmfinetune.tasks import chat
+
+    trained = chat.TrainedFormat("alpaca", prompt="instruction", response="output", template="chatml")
+    path = tmp_path / FORMAT_FILE
+    path.write_text(json.dumps(trained.to_json()), encoding="utf-8")
+    at_rename = []
+    replace = os.replace
+
+    def renamed(source, target):
+        at_rename.append(chat.read_format_file(path))  # what a reader sees just before the rename: the old file
+        replace(source, target)
+
+    monkeypatch.setattr(chat.os, "replace", renamed)
+    chat.record_trained_format(tmp_path, trained, resuming=True, write=True)
+    assert at_rename == [trained] and chat.read_format_file(path) == trained
+    assert [p.name for p in tmp_path.iterdir()] == [FORMAT_FILE]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
@@ -195,7 +196,10 @@ def record_trained_format(run_dir: Path, trained: TrainedFormat, resuming: bool,
                             "(ft_config.data_config format, template, system_prompt, columns), or train into a new "
                             "output_dir.")
     if write:
-        path.write_text(json.dumps(trained.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # Whole or not at all: on a resumed run the other processes read the file while this one writes it.
+        scratch = path.with_name(f".{FORMAT_FILE}.{os.getpid()}")
+        scratch.write_text(json.dumps(trained.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(scratch, path)
 
 
 def read_format_file(path: Path) -> TrainedFormat:

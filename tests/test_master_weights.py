@@ -185,7 +185,7 @@ def test_micro_batch_gradients_add_up_in_fp32_on_the_masters():
         master_weights.gradients_to_masters([weight], [master], last=last)
         assert (weight.grad is None) == (not last)
     assert torch.equal(master.grad, torch.full((2,), 1.0 + 2.0 ** -8))
-    assert torch.equal(weight.grad, master.grad.to(torch.bfloat16))  # the total again, for Trainer's clip and log
+    assert torch.equal(weight.grad, master.grad.to(torch.bfloat16))  # the total again, for what reads the weights' gradients
 
 
 def test_accumulated_micro_batches_step_as_one_batch_of_their_size(tiny_models, tmp_path):
@@ -225,3 +225,38 @@ def test_the_step_clips_the_masters_fp32_gradients_to_max_grad_norm(tiny_models,
     moved = torch.stack([(trained[name].detach() - weight.to(torch.bfloat16).float()).norm()
                          for name, weight in initial.items() if name in trained]).norm()
     assert float(moved) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_one_clipping_a_step_over_the_fp32_gradients_the_optimizer_steps_on_whose_norm_is_logged(tiny_models,
+                                                                                                 tmp_path,
+                                                                                                 monkeypatch):
+    """Trainer's clipping goes to the masters: the model's bf16 gradients (which the step does not read) are not
+    clipped too, and the logged grad_norm is the fp32 gradients' norm."""
+    import json
+
+    from llmfinetune.workflow import run
+
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recorded(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        norm = clip(parameters, max_norm, *args, **kwargs)
+        clipped.append(({p.grad.dtype for p in parameters if p.grad is not None}, float(norm)))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded)
+    scale = torch.nn.utils.clip_grads_with_norm_
+
+    def scaled(parameters, max_norm, total_norm, *args, **kwargs):  # accelerate's clipping (Trainer's), by name
+        parameters = list(parameters)
+        clipped.append(({p.grad.dtype for p in parameters if p.grad is not None}, float(total_norm)))
+        return scale(parameters, max_norm, total_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", scaled)
+    out = tmp_path / "run"
+    run(_full_job(tiny_models, tmp_path, max_steps=3, save_strategy="no", max_grad_norm=0.5))
+    assert [dtypes for dtypes, _ in clipped] == [{torch.float32}] * 3
+    logged = [entry["grad_norm"] for entry in json.loads((out / "trainer_state.json").read_text())["log_history"]
+              if "grad_norm" in entry]
+    assert logged == pytest.approx([norm for _, norm in clipped], rel=1e-6)

@@ -265,8 +265,10 @@ class _TargetsCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets, smoothing, overwrite):
         from .kernels import c_kernel
 
-        fused = _fused_loss(logits) and _run_fused(_fused_total_and_lse, logits, targets, smoothing)
-        if fused:  # one kernel, one read of the logits
+        from . import compiled
+
+        fused = compiled.call(_fused_total_and_lse, logits, targets, smoothing) if _fused_loss(logits) else None
+        if fused not in (None, compiled.NOT_COMPILED):  # one kernel, one read of the logits
             total, lse = fused
             ctx.save_for_backward(logits, targets, lse)
             ctx.smoothing, ctx.overwrite, ctx.fused = smoothing, overwrite, True
@@ -299,8 +301,11 @@ class _TargetsCrossEntropy(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         smoothing, scale = ctx.smoothing, grad_total.float()
         grad = logits if ctx.overwrite else torch.empty_like(logits)
-        if ctx.fused and _run_fused(_fused_gradient_into, logits, grad, targets, lse, scale, smoothing):
-            return grad, None, None, None
+        if ctx.fused:
+            from . import compiled
+
+            if compiled.call(_fused_gradient_into, logits, grad, targets, lse, scale, smoothing) is None:
+                return grad, None, None, None  # written into grad; NOT_COMPILED: the eager blocks below
         grad[len(targets):] = 0
         backward = c_kernel("cross_entropy_backward", logits, grad) if targets.dtype == torch.int64 else None
         if backward is not None:  # one pass, in fp32 and rounded once (csrc/elementwise.c)
@@ -332,7 +337,6 @@ class _TargetsCrossEntropy(torch.autograd.Function):
 # at 16k learned rows x 151936 (Qwen2's vocabulary) in bf16 that is ~150 GB of memory traffic a step, the
 # compiled pair ~15 GB. The CPU has its own C kernels (csrc/elementwise.c), and inductor's CPU compile takes seconds.
 FUSED_LOSS_DEVICES = ("cuda",)
-_fused_state = {}
 
 
 def _fused_total_and_lse(logits, targets, smoothing: float):
@@ -360,24 +364,9 @@ def _fused_gradient_into(logits, grad, targets, lse, scale, smoothing: float):
 
 def _fused_loss(logits) -> bool:
     """Whether targets_cross_entropy runs compiled (_fused_total_and_lse, _fused_gradient_into) for these logits."""
-    return logits.device.type in FUSED_LOSS_DEVICES and not _fused_state.get("failed")
+    from . import compiled
 
-
-def _run_fused(function, *args):
-    """`function` compiled (once per process, dynamic shapes: every step's row count differs), called; None where
-    the compilation failed (a GPU without a working Triton, say): one warning, and the eager row blocks from then
-    on, the same loss, slower."""
-    if function.__name__ not in _fused_state:
-        _fused_state[function.__name__] = torch.compile(function, dynamic=True, fullgraph=True)
-    compiled = _fused_state[function.__name__]
-    try:
-        result = compiled(*args)
-    except Exception as error:  # noqa: BLE001 - any compiler failure: the eager path computes the same
-        logger.warning("The loss's compiled kernels failed to build (%s: %s); it runs in row blocks of eager ops.",
-                       type(error).__name__, (str(error).splitlines() or [""])[0])
-        _fused_state["failed"] = True
-        return None
-    return True if result is None else result
+    return logits.device.type in FUSED_LOSS_DEVICES and compiled.usable(_fused_total_and_lse)
 
 
 # Model types whose causal-LM forward returns the output layer's result as the logits, unchanged (no scale or softcap

@@ -299,15 +299,16 @@ def test_the_compiled_loss_equals_cross_entropy(dtype, smoothing, may_overwrite,
     """The GPU's loss (two compiled kernels, FUSED_LOSS_DEVICES), compiled here by inductor's CPU backend from the
     same functions: the value and gradient of cross_entropy in fp32, with a negative and a zero upstream gradient,
     the rows past the targets zero; neither the C kernels nor the eager row blocks run."""
-    from llmfinetune import kernels, lm_head
+    from llmfinetune import compiled, kernels, lm_head
 
     monkeypatch.setattr(lm_head, "FUSED_LOSS_DEVICES", ("cpu",))
-    monkeypatch.setattr(lm_head, "_fused_state", {})
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
     monkeypatch.setattr(kernels, "c_kernel", lambda *args: pytest.fail("a C kernel ran"))
     monkeypatch.setattr(lm_head, "_row_blocks", lambda *args: pytest.fail("the eager row blocks ran"))
     _equals_cross_entropy(dtype, smoothing, may_overwrite)
-    assert not lm_head._fused_state.get("failed")
-    assert set(lm_head._fused_state) == {"_fused_total_and_lse", "_fused_gradient_into"}
+    assert not compiled._failed
+    assert set(compiled._compiled) == {lm_head._fused_total_and_lse, lm_head._fused_gradient_into}
 
 
 def _equals_cross_entropy(dtype: str, smoothing: float, may_overwrite: bool) -> None:
@@ -345,13 +346,14 @@ def _equals_cross_entropy(dtype: str, smoothing: float, may_overwrite: bool) -> 
 def test_a_loss_that_fails_to_compile_runs_in_eager_row_blocks_with_one_warning(monkeypatch, caplog):
     import torch
 
-    from llmfinetune import lm_head
+    from llmfinetune import compiled, lm_head
 
     def broken(*args, **kwargs):
         raise RuntimeError("no working Triton here\nsecond line")
 
     monkeypatch.setattr(lm_head, "FUSED_LOSS_DEVICES", ("cpu",))
-    monkeypatch.setattr(lm_head, "_fused_state", {})
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
     monkeypatch.setattr(torch, "compile", lambda function, **kwargs: broken)
     torch.manual_seed(0)
     targets = torch.randint(0, 20, (9,))
@@ -367,9 +369,9 @@ def test_a_loss_that_fails_to_compile_runs_in_eager_row_blocks_with_one_warning(
     for got, got_grad in results[:2]:
         torch.testing.assert_close(got, results[2][0])
         torch.testing.assert_close(got_grad, results[2][1])
-    warnings = [r.getMessage() for r in caplog.records if "failed to build" in r.getMessage()]
-    assert warnings == ["The loss's compiled kernels failed to build (RuntimeError: no working Triton here); it "
-                        "runs in row blocks of eager ops."]
+    warnings = [r.getMessage() for r in caplog.records if "could not be compiled" in r.getMessage()]
+    assert warnings == ["_fused_total_and_lse could not be compiled (RuntimeError: no working Triton here); it runs "
+                        "uncompiled, slower."]
 
 
 def test_the_gradient_is_written_into_the_heads_logits_but_not_into_a_tensor_another_node_keeps():

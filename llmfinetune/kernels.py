@@ -1,6 +1,7 @@
 """Hand-written forward/backward pairs for training on the CPU, where autograd runs every element-wise op of a
 Llama-style block as its own pass over memory: RMSNorm and the rotary embedding (causal LM), the SwiGLU MLP and
-peft's LoRA Linear (any task), and a frozen layer's products on weights packed once.
+peft's LoRA Linear (any task), and a frozen layer's products on weights packed once. On a GPU the same norms run
+compiled instead (compile_rms_norms, through compiled.py).
 
 RMSNorm with a hand-written backward.
 
@@ -147,12 +148,49 @@ def _forward(self, hidden_states):
 
 def swap_rms_norms(model) -> int:
     """Give every Llama-style RMSNorm of `model` the hand-written backward; returns how many were swapped."""
+    return _swap_norm_forwards(model, _forward)
+
+
+def _swap_norm_forwards(model, forward) -> int:
     swapped = 0
     for module in model.modules():
         if type(module).__name__ in SWAPPABLE and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_forward, module)
+            module.forward = types.MethodType(forward, module)
             swapped += 1
     return swapped
+
+
+# Devices where the SWAPPABLE norms run compiled (compiled.call of rms_norm): one kernel forward and one or two
+# backward, where the eager norm on a GPU launches ~6 kernels forward over fp32 copies of the hidden states and more
+# backward (~49 norms a step in a 24-layer model). The CPU has the hand-written pair above instead.
+COMPILED_NORM_DEVICES = ("cuda",)
+
+
+def compiled_norms_wanted(args) -> bool:
+    """Whether training with these TrainingArguments runs the norms compiled: on a GPU, where neither the whole
+    layers are compiled (torch_compile) nor Liger's kernels replace the norms (use_liger_kernel)."""
+    return (args.device.type in COMPILED_NORM_DEVICES and not args.torch_compile
+            and not getattr(args, "use_liger_kernel", False))
+
+
+def rms_norm(hidden, weight, eps: float):
+    """Llama's RMSNorm as the SWAPPABLE classes compute it: in fp32, cast back, times the weight."""
+    dtype = hidden.dtype
+    hidden = hidden.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(dtype)
+
+
+def _compiled_forward(self, hidden_states):
+    from . import compiled
+
+    normed = compiled.call(rms_norm, hidden_states, self.weight, self.variance_epsilon)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon) if normed is compiled.NOT_COMPILED else normed
+
+
+def compile_rms_norms(model) -> int:
+    """Run every Llama-style RMSNorm of `model` compiled (compiled.py); returns how many."""
+    return _swap_norm_forwards(model, _compiled_forward)
 
 
 # MLP classes whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)) (tests/test_kernels.py compares

@@ -97,6 +97,70 @@ def test_sft_on_the_cpu_trains_with_it(tiny_models, tmp_path):
     assert mlps and all(getattr(m.forward, "__func__", None) is _mlp_forward for m in mlps)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_compiled_norm_computes_what_the_architectures_own_does(dtype, monkeypatch):
+    """The GPU's norm (kernels.rms_norm through compiled.py), compiled here by inductor's CPU backend: logits and
+    gradients as the model's own norm gives them, within float rounding (fp32) or one bf16 rounding (bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune import compiled
+    from llmfinetune.kernels import compile_rms_norms, rms_norm
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config("qwen2"))
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
+    for module in model.modules():
+        if type(module).__name__ == "Qwen2RMSNorm":
+            module.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits, grads = _step(model, ids, "fp32")
+    assert compile_rms_norms(model) == sum(type(m).__name__ == "Qwen2RMSNorm" for m in model.modules()) > 0
+    compiled_logits, compiled_grads = _step(model, ids, "fp32")
+    assert set(compiled._compiled) == {rms_norm} and not compiled._failed
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    assert (compiled_logits - logits).abs().max() <= tolerance * logits.abs().max()
+    assert compiled_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        scale = grad.abs().max().item() or 1.0
+        assert (compiled_grads[name] - grad).abs().max().item() <= tolerance * scale, name
+
+
+def test_on_a_gpu_sft_trains_with_the_compiled_norm_and_its_losses(tiny_models, tmp_path, monkeypatch):
+    """COMPILED_NORM_DEVICES (the CPU standing in for a GPU, the CPU's own kernels off): the SFT Trainer runs every
+    norm compiled, with the losses of the model's own norms; torch_compile (whole layers) leaves them alone."""
+    import torch
+
+    from conftest import job_dict, logged_losses, make_dataset
+    from llmfinetune import compiled, kernels
+    from llmfinetune.config import parse_job
+    from llmfinetune.workflow import run
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
+    monkeypatch.setattr(kernels, "eager_kernels_wanted", lambda args: False)
+    data = make_dataset(tmp_path / "data", "text-generation")
+
+    def train(name, devices):
+        monkeypatch.setattr(kernels, "COMPILED_NORM_DEVICES", devices)
+        job = parse_job(job_dict("text-generation", "full", tiny_models["qwen2"], data, tmp_path / name, max_steps=3,
+                                 save_strategy="no", logging_steps=1, eval_strategy="no"))
+        model = run(job).model
+        return logged_losses(tmp_path / name), [m for m in model.modules() if type(m).__name__ == "Qwen2RMSNorm"]
+
+    own, own_norms = train("own", ())
+    fused, fused_norms = train("compiled", ("cpu",))
+    assert not any(getattr(m.forward, "__func__", None) is kernels._compiled_forward for m in own_norms)
+    assert fused_norms and all(getattr(m.forward, "__func__", None) is kernels._compiled_forward for m in fused_norms)
+    assert set(compiled._compiled) == {kernels.rms_norm} and not compiled._failed
+    assert fused == pytest.approx(own, rel=1e-5)
+    assert not kernels.compiled_norms_wanted(type("Args", (), {"device": torch.device("cpu"), "torch_compile": True,
+                                                               "use_liger_kernel": False})())
+
+
 def test_the_norm_backward_leaves_its_fp32_input_as_it_was():
     """In fp32 `hidden.float()` is the saved input itself: a backward that wrote into it would hand the next reader
     (output_hidden_states, another op that saved the same tensor) a changed residual stream."""

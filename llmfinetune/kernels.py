@@ -1,7 +1,7 @@
 """Hand-written forward/backward pairs for training on the CPU, where autograd runs every element-wise op of a
 Llama-style block as its own pass over memory: RMSNorm and the rotary embedding (causal LM), the SwiGLU MLP and
-peft's LoRA Linear (any task), and a frozen layer's products on weights packed once. On a GPU the same norms run
-compiled instead (compile_rms_norms, through compiled.py).
+peft's LoRA Linear (any task), and a frozen layer's products on weights packed once. On a GPU the same norms and
+the MLPs' SwiGLU run compiled instead (compile_rms_norms, compile_swiglu_mlps: compiled.py).
 
 RMSNorm with a hand-written backward.
 
@@ -160,16 +160,17 @@ def _swap_norm_forwards(model, forward) -> int:
     return swapped
 
 
-# Devices where the SWAPPABLE norms run compiled (compiled.call of rms_norm): one kernel forward and one or two
-# backward, where the eager norm on a GPU launches ~6 kernels forward over fp32 copies of the hidden states and more
-# backward (~49 norms a step in a 24-layer model). The CPU has the hand-written pair above instead.
-COMPILED_NORM_DEVICES = ("cuda",)
+# Devices where the SWAPPABLE norms and the MLP_SWAPPABLE MLPs' SwiGLU run compiled (compiled.py: rms_norm and
+# swiglu, one kernel forward and one or two backward each). Eager, a GPU launches ~6 kernels forward over fp32 copies
+# of the hidden states for each norm (~49 a step in a 24-layer model) and more backward, and the SwiGLU keeps its
+# activation for the backward (32k tokens x 4864 in bf16: 311 MB a layer). The CPU has the hand-written pairs instead.
+COMPILED_KERNEL_DEVICES = ("cuda",)
 
 
-def compiled_norms_wanted(args) -> bool:
-    """Whether training with these TrainingArguments runs the norms compiled: on a GPU, where neither the whole
-    layers are compiled (torch_compile) nor Liger's kernels replace the norms (use_liger_kernel)."""
-    return (args.device.type in COMPILED_NORM_DEVICES and not args.torch_compile
+def compiled_kernels_wanted(args) -> bool:
+    """Whether training with these TrainingArguments runs the norms and SwiGLUs compiled: on a GPU, where neither
+    the whole layers are compiled (torch_compile) nor Liger's kernels replace them (use_liger_kernel)."""
+    return (args.device.type in COMPILED_KERNEL_DEVICES and not args.torch_compile
             and not getattr(args, "use_liger_kernel", False))
 
 
@@ -242,13 +243,35 @@ def _mlp_forward(self, x):
 
 def swap_swiglu_mlps(model) -> int:
     """Give every Llama-style SiLU MLP of `model` the SwiGLU function; returns how many were swapped."""
+    return _swap_mlp_forwards(model, _mlp_forward)
+
+
+def _swap_mlp_forwards(model, forward) -> int:
     swapped = 0
     for module in model.modules():
         if (type(module).__name__ in MLP_SWAPPABLE and type(getattr(module, "act_fn", None)).__name__ in ("SiLU",
                                                                                                      "SiLUActivation")):
-            module.forward = types.MethodType(_mlp_forward, module)
+            module.forward = types.MethodType(forward, module)
             swapped += 1
     return swapped
+
+
+def swiglu(gate, up):
+    """The MLP_SWAPPABLE MLPs' act_fn(gate) * up with SiLU."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def _compiled_mlp_forward(self, x):
+    from . import compiled
+
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = compiled.call(swiglu, gate, up)
+    return self.down_proj(self.act_fn(gate) * up if product is compiled.NOT_COMPILED else product)
+
+
+def compile_swiglu_mlps(model) -> int:
+    """Run every Llama-style SiLU MLP's SwiGLU of `model` compiled (compiled.py); returns how many."""
+    return _swap_mlp_forwards(model, _compiled_mlp_forward)
 
 
 # transformers model types whose modeling module's apply_rotary_pos_emb is Llama's (q * cos + rotate_half(q) * sin).

@@ -35,13 +35,13 @@ class CausalLMTrainer(Trainer):
         bind_packed_collator(self)
         self._lora_layers = None
         self._rotary_modules = []
-        from .kernels import (compile_rms_norms, compiled_norms_wanted, eager_kernels_wanted, rotary_modules,
+        from .kernels import (compile_rms_norms, compiled_kernels_wanted, eager_kernels_wanted, rotary_modules,
                               swap_rms_norms)
 
         if eager_kernels_wanted(self.args):
             swap_rms_norms(self.model)
             self._rotary_modules = rotary_modules(self.model)
-        elif compiled_norms_wanted(self.args):
+        elif compiled_kernels_wanted(self.args):
             compile_rms_norms(self.model)
         self._held_facts = None
 

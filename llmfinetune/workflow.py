@@ -106,7 +106,8 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         # the world size under DDP: gradients and logged loss N times too large. Tell it the loss is already a mean.
         model.accepts_loss_kwargs = False
     model = method.wrap(model, job, task, fresh_modules, trainable_fp32=base_dtype is not None)
-    from .kernels import eager_kernels_wanted, swap_frozen_linears, swap_lora_linears, swap_swiglu_mlps
+    from .kernels import (compile_swiglu_mlps, compiled_kernels_wanted, eager_kernels_wanted, swap_frozen_linears,
+                          swap_lora_linears, swap_swiglu_mlps)
 
     hooks = task.trainer_hooks(tokenizer, job, prepared.model_kwargs)
     if eager_kernels_wanted(training_args):
@@ -116,6 +117,8 @@ def run(job: Job, deepspeed: Optional[str] = None) -> RunResult:
         # half precision, and in fp32 for packed rows (the collator then rounds them as in half precision).
         swap_frozen_linears(model, half_precision=arguments.kernels_keep_state_per_shape(training_args),
                             fp32=hasattr(hooks.get("data_collator"), "bind_to"))
+    elif compiled_kernels_wanted(training_args):
+        compile_swiglu_mlps(model)
     from .generation_eval import TrainingJudge
 
     judge = TrainingJudge(job, task, tokenizer, splits, eval_split, output_dir, dist.world_size)

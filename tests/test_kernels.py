@@ -129,9 +129,39 @@ def test_the_compiled_norm_computes_what_the_architectures_own_does(dtype, monke
         assert (compiled_grads[name] - grad).abs().max().item() <= tolerance * scale, name
 
 
-def test_on_a_gpu_sft_trains_with_the_compiled_norm_and_its_losses(tiny_models, tmp_path, monkeypatch):
-    """COMPILED_NORM_DEVICES (the CPU standing in for a GPU, the CPU's own kernels off): the SFT Trainer runs every
-    norm compiled, with the losses of the model's own norms; torch_compile (whole layers) leaves them alone."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_compiled_swiglu_computes_what_the_architectures_own_mlp_does(dtype, monkeypatch):
+    """The GPU's SwiGLU (kernels.swiglu through compiled.py), compiled here by inductor's CPU backend: logits and
+    gradients as the model's own MLP gives them, within float rounding (fp32) or one bf16 rounding (bf16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmfinetune import compiled
+    from llmfinetune.kernels import compile_swiglu_mlps, swiglu
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_tiny_config("qwen2"))
+    if dtype == "bf16":
+        model.to(torch.bfloat16)
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    logits, grads = _step(model, ids, "fp32")
+    assert compile_swiglu_mlps(model) == sum(type(m).__name__ == "Qwen2MLP" for m in model.modules()) > 0
+    compiled_logits, compiled_grads = _step(model, ids, "fp32")
+    assert set(compiled._compiled) == {swiglu} and not compiled._failed
+    tolerance = 1e-5 if dtype == "fp32" else 2e-2
+    assert (compiled_logits - logits).abs().max() <= tolerance * logits.abs().max()
+    assert compiled_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        scale = grad.abs().max().item() or 1.0
+        assert (compiled_grads[name] - grad).abs().max().item() <= tolerance * scale, name
+
+
+def test_on_a_gpu_sft_trains_with_the_compiled_norm_and_swiglu_and_their_losses(tiny_models, tmp_path,
+                                                                                 monkeypatch):
+    """COMPILED_KERNEL_DEVICES (the CPU standing in for a GPU, the CPU's own kernels off): the SFT run has every
+    norm and SwiGLU compiled, with the losses of the model's own; torch_compile (whole layers) leaves them alone."""
     import torch
 
     from conftest import job_dict, logged_losses, make_dataset
@@ -145,20 +175,23 @@ def test_on_a_gpu_sft_trains_with_the_compiled_norm_and_its_losses(tiny_models, 
     data = make_dataset(tmp_path / "data", "text-generation")
 
     def train(name, devices):
-        monkeypatch.setattr(kernels, "COMPILED_NORM_DEVICES", devices)
+        monkeypatch.setattr(kernels, "COMPILED_KERNEL_DEVICES", devices)
         job = parse_job(job_dict("text-generation", "full", tiny_models["qwen2"], data, tmp_path / name, max_steps=3,
                                  save_strategy="no", logging_steps=1, eval_strategy="no"))
         model = run(job).model
-        return logged_losses(tmp_path / name), [m for m in model.modules() if type(m).__name__ == "Qwen2RMSNorm"]
+        forwards = [getattr(m.forward, "__func__", None) for m in model.modules()
+                    if type(m).__name__ in ("Qwen2RMSNorm", "Qwen2MLP")]
+        return logged_losses(tmp_path / name), forwards
 
-    own, own_norms = train("own", ())
-    fused, fused_norms = train("compiled", ("cpu",))
-    assert not any(getattr(m.forward, "__func__", None) is kernels._compiled_forward for m in own_norms)
-    assert fused_norms and all(getattr(m.forward, "__func__", None) is kernels._compiled_forward for m in fused_norms)
-    assert set(compiled._compiled) == {kernels.rms_norm} and not compiled._failed
+    own, own_forwards = train("own", ())
+    fused, fused_forwards = train("compiled", ("cpu",))
+    swapped = {kernels._compiled_forward, kernels._compiled_mlp_forward}
+    assert not swapped & set(own_forwards)
+    assert len(fused_forwards) == len(own_forwards) and set(fused_forwards) == swapped
+    assert set(compiled._compiled) == {kernels.rms_norm, kernels.swiglu} and not compiled._failed
     assert fused == pytest.approx(own, rel=1e-5)
-    assert not kernels.compiled_norms_wanted(type("Args", (), {"device": torch.device("cpu"), "torch_compile": True,
-                                                               "use_liger_kernel": False})())
+    assert not kernels.compiled_kernels_wanted(type("Args", (), {"device": torch.device("cpu"), "torch_compile": True,
+                                                                 "use_liger_kernel": False})())
 
 
 def test_the_norm_backward_leaves_its_fp32_input_as_it_was():

@@ -330,7 +330,29 @@ def _rotary_in_c(states, cos, sin, out, transpose: bool) -> bool:
     return True
 
 
-def _fast_rotary(original):
+def rotate_pair(q, k, cos, sin):
+    """Llama's rotary embedding of q and k, x * cos + rotate_half(x) * sin, with cos and sin broadcast to them."""
+    def rotated(states):
+        half = states.shape[-1] // 2
+        return states * cos + torch.cat((-states[..., half:], states[..., :half]), dim=-1) * sin
+
+    return rotated(q), rotated(k)
+
+
+def _hand_written_pair(q, k, cos, sin):
+    return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+
+
+def compiled_rotate_pair(q, k, cos, sin):
+    """rotate_pair compiled (compiled.py): on a GPU one kernel each way for q and k together, where eager launches
+    ~6 a tensor forward (the half-rotation's slices, negation and concatenation among them) and more backward."""
+    from . import compiled
+
+    rotated = compiled.call(rotate_pair, q, k, cos, sin)
+    return rotate_pair(q, k, cos, sin) if rotated is compiled.NOT_COMPILED else rotated
+
+
+def _fast_rotary(original, pair=_hand_written_pair):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         """transformers' function where its arguments are the plain case; the original itself otherwise."""
         unsqueeze_dim = kwargs.get("unsqueeze_dim", args[0] if args else 1)
@@ -344,7 +366,7 @@ def _fast_rotary(original):
             fits = False
         if not fits:
             return original(q, k, cos, sin, *args, **kwargs)
-        return _Rotary.apply(q, wide_cos, wide_sin), _Rotary.apply(k, wide_cos, wide_sin)
+        return pair(q, k, wide_cos, wide_sin)
     apply_rotary_pos_emb.original = original
     return apply_rotary_pos_emb
 
@@ -362,11 +384,12 @@ def rotary_modules(model) -> list:
 
 
 @contextlib.contextmanager
-def rotary_swapped(modules):
-    """The hand-written rotary embedding in these modeling modules for the duration of the block."""
+def rotary_swapped(modules, pair=_hand_written_pair):
+    """The hand-written rotary embedding (or `pair`: compiled_rotate_pair on a GPU) in these modeling modules for
+    the duration of the block."""
     installed = [owner for owner in modules if not hasattr(owner.apply_rotary_pos_emb, "original")]
     for owner in installed:
-        owner.apply_rotary_pos_emb = _fast_rotary(owner.apply_rotary_pos_emb)
+        owner.apply_rotary_pos_emb = _fast_rotary(owner.apply_rotary_pos_emb, pair)
     try:
         yield
     finally:

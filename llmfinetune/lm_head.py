@@ -34,15 +34,16 @@ class CausalLMTrainer(Trainer):
 
         bind_packed_collator(self)
         self._lora_layers = None
-        self._rotary_modules = []
-        from .kernels import (compile_rms_norms, compiled_kernels_wanted, eager_kernels_wanted, rotary_modules,
-                              swap_rms_norms)
+        self._rotary_modules, self._rotary_pair = [], None
+        from . import kernels
 
-        if eager_kernels_wanted(self.args):
-            swap_rms_norms(self.model)
-            self._rotary_modules = rotary_modules(self.model)
-        elif compiled_kernels_wanted(self.args):
-            compile_rms_norms(self.model)
+        if kernels.eager_kernels_wanted(self.args):
+            kernels.swap_rms_norms(self.model)
+            self._rotary_modules, self._rotary_pair = kernels.rotary_modules(self.model), kernels._hand_written_pair
+        elif kernels.compiled_kernels_wanted(self.args):
+            kernels.compile_rms_norms(self.model)
+            self._rotary_modules = kernels.rotary_modules(self.model)
+            self._rotary_pair = kernels.compiled_rotate_pair
         self._held_facts = None
 
     def _prepare_inputs(self, inputs):
@@ -81,16 +82,16 @@ class CausalLMTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def compute_loss_context_manager(self):
-        """On the CPU the hand-written rotary embedding (kernels.rotary_swapped) while the loss is computed. Under
-        autocast peft's adapters need not cast their input to their fp32 weights: autocast casts it back to
-        bf16 for the matmul anyway (the same values), and with a bf16 base that was two copies of the layer's input
-        each way, per adapted layer and step."""
+        """The hand-written rotary embedding on the CPU, the compiled one on a GPU (kernels.rotary_swapped) while
+        the loss is computed. Under autocast peft's adapters need not cast their input to their fp32 weights:
+        autocast casts it back to bf16 for the matmul anyway (the same values), and with a bf16 base that was two
+        copies of the layer's input each way, per adapted layer and step."""
         stack = contextlib.ExitStack()
         stack.enter_context(super().compute_loss_context_manager())
         if self._rotary_modules:
             from .kernels import rotary_swapped
 
-            stack.enter_context(rotary_swapped(self._rotary_modules))
+            stack.enter_context(rotary_swapped(self._rotary_modules, self._rotary_pair))
         if self.args.bf16 or self.args.fp16:
             if self._lora_layers is None:
                 from peft.tuners.lora import LoraLayer

@@ -158,10 +158,11 @@ def test_the_compiled_swiglu_computes_what_the_architectures_own_mlp_does(dtype,
         assert (compiled_grads[name] - grad).abs().max().item() <= tolerance * scale, name
 
 
-def test_on_a_gpu_sft_trains_with_the_compiled_norm_and_swiglu_and_their_losses(tiny_models, tmp_path,
+def test_on_a_gpu_sft_trains_with_the_compiled_norm_swiglu_and_rotary_and_their_losses(tiny_models, tmp_path,
                                                                                  monkeypatch):
     """COMPILED_KERNEL_DEVICES (the CPU standing in for a GPU, the CPU's own kernels off): the SFT run has every
-    norm and SwiGLU compiled, with the losses of the model's own; torch_compile (whole layers) leaves them alone."""
+    norm, SwiGLU and rotary embedding compiled, with the losses of the model's own; torch_compile (whole layers)
+    leaves them alone."""
     import torch
 
     from conftest import job_dict, logged_losses, make_dataset
@@ -188,7 +189,8 @@ def test_on_a_gpu_sft_trains_with_the_compiled_norm_and_swiglu_and_their_losses(
     swapped = {kernels._compiled_forward, kernels._compiled_mlp_forward}
     assert not swapped & set(own_forwards)
     assert len(fused_forwards) == len(own_forwards) and set(fused_forwards) == swapped
-    assert set(compiled._compiled) == {kernels.rms_norm, kernels.swiglu} and not compiled._failed
+    assert set(compiled._compiled) == {kernels.rms_norm, kernels.swiglu, kernels.rotate_pair}
+    assert not compiled._failed
     assert fused == pytest.approx(own, rel=1e-5)
     assert not kernels.compiled_kernels_wanted(type("Args", (), {"device": torch.device("cpu"), "torch_compile": True,
                                                                  "use_liger_kernel": False})())
@@ -285,6 +287,23 @@ def test_the_swapped_rotary_embedding_computes_what_the_architectures_own_does(m
     """fp32: logits and gradients equal within 1e-5 of the largest value. bf16 (the whole model in bf16): the two
     round differently, and a gradient near zero can differ by more than its own size, so each is held to the fp32
     model's: the swapped one no farther from it than twice the architecture's own, plus one bf16 step."""
+    _check_rotary(model_type, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_compiled_rotary_embedding_computes_what_the_architectures_own_does(dtype, monkeypatch):
+    """The GPU's rotary embedding (kernels.rotate_pair through compiled.py), compiled here by inductor's CPU
+    backend, held to the same bounds as the hand-written one."""
+    from llmfinetune import compiled
+    from llmfinetune.kernels import compiled_rotate_pair, rotate_pair
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
+    _check_rotary("qwen2", dtype, compiled_rotate_pair)
+    assert set(compiled._compiled) == {rotate_pair} and not compiled._failed
+
+
+def _check_rotary(model_type: str, dtype: str, *pair) -> None:
     import copy
 
     import torch
@@ -302,7 +321,7 @@ def test_the_swapped_rotary_embedding_computes_what_the_architectures_own_does(m
     modules = rotary_modules(model)
     assert len(modules) == 1
     original = modules[0].apply_rotary_pos_emb
-    with rotary_swapped(modules):
+    with rotary_swapped(modules, *pair):
         assert modules[0].apply_rotary_pos_emb.original is original
         swapped = _step(model, ids, dtype)
     assert modules[0].apply_rotary_pos_emb is original

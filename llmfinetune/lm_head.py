@@ -41,6 +41,9 @@ class CausalLMTrainer(Trainer):
             kernels.swap_rms_norms(self.model)
             self._rotary_modules, self._rotary_pair = kernels.rotary_modules(self.model), kernels._hand_written_pair
         elif kernels.compiled_kernels_wanted(self.args):
+            logger.info("On this %s the RMSNorm, SwiGLU and rotary embedding run compiled, each function alone "
+                        "(torch_compile or use_liger_kernel replace them), as does the loss; the first steps include "
+                        "their compilation.", self.args.device.type.upper())
             kernels.compile_rms_norms(self.model)
             self._rotary_modules = kernels.rotary_modules(self.model)
             self._rotary_pair = kernels.compiled_rotate_pair

@@ -98,58 +98,32 @@ def test_sft_on_the_cpu_trains_with_it(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_the_compiled_norm_computes_what_the_architectures_own_does(dtype, monkeypatch):
-    """The GPU's norm (kernels.rms_norm through compiled.py), compiled here by inductor's CPU backend: logits and
-    gradients as the model's own norm gives them, within float rounding (fp32) or one bf16 rounding (bf16)."""
+@pytest.mark.parametrize("module", ["Qwen2RMSNorm", "Qwen2MLP"])
+def test_the_compiled_norm_and_swiglu_compute_what_the_architectures_own_do(module, dtype, monkeypatch):
+    """The GPU's norm and SwiGLU (kernels.rms_norm, kernels.swiglu through compiled.py), compiled here by inductor's
+    CPU backend: logits and gradients as the model's own modules give them, within float rounding (fp32) or one
+    bf16 rounding (bf16)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmfinetune import compiled
-    from llmfinetune.kernels import compile_rms_norms, rms_norm
+    from llmfinetune import compiled, kernels
 
+    swap, function = {"Qwen2RMSNorm": (kernels.compile_rms_norms, kernels.rms_norm),
+                      "Qwen2MLP": (kernels.compile_swiglu_mlps, kernels.swiglu)}[module]
     monkeypatch.setattr(compiled, "_compiled", {})
     monkeypatch.setattr(compiled, "_failed", set())
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(_tiny_config("qwen2"))
     if dtype == "bf16":
         model.to(torch.bfloat16)
-    for module in model.modules():
-        if type(module).__name__ == "Qwen2RMSNorm":
-            module.weight.data.uniform_(0.5, 1.5)
+    for norm in model.modules():  # the compiled norms get non-trivial weights, so their gradient path is exercised
+        if module == type(norm).__name__ == "Qwen2RMSNorm":
+            norm.weight.data.uniform_(0.5, 1.5)
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     logits, grads = _step(model, ids, "fp32")
-    assert compile_rms_norms(model) == sum(type(m).__name__ == "Qwen2RMSNorm" for m in model.modules()) > 0
+    assert swap(model) == sum(type(m).__name__ == module for m in model.modules()) > 0
     compiled_logits, compiled_grads = _step(model, ids, "fp32")
-    assert set(compiled._compiled) == {rms_norm} and not compiled._failed
-    tolerance = 1e-5 if dtype == "fp32" else 2e-2
-    assert (compiled_logits - logits).abs().max() <= tolerance * logits.abs().max()
-    assert compiled_grads.keys() == grads.keys()
-    for name, grad in grads.items():
-        scale = grad.abs().max().item() or 1.0
-        assert (compiled_grads[name] - grad).abs().max().item() <= tolerance * scale, name
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_the_compiled_swiglu_computes_what_the_architectures_own_mlp_does(dtype, monkeypatch):
-    """The GPU's SwiGLU (kernels.swiglu through compiled.py), compiled here by inductor's CPU backend: logits and
-    gradients as the model's own MLP gives them, within float rounding (fp32) or one bf16 rounding (bf16)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from llmfinetune import compiled
-    from llmfinetune.kernels import compile_swiglu_mlps, swiglu
-
-    monkeypatch.setattr(compiled, "_compiled", {})
-    monkeypatch.setattr(compiled, "_failed", set())
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_tiny_config("qwen2"))
-    if dtype == "bf16":
-        model.to(torch.bfloat16)
-    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
-    logits, grads = _step(model, ids, "fp32")
-    assert compile_swiglu_mlps(model) == sum(type(m).__name__ == "Qwen2MLP" for m in model.modules()) > 0
-    compiled_logits, compiled_grads = _step(model, ids, "fp32")
-    assert set(compiled._compiled) == {swiglu} and not compiled._failed
+    assert set(compiled._compiled) == {function} and not compiled._failed
     tolerance = 1e-5 if dtype == "fp32" else 2e-2
     assert (compiled_logits - logits).abs().max() <= tolerance * logits.abs().max()
     assert compiled_grads.keys() == grads.keys()

@@ -1,8 +1,8 @@
 """Small pure functions run compiled (torch.compile: one graph each, dynamic shapes, compiled once per process) on
 devices where eager ops make a pass over memory each and launch a kernel each: on a GPU the causal-LM loss
-(lm_head.py) and the RMSNorm of Llama-style models (kernels.py). A function whose compilation fails (a GPU without a
-working Triton, say) warns once and is not tried again: its caller runs its uncompiled path, the same numbers,
-slower. The CPU tests compile the same functions with inductor's CPU backend."""
+(lm_head.py) and the RMSNorm, SwiGLU and rotary embedding of Llama-style models (kernels.py). A function whose
+compilation fails (a GPU without a working Triton, say) warns once and is not tried again: its caller runs its
+uncompiled path, the same numbers, slower. The CPU tests compile the same functions with inductor's CPU backend."""
 from __future__ import annotations
 
 import logging

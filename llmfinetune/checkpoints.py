@@ -103,7 +103,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
         self._watching = True
 
     def poisoned(self, step: int) -> bool:
-        self._read(len(self._unread))
+        self._read()
         return self.bad_step is not None and step >= self.bad_step
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -127,14 +127,15 @@ class StopOnNonFiniteLoss(TrainerCallback):
         # every step but this one, whose flag the GPU has long written: reading it now would wait for the GPU to
         # finish this step, and the host could not prepare the next meanwhile. Each process decides alike (the
         # flags above are the same everywhere), and a bad step is still found before anything is saved after it.
-        self._read(len(self._unread) if decided or flag.device.type not in READ_LATER_DEVICES
-                   else len(self._unread) - 1)
+        self._read(keep=0 if decided or flag.device.type not in READ_LATER_DEVICES else 1)
         if self.bad_step is not None:
             self._stop(control)
         return control
 
-    def _read(self, count: int) -> None:
-        """The oldest `count` unread steps' flags: the first bad step, with its loss where this process had it."""
+    def _read(self, keep: int = 0) -> None:
+        """The unread steps' flags but the newest `keep`: the first bad step, with its loss where this process had
+        it."""
+        count = len(self._unread) - keep
         for step, losses, local_bad, (host_flag, written) in self._unread[:count]:
             if written is not None:
                 written.synchronize()
@@ -144,13 +145,13 @@ class StopOnNonFiniteLoss(TrainerCallback):
         del self._unread[:count]
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._read(len(self._unread))
+        self._read()
         if self.bad_step is not None:  # save_strategy epoch would save the NaN weights after the loop
             self._stop(control)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._read(len(self._unread))
+        self._read()
 
     @staticmethod
     def _stop(control) -> None:
@@ -160,7 +161,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
     def raise_if_diverged(self, output_dir: Path, train_loss: Optional[float], last_step: int) -> None:
         """The run's end when the loss was non-finite: the first bad step and the newest checkpoint before it."""
-        self._read(len(self._unread))
+        self._read()
         if self.bad_step is None and (train_loss is None or math.isfinite(train_loss)):
             return
         step = self.bad_step if self.bad_step is not None else last_step

@@ -14,11 +14,6 @@ _compiled: dict = {}
 _failed: set = set()
 
 
-def usable(function) -> bool:
-    """False once `function`'s compilation has failed."""
-    return function not in _failed
-
-
 def call(function, *args):
     """`function(*args)` through its compiled form, or NOT_COMPILED where that form failed to build (now or
     before)."""
@@ -35,3 +30,9 @@ def call(function, *args):
                        type(error).__name__, (str(error).splitlines() or [""])[0])
         _failed.add(function)
         return NOT_COMPILED
+
+
+def run(function, *args):
+    """`function(*args)`, compiled where that could be built, else as it is."""
+    result = call(function, *args)
+    return function(*args) if result is NOT_COMPILED else result

@@ -185,8 +185,7 @@ def rms_norm(hidden, weight, eps: float):
 def _compiled_forward(self, hidden_states):
     from . import compiled
 
-    normed = compiled.call(rms_norm, hidden_states, self.weight, self.variance_epsilon)
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon) if normed is compiled.NOT_COMPILED else normed
+    return compiled.run(rms_norm, hidden_states, self.weight, self.variance_epsilon)
 
 
 def compile_rms_norms(model) -> int:
@@ -264,9 +263,7 @@ def swiglu(gate, up):
 def _compiled_mlp_forward(self, x):
     from . import compiled
 
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    product = compiled.call(swiglu, gate, up)
-    return self.down_proj(self.act_fn(gate) * up if product is compiled.NOT_COMPILED else product)
+    return self.down_proj(compiled.run(swiglu, self.gate_proj(x), self.up_proj(x)))
 
 
 def compile_swiglu_mlps(model) -> int:
@@ -348,8 +345,7 @@ def compiled_rotate_pair(q, k, cos, sin):
     ~6 a tensor forward (the half-rotation's slices, negation and concatenation among them) and more backward."""
     from . import compiled
 
-    rotated = compiled.call(rotate_pair, q, k, cos, sin)
-    return rotate_pair(q, k, cos, sin) if rotated is compiled.NOT_COMPILED else rotated
+    return compiled.run(rotate_pair, q, k, cos, sin)
 
 
 def _fast_rotary(original, pair=_hand_written_pair):

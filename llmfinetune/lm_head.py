@@ -47,24 +47,6 @@ class CausalLMTrainer(Trainer):
             kernels.compile_rms_norms(self.model)
             self._rotary_modules = kernels.rotary_modules(self.model)
             self._rotary_pair = kernels.compiled_rotate_pair
-        self._held_facts = None
-
-    def _prepare_inputs(self, inputs):
-        """The batch on its device without the collator's host facts (packing.HOST_FACTS: the model takes no such
-        arguments), which are held for compute_loss with the batch they came with."""
-        from .packing import HOST_FACTS
-
-        prepared = super()._prepare_inputs(inputs)
-        self._held_facts = (prepared, {key: prepared.pop(key) for key in HOST_FACTS if key in prepared})
-        return prepared
-
-    def host_facts(self, inputs) -> dict:
-        """The collator's host facts of this (prepared) batch; {} where it brought none."""
-        from .packing import HOST_FACTS
-
-        if self._held_facts is not None and self._held_facts[0] is inputs:
-            return self._held_facts[1]
-        return {key: inputs[key] for key in HOST_FACTS if key in inputs}
 
     def _track_num_input_tokens(self, inputs):
         """Trainer's count of non-padding tokens, from the collator's count where it gave one: Trainer's own sums
@@ -78,11 +60,7 @@ class CausalLMTrainer(Trainer):
         self.state.num_input_tokens_seen += counted
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .packing import HOST_FACTS
-
-        if any(key in inputs for key in HOST_FACTS):  # a batch straight from the collator, not prepared
-            inputs = {key: value for key, value in inputs.items() if key not in HOST_FACTS}
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, without_host_facts(inputs)[0], return_outputs, num_items_in_batch)
 
     def compute_loss_context_manager(self):
         """The hand-written rotary embedding on the CPU, the compiled one on a GPU (kernels.rotary_swapped) while
@@ -105,6 +83,17 @@ class CausalLMTrainer(Trainer):
         return stack
 
 
+def without_host_facts(inputs) -> tuple:
+    """(the batch without the collator's host facts, which the model takes no arguments for; the facts, {} where
+    it brought none): packing.HOST_FACTS."""
+    from .packing import HOST_FACTS
+
+    if not any(key in inputs for key in HOST_FACTS):
+        return inputs, {}
+    return ({key: value for key, value in inputs.items() if key not in HOST_FACTS},
+            {key: inputs[key] for key in HOST_FACTS if key in inputs})
+
+
 @contextlib.contextmanager
 def _adapters_keep_input_dtype(layers):
     """peft's disable_input_dtype_casting for LoRA layers only: it also sets the flag on layers that lack it
@@ -121,17 +110,18 @@ def _adapters_keep_input_dtype(layers):
 
 class TargetsOnlyTrainer(CausalLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs, facts = without_host_facts(inputs)
         head = output_layer(self.accelerator.unwrap_model(model))
         labels = inputs.get("labels")
         if head is None or labels is None or self._steps_aside(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from .packing import HOST_FACTS, LEARNED_POSITIONS, learned_positions
+        from .packing import LEARNED_POSITIONS, learned_positions
 
         # Position t predicts the token at t + 1: the positions whose next token is learned, counted by the
         # collator on the host where it could (reading a count or the positions back waits for the GPU).
         # Flat indices and index_select rather than a boolean mask: the mask's backward is an index_put with
         # accumulation (7.6 ms a step on the SFT bench, bf16 on a CPU with AMX), index_select's an index_add.
-        positions = self.host_facts(inputs).get(LEARNED_POSITIONS)
+        positions = facts.get(LEARNED_POSITIONS)
         if positions is None:
             positions = learned_positions(labels)
         count = len(positions)
@@ -146,7 +136,7 @@ class TargetsOnlyTrainer(CausalLMTrainer):
             handles += _mlp_at(mlp, projected)
         try:
             with _returns_its_input(head) if packs is not None else contextlib.nullcontext():
-                outputs = model(**{k: v for k, v in inputs.items() if k != "labels" and k not in HOST_FACTS})
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         finally:
             for handle in handles:
                 handle.remove()
@@ -274,8 +264,9 @@ class _TargetsCrossEntropy(torch.autograd.Function):
 
         from . import compiled
 
-        fused = compiled.call(_fused_total_and_lse, logits, targets, smoothing) if _fused_loss(logits) else None
-        if fused not in (None, compiled.NOT_COMPILED):  # one kernel, one read of the logits
+        fused = (compiled.call(_fused_total_and_lse, logits, targets, smoothing)
+                 if logits.device.type in FUSED_LOSS_DEVICES else compiled.NOT_COMPILED)
+        if fused is not compiled.NOT_COMPILED:  # one kernel, one read of the logits
             total, lse = fused
             ctx.save_for_backward(logits, targets, lse)
             ctx.smoothing, ctx.overwrite, ctx.fused = smoothing, overwrite, True
@@ -339,7 +330,7 @@ class _TargetsCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-# Devices where targets_cross_entropy runs as two compiled kernels (_fused_loss). On a GPU the row blocks' eager ops
+# Devices where targets_cross_entropy runs as two compiled kernels (compiled.py). On a GPU the row blocks' eager ops
 # made ~7 passes over the logits each way (casts, logsumexp's max / subtract / exp / sum, the gradient's cast back):
 # at 16k learned rows x 151936 (Qwen2's vocabulary) in bf16 that is ~150 GB of memory traffic a step, the
 # compiled pair ~15 GB. The CPU has its own C kernels (csrc/elementwise.c), and inductor's CPU compile takes seconds.
@@ -367,13 +358,6 @@ def _fused_gradient_into(logits, grad, targets, lse, scale, smoothing: float):
         rows = rows - smoothing / vocabulary * scale
     grad[:count] = rows.to(grad.dtype)
     grad[count:] = 0
-
-
-def _fused_loss(logits) -> bool:
-    """Whether targets_cross_entropy runs compiled (_fused_total_and_lse, _fused_gradient_into) for these logits."""
-    from . import compiled
-
-    return logits.device.type in FUSED_LOSS_DEVICES and compiled.usable(_fused_total_and_lse)
 
 
 # Model types whose causal-LM forward returns the output layer's result as the logits, unchanged (no scale or softcap

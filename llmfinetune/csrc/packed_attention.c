@@ -295,8 +295,8 @@ void packed_attention_backward(const void *q, long qts, long qhs, const void *k,
     int by_pairs = BF16_PAIRS && bf16;  // dO V^T on bf16 pairs: the values as pairs, dO read as it is
 #pragma omp parallel
     {
-        // vt: the values transposed (or as pairs); ds: a block's dS rows; wide (bf16 only): the key rows, dK, dV, and a head's
-        // query, dO and dQ rows (out is the forward's fp32 output in bf16 too: see out32)
+        // vt: the values transposed (or as pairs); ds: a block's dS rows; wide (bf16 only): the key rows, dK, dV,
+        // and a head's query, dO and dQ rows (out is the forward's fp32 output in bf16 too: see out32)
         float *vt = NULL, *ds = NULL, *wide = NULL;
         int capacity = 0;
 #pragma omp for schedule(dynamic, 1)

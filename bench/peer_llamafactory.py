@@ -3,6 +3,7 @@
     python bench/peer_llamafactory.py [--rounds 2] [--steps 50] [--data ../shared/datasets/AdvertiseGen]
                                       [--lf-venv /tmp/bench/lf-venv] [--setup] [--precisions fp32,bf16]
                                       [--cutoff 256] [--lora-target q_proj,v_proj | all] [--method full]
+                                      [--op-split FIRST:LAST]
 
 The job (issue #12): a random-init Qwen2-shaped model of 27M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads,
 intermediate 1408, byte-level BPE vocabulary of 8000 trained here on the data, tied embeddings), AdvertiseGen as
@@ -17,7 +18,8 @@ LLaMA-Factory's own count includes pack padding) over the Trainer's train_runtim
 page faults (new memory mapped) in the first 10 steps and after, and the train loss every 10 steps. LLaMA-Factory
 runs in its own venv (--lf-venv; --setup creates it: torch 2.13.0 CPU and llamafactory from the registry, with the
 two workarounds that LLaMA-Factory 0.9.5 needs beside the CPU torch). Without that venv the bench prints one line
-saying so and exits 0. The last lines printed are the ratios.
+saying so and exits 0. The last lines printed are the ratios. --op-split 8:18 also splits each side's step by
+where its time goes (matrix products, attention, other aten ops, the rest), from a clock read around every op.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ QWEN2_27M = {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers":
 
 # Run inside each contender's own interpreter: the same token count, loss record and RSS report on both sides.
 MEASURE = textwrap.dedent('''
-    import json, resource, sys, time
+    import json, os, resource, sys, time
     import torch, transformers
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     LOSSES = []
     MARKS = []  # (time, tokens seen) at every loss log: the rate after the first log leaves compilation out
@@ -58,10 +61,43 @@ MEASURE = textwrap.dedent('''
     FAULTS = []
     _training_step = transformers.Trainer.training_step
 
+    # --op-split FIRST:LAST: every aten op of those steps timed (a clock read each, as bench/step_ops.py does), to
+    # split each side's step into matrix products, attention, other aten ops and what runs outside them (Python,
+    # data, the package's C kernels).
+    SPLIT = tuple(int(part) for part in os.environ["LLMFT_OP_SPLIT"].split(":")) if os.environ.get(
+        "LLMFT_OP_SPLIT") else None
+    PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_linear_pointwise", "linear", "matmul"}
+    OP_SECONDS = {"products": 0.0, "attention": 0.0, "other aten": 0.0}
+    STEP_STARTS = {}
+
+    class _OpTimer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            elapsed = time.perf_counter() - start
+            name = func.overloadpacket.__name__
+            kind = "products" if name in PRODUCTS else "attention" if "attention" in name else "other aten"
+            OP_SECONDS[kind] += elapsed
+            return out
+
     def _stepped(self, *args, **kwargs):
         if not FAULTS:
             FAULTS.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+        step = self.state.global_step
+        STEP_STARTS.setdefault(step, time.perf_counter())
+        if SPLIT and SPLIT[0] <= step < SPLIT[1]:
+            with _OpTimer():
+                return _training_step(self, *args, **kwargs)
         return _training_step(self, *args, **kwargs)
+
+    def op_split():
+        if not SPLIT or SPLIT[1] not in STEP_STARTS:
+            return None
+        steps = SPLIT[1] - SPLIT[0]
+        split = {kind: seconds / steps * 1e3 for kind, seconds in OP_SECONDS.items()}
+        split["step"] = (STEP_STARTS[SPLIT[1]] - STEP_STARTS[SPLIT[0]]) / steps * 1e3
+        split["outside aten"] = split["step"] - sum(OP_SECONDS.values()) / steps * 1e3
+        return split
 
     transformers.Trainer.training_step = _stepped
 
@@ -102,7 +138,8 @@ MEASURE = textwrap.dedent('''
                                                      if torch.cuda.is_available() else None),
                                     "losses": [entry for entry in LOSSES if entry[0] != "end"],
                                     "faults_first_log": FAULTS[1] - FAULTS[0] if len(FAULTS) > 1 else None,
-                                    "faults_after_first_log": FAULTS[-1] - FAULTS[1] if len(FAULTS) > 2 else None}),
+                                    "faults_after_first_log": FAULTS[-1] - FAULTS[1] if len(FAULTS) > 2 else None,
+                                    "op_split_ms": op_split()}),
               flush=True)
 ''')
 LF_DRIVER = MEASURE + textwrap.dedent('''
@@ -253,6 +290,25 @@ def run_contender(name: str, command: list[str], env: dict, log: Path, timeout: 
     return result
 
 
+def print_op_split(results: dict, steps: str, total_steps: int) -> None:
+    """Each contender's step split by where its time goes (medians over rounds), and per 1000 non-pad tokens, since
+    the two sides' packs hold different token counts."""
+    kinds = ("step", "products", "attention", "other aten", "outside aten")
+    print(f"\nsteps {steps}, ms a step (ms per 1000 non-pad tokens), medians over rounds")
+    print(f"{'contender':<34} " + " ".join(f"{kind:>18}" for kind in kinds))
+    for name, runs in results.items():
+        splits = [r["op_split_ms"] for r in runs if r.get("op_split_ms")]
+        if not splits:
+            print(f"{name:<34} (steps {steps} not reached)")
+            continue
+        per_step_tokens = statistics.median(r["tokens"] for r in runs) / total_steps
+        cells = []
+        for kind in kinds:
+            ms = statistics.median(split[kind] for split in splits)
+            cells.append(f"{ms:>8.1f} ({ms / per_step_tokens * 1000:>7.1f})")
+        print(f"{name:<34} " + " ".join(f"{cell:>18}" for cell in cells))
+
+
 def _wait_for_quiet(limit_s: float = 120.0) -> None:
     """Timing runs need the machine to themselves: wait (up to limit_s) until other processes take under 10% of the
     CPUs over 2 seconds (the load average would still count the previous contender for a minute)."""
@@ -311,6 +367,10 @@ def main() -> None:
     parser.add_argument("--only-ours", action="store_true", help="skip the LLaMA-Factory contenders")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16 (default: fp32, and bf16 where native)")
+    parser.add_argument("--op-split", metavar="FIRST:LAST", default=None,
+                        help="time every aten op of steps FIRST..LAST-1 on each side and print each step split into "
+                             "matrix products, attention, other aten ops and the rest (a clock read per op: take "
+                             "the ratios from a run without it)")
     args = parser.parse_args()
     JOB["cutoff"], JOB["method"] = args.cutoff, args.method
     JOB["lora_target"] = "all" if args.lora_target == "all" else args.lora_target.split(",")
@@ -338,6 +398,8 @@ def main() -> None:
            # Both sides on the CPU (LLaMA-Factory's config says use_cpu): a GPU for one side would measure hardware.
            "CUDA_VISIBLE_DEVICES": "",
            "LLMFINETUNE_CACHE": str(work / "cache")}
+    if args.op_split:
+        env["LLMFT_OP_SPLIT"] = args.op_split
     ours_env = {**env, "PYTHONPATH": str(REPO)}
     contenders = []
     for precision in precisions:
@@ -377,6 +439,8 @@ def main() -> None:
         medians[name] = statistics.median(r["tokens_per_second"] for r in runs)
         rss = statistics.median(r["peak_rss_mib"] for r in runs)
         print(f"{name:<34} {medians[name]:>17.0f} {rss:>12.0f}  {[round(l, 4) for _, l in runs[-1]['losses']]}")
+    if args.op_split:
+        print_op_split(results, args.op_split, args.steps)
     for precision in precisions:
         ours = results[f"llmfinetune packing {precision}"]
         fp32 = results.get("llmfinetune packing fp32")

@@ -19,7 +19,8 @@ page faults (new memory mapped) in the first 10 steps and after, and the train l
 runs in its own venv (--lf-venv; --setup creates it: torch 2.13.0 CPU and llamafactory from the registry, with the
 two workarounds that LLaMA-Factory 0.9.5 needs beside the CPU torch). Without that venv the bench prints one line
 saying so and exits 0. The last lines printed are the ratios. --op-split 8:18 also splits each side's step by
-where its time goes (matrix products, attention, other aten ops, the rest), from a clock read around every op.
+where its time goes (matrix products, attention, other aten ops, our C kernels, the rest), by a clock read around
+every aten op and C kernel call.
 """
 from __future__ import annotations
 
@@ -62,13 +63,14 @@ MEASURE = textwrap.dedent('''
     _training_step = transformers.Trainer.training_step
 
     # --op-split FIRST:LAST: every aten op of those steps timed (a clock read each, as bench/step_ops.py does), to
-    # split each side's step into matrix products, attention, other aten ops and what runs outside them (Python,
-    # data, the package's C kernels).
+    # split each side's step into matrix products, attention, other aten ops, the package's C kernels (our side) and
+    # the rest (Python, the autograd engine, the optimizer, data).
     SPLIT = tuple(int(part) for part in os.environ["LLMFT_OP_SPLIT"].split(":")) if os.environ.get(
         "LLMFT_OP_SPLIT") else None
     PRODUCTS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_linear_pointwise", "linear", "matmul"}
-    OP_SECONDS = {"products": 0.0, "attention": 0.0, "other aten": 0.0}
+    OP_SECONDS = {"products": 0.0, "attention": 0.0, "other aten": 0.0, "C kernels": 0.0}
     STEP_STARTS = {}
+    TIMING = [False]  # inside a timed step
 
     class _OpTimer(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -86,8 +88,12 @@ MEASURE = textwrap.dedent('''
         step = self.state.global_step
         STEP_STARTS.setdefault(step, time.perf_counter())
         if SPLIT and SPLIT[0] <= step < SPLIT[1]:
-            with _OpTimer():
-                return _training_step(self, *args, **kwargs)
+            TIMING[0] = True
+            try:
+                with _OpTimer():
+                    return _training_step(self, *args, **kwargs)
+            finally:
+                TIMING[0] = False
         return _training_step(self, *args, **kwargs)
 
     def op_split():
@@ -96,7 +102,7 @@ MEASURE = textwrap.dedent('''
         steps = SPLIT[1] - SPLIT[0]
         split = {kind: seconds / steps * 1e3 for kind, seconds in OP_SECONDS.items()}
         split["step"] = (STEP_STARTS[SPLIT[1]] - STEP_STARTS[SPLIT[0]]) / steps * 1e3
-        split["outside aten"] = split["step"] - sum(OP_SECONDS.values()) / steps * 1e3
+        split["the rest"] = split["step"] - sum(OP_SECONDS.values()) / steps * 1e3
         return split
 
     transformers.Trainer.training_step = _stepped
@@ -154,6 +160,27 @@ LF_DRIVER = MEASURE + textwrap.dedent('''
         report()
 ''')
 OURS_DRIVER = MEASURE + textwrap.dedent('''
+    if SPLIT:  # the package's C kernels (ctypes calls, outside aten) timed too
+        from llmfinetune import native
+
+        _library = native.library()
+
+        class _TimedLibrary:
+            def __getattr__(self, name):
+                function = getattr(_library, name)
+
+                def timed(*args):
+                    start = time.perf_counter()
+                    try:
+                        return function(*args)
+                    finally:
+                        if TIMING[0]:
+                            OP_SECONDS["C kernels"] += time.perf_counter() - start
+                return timed
+
+        if _library is not None:
+            _timed_library = _TimedLibrary()
+            native.library = lambda: _timed_library
     from llmfinetune.cli import main
     try:
         code = main(sys.argv[1:])
@@ -292,8 +319,9 @@ def run_contender(name: str, command: list[str], env: dict, log: Path, timeout: 
 
 def print_op_split(results: dict, steps: str, total_steps: int) -> None:
     """Each contender's step split by where its time goes (medians over rounds), and per 1000 non-pad tokens, since
-    the two sides' packs hold different token counts."""
-    kinds = ("step", "products", "attention", "other aten", "outside aten")
+    the two sides' packs hold different token counts. "C kernels": the package's (our side only); "the rest": Python,
+    the autograd engine, the optimizer, data."""
+    kinds = ("step", "products", "attention", "other aten", "C kernels", "the rest")
     print(f"\nsteps {steps}, ms a step (ms per 1000 non-pad tokens), medians over rounds")
     print(f"{'contender':<34} " + " ".join(f"{kind:>18}" for kind in kinds))
     for name, runs in results.items():

@@ -139,7 +139,7 @@ def spawn_local_workers(nproc: int, cli_args: list[str], threads: Optional[int] 
     from torch.distributed.run import get_args_parser, run
 
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
-    command = torchrun_arguments(nproc, cli_args)
+    command = torchrun_arguments(nproc, cli_args, get_args_parser())
     print(f"Starting {nproc} local workers: torch.distributed.run {' '.join(command)}", flush=True)
     # The package must be importable by the workers even when run from a checkout that is not installed; the agent
     # passes this process's environment on to them.
@@ -173,10 +173,21 @@ def spawn_local_workers(nproc: int, cli_args: list[str], threads: Optional[int] 
                 os.environ[name] = value
 
 
-def torchrun_arguments(nproc: int, cli_args: list[str]) -> list[str]:
-    timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(WORKERS_SAVE_TIMEOUT_S)
-    return ["--standalone", f"--nproc_per_node={nproc}", f"--shutdown-timeout={timeout}", "-m", "llmfinetune",
-            *cli_args]
+def torchrun_arguments(nproc: int, cli_args: list[str], parser) -> list[str]:
+    """torchrun's command line for `parser` (torch.distributed.run's): the save timeout only where that torch's
+    torchrun has the option (torch 2.11's does not, and rejects the whole command line; it stops the workers 30 s
+    after Ctrl-C, which one info line says)."""
+    arguments = ["--standalone", f"--nproc_per_node={nproc}"]
+    if any("--shutdown-timeout" in action.option_strings for action in parser._actions):
+        timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(WORKERS_SAVE_TIMEOUT_S)
+        arguments.append(f"--shutdown-timeout={timeout}")
+    else:
+        import torch
+
+        logger.info("torch %s's launcher stops the workers 30 s after Ctrl-C: a checkpoint still being written then "
+                    "is cut short (those completely written before it are kept); newer torch lets them take up to "
+                    "%d s.", torch.__version__, WORKERS_SAVE_TIMEOUT_S)
+    return [*arguments, "-m", "llmfinetune", *cli_args]
 
 
 class WorkerFailed(UserError):

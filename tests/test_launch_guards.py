@@ -106,10 +106,16 @@ def test_workers_get_their_threads_and_no_gpu_when_on_cpu(monkeypatch):
     assert "CUDA_VISIBLE_DEVICES" not in os.environ, "the launching process's environment is restored"
 
 
+def _has_save_timeout(parser) -> bool:
+    return any("--shutdown-timeout" in action.option_strings for action in parser._actions)
+
+
 def test_the_agent_waits_for_the_workers_to_save_after_ctrl_c_longer_than_torchruns_30_s(monkeypatch):
     """torchrun SIGKILLs workers 30 s after passing Ctrl-C on: a large checkpoint can take longer to write."""
     import torch.distributed.run as torch_run
 
+    if not _has_save_timeout(torch_run.get_args_parser()):
+        pytest.skip(f"torch {torch.__version__}'s torchrun has no --shutdown-timeout (the next test covers it)")
     seen = []
     monkeypatch.setattr(torch_run, "run", lambda parsed: seen.append(parsed.shutdown_timeout))
     monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
@@ -117,6 +123,30 @@ def test_the_agent_waits_for_the_workers_to_save_after_ctrl_c_longer_than_torchr
     monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "45")  # the user's own setting decides
     launch.spawn_local_workers(2, ["run-ft", "--ft=x.yaml"], threads=1)
     assert seen == [launch.WORKERS_SAVE_TIMEOUT_S, 45] and launch.WORKERS_SAVE_TIMEOUT_S >= 600
+
+
+def test_a_torchrun_without_the_save_timeout_option_still_starts_the_workers(monkeypatch, caplog):
+    """torch 2.11's torchrun (the GPU machines' image) has no --shutdown-timeout and rejects a command line with it."""
+    import torch.distributed.run as torch_run
+
+    newer = torch_run.get_args_parser
+
+    def older_parser():
+        parser = newer()
+        for option in [action for action in parser._actions if "--shutdown-timeout" in action.option_strings]:
+            parser._remove_action(option)
+            for name in option.option_strings:
+                parser._option_string_actions.pop(name)
+        assert not _has_save_timeout(parser)
+        return parser
+
+    seen = []
+    monkeypatch.setattr(torch_run, "get_args_parser", older_parser)
+    monkeypatch.setattr(torch_run, "run", lambda parsed: seen.append(parsed.nproc_per_node))
+    with caplog.at_level(logging.INFO, logger="llmfinetune.launch"):
+        assert launch.spawn_local_workers(2, ["run-ft", "--ft=x.yaml"], threads=1) == 0
+    assert seen == ["2"]
+    assert "stops the workers 30 s after Ctrl-C" in caplog.text
 
 
 def _job_file(tmp_path, scaling):

@@ -139,7 +139,8 @@ def spawn_local_workers(nproc: int, cli_args: list[str], threads: Optional[int] 
     from torch.distributed.run import get_args_parser, run
 
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // nproc))
-    command = torchrun_arguments(nproc, cli_args, get_args_parser())
+    parser = get_args_parser()
+    command = torchrun_arguments(nproc, cli_args, parser)
     print(f"Starting {nproc} local workers: torch.distributed.run {' '.join(command)}", flush=True)
     # The package must be importable by the workers even when run from a checkout that is not installed; the agent
     # passes this process's environment on to them.
@@ -152,7 +153,7 @@ def spawn_local_workers(nproc: int, cli_args: list[str], threads: Optional[int] 
     os.environ.update(worker_env)
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)  # no rendezvous chatter
     try:
-        run(get_args_parser().parse_args(command))
+        run(parser.parse_args(command))
         return 0
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
@@ -178,7 +179,7 @@ def torchrun_arguments(nproc: int, cli_args: list[str], parser) -> list[str]:
     torchrun has the option (torch 2.11's does not, and rejects the whole command line; it stops the workers 30 s
     after Ctrl-C, which one info line says)."""
     arguments = ["--standalone", f"--nproc_per_node={nproc}"]
-    if any("--shutdown-timeout" in action.option_strings for action in parser._actions):
+    if takes_save_timeout(parser):
         timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(WORKERS_SAVE_TIMEOUT_S)
         arguments.append(f"--shutdown-timeout={timeout}")
     else:
@@ -188,6 +189,11 @@ def torchrun_arguments(nproc: int, cli_args: list[str], parser) -> list[str]:
                     "is cut short (those completely written before it are kept); newer torch lets them take up to "
                     "%d s.", torch.__version__, WORKERS_SAVE_TIMEOUT_S)
     return [*arguments, "-m", "llmfinetune", *cli_args]
+
+
+def takes_save_timeout(parser) -> bool:
+    """Whether this torchrun argument parser has --shutdown-timeout (torch 2.11's has not)."""
+    return any("--shutdown-timeout" in action.option_strings for action in parser._actions)
 
 
 class WorkerFailed(UserError):

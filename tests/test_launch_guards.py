@@ -106,15 +106,11 @@ def test_workers_get_their_threads_and_no_gpu_when_on_cpu(monkeypatch):
     assert "CUDA_VISIBLE_DEVICES" not in os.environ, "the launching process's environment is restored"
 
 
-def _has_save_timeout(parser) -> bool:
-    return any("--shutdown-timeout" in action.option_strings for action in parser._actions)
-
-
 def test_the_agent_waits_for_the_workers_to_save_after_ctrl_c_longer_than_torchruns_30_s(monkeypatch):
     """torchrun SIGKILLs workers 30 s after passing Ctrl-C on: a large checkpoint can take longer to write."""
     import torch.distributed.run as torch_run
 
-    if not _has_save_timeout(torch_run.get_args_parser()):
+    if not launch.takes_save_timeout(torch_run.get_args_parser()):
         pytest.skip(f"torch {torch.__version__}'s torchrun has no --shutdown-timeout (the next test covers it)")
     seen = []
     monkeypatch.setattr(torch_run, "run", lambda parsed: seen.append(parsed.shutdown_timeout))
@@ -137,7 +133,7 @@ def test_a_torchrun_without_the_save_timeout_option_still_starts_the_workers(mon
             parser._remove_action(option)
             for name in option.option_strings:
                 parser._option_string_actions.pop(name)
-        assert not _has_save_timeout(parser)
+        assert not launch.takes_save_timeout(parser)
         return parser
 
     seen = []

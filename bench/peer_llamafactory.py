@@ -396,9 +396,9 @@ def main() -> None:
     parser.add_argument("--precisions", default=None,
                         help="comma-separated fp32,bf16 (default: fp32, and bf16 where native)")
     parser.add_argument("--op-split", metavar="FIRST:LAST", default=None,
-                        help="time every aten op of steps FIRST..LAST-1 on each side and print each step split into "
-                             "matrix products, attention, other aten ops and the rest (a clock read per op: take "
-                             "the ratios from a run without it)")
+                        help="time every aten op and C kernel call of steps FIRST..LAST-1 on each side and print "
+                             "each step split into matrix products, attention, other aten ops, our C kernels and the "
+                             "rest (a clock read per call: take the ratios from a run without it)")
     args = parser.parse_args()
     JOB["cutoff"], JOB["method"] = args.cutoff, args.method
     JOB["lora_target"] = "all" if args.lora_target == "all" else args.lora_target.split(",")

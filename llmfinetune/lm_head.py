@@ -260,9 +260,8 @@ def _overwritable(logits) -> bool:
 class _TargetsCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, smoothing, overwrite):
-        from .kernels import c_kernel
-
         from . import compiled
+        from .kernels import c_kernel
 
         fused = (compiled.call(_fused_total_and_lse, logits, targets, smoothing)
                  if logits.device.type in FUSED_LOSS_DEVICES else compiled.NOT_COMPILED)

@@ -2,7 +2,8 @@
 devices where eager ops make a pass over memory each and launch a kernel each: on a GPU the causal-LM loss
 (lm_head.py) and the RMSNorm, SwiGLU and rotary embedding of Llama-style models (kernels.py). A function whose
 compilation fails (a GPU without a working Triton, say) warns once and is not tried again: its caller runs its
-uncompiled path, the same numbers, slower. The CPU tests compile the same functions with inductor's CPU backend."""
+uncompiled path, the same numbers, slower. Running out of memory is not a compilation failure: it is raised. The
+CPU tests compile the same functions with inductor's CPU backend."""
 from __future__ import annotations
 
 import logging
@@ -22,14 +23,47 @@ def call(function, *args):
     if function not in _compiled:
         import torch
 
-        _compiled[function] = torch.compile(function, dynamic=True, fullgraph=True)
+        _compiled[function] = torch.compile(function, backend=_backward_built_with_forward, dynamic=True,
+                                            fullgraph=True)
     try:
         return _compiled[function](*args)
     except Exception as error:  # noqa: BLE001 - any compiler failure: the caller's uncompiled path computes the same
+        from .faults import out_of_memory
+
+        cause = _first_cause(error)
+        if out_of_memory(error) or out_of_memory(cause):  # the uncompiled path needs more memory, not less
+            raise
         logger.warning("%s could not be compiled (%s: %s); it runs uncompiled, slower.", function.__qualname__,
-                       type(error).__name__, (str(error).splitlines() or [""])[0])
+                       type(cause).__name__, (str(cause).splitlines() or [""])[0])
         _failed.add(function)
         return NOT_COMPILED
+
+
+def _first_cause(error: BaseException) -> BaseException:
+    """The error that started it: dynamo wraps a backend's own error in one whose first line names only the backend."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    return error
+
+
+def _inductor(graph, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(graph, example_inputs)
+
+
+def _backward_built_with_forward(graph, example_inputs):
+    """Inductor, with the backward compiled when the forward is rather than at the first backward (AOTAutograd's
+    lazy default): a backward that cannot be built then fails inside `call`'s try, where the uncompiled path takes
+    over, not in the middle of loss.backward() as a traceback. Applied here, once per compilation, not per call."""
+    import contextlib
+
+    import torch._functorch.config as aot_config
+
+    eager = (aot_config.patch(force_non_lazy_backward_lowering=True)
+             if hasattr(aot_config, "force_non_lazy_backward_lowering") else contextlib.nullcontext())
+    with eager:
+        return _inductor(graph, example_inputs)
 
 
 def run(function, *args):

@@ -132,6 +132,38 @@ def test_the_compiled_norm_and_swiglu_compute_what_the_architectures_own_do(modu
         assert (compiled_grads[name] - grad).abs().max().item() <= tolerance * scale, name
 
 
+def test_a_backward_that_cannot_be_compiled_fails_in_the_forward_call_and_runs_uncompiled(monkeypatch, caplog):
+    """AOTAutograd builds a backward lazily, at the first loss.backward(): where only the backward's kernels cannot
+    be built, the failure would come out of the training step as a traceback. compiled.py has it built with the
+    forward, inside the call that falls back to the uncompiled function."""
+    import torch
+    from torch._dynamo.backends.common import aot_autograd
+
+    from llmfinetune import compiled
+
+    def no_backward(graph, example_inputs):
+        raise RuntimeError("no kernels for this backward here\nsecond line")
+
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
+    monkeypatch.setattr(compiled, "_inductor", aot_autograd(fw_compiler=lambda graph, inputs: graph,
+                                                            bw_compiler=no_backward))
+
+    def gated(x, weight):  # a function of this test's own: dynamo keeps what it compiled per code object
+        return torch.nn.functional.silu(x) * weight
+
+    torch.manual_seed(0)
+    inputs, grads = (torch.randn(4, 8), torch.randn(8)), []
+    for how in (compiled.run, lambda function, *args: function(*args)):
+        x, weight = (tensor.clone().requires_grad_() for tensor in inputs)
+        how(gated, x, weight).square().sum().backward()
+        grads.append((x.grad, weight.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert compiled._failed == {gated}
+    warnings = [r.getMessage() for r in caplog.records if "could not be compiled" in r.getMessage()]
+    assert len(warnings) == 1 and "no kernels for this backward here" in warnings[0], warnings
+
+
 def test_on_a_gpu_sft_trains_with_the_compiled_norm_swiglu_and_rotary_and_their_losses(tiny_models, tmp_path,
                                                                                  monkeypatch):
     """COMPILED_KERNEL_DEVICES (the CPU standing in for a GPU, the CPU's own kernels off): the SFT run has every

@@ -374,6 +374,28 @@ def test_a_loss_that_fails_to_compile_runs_in_eager_row_blocks_with_one_warning(
                         "uncompiled, slower."]
 
 
+def test_a_loss_out_of_memory_in_its_compiled_form_is_raised_not_taken_for_a_compile_failure(monkeypatch, caplog):
+    """The uncompiled row blocks need more memory than the compiled kernel: running them after an OOM would fail
+    again or, worse, leave the rest of the run on the slow path under a warning that blames the compiler."""
+    import pytest
+    import torch
+
+    from llmfinetune import compiled, lm_head
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.27 GiB")
+
+    monkeypatch.setattr(lm_head, "FUSED_LOSS_DEVICES", ("cpu",))
+    monkeypatch.setattr(compiled, "_compiled", {})
+    monkeypatch.setattr(compiled, "_failed", set())
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: out_of_memory)
+    logits = torch.randn(9, 20, requires_grad=True)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        lm_head.targets_cross_entropy(logits, torch.randint(0, 20, (9,)))
+    assert not compiled._failed
+    assert not [r for r in caplog.records if "could not be compiled" in r.getMessage()]
+
+
 def test_the_gradient_is_written_into_the_heads_logits_but_not_into_a_tensor_another_node_keeps():
     """A head's output (a matrix product) is read by nothing after the loss: its memory takes the gradient. A tanh's
     output is kept by the tanh for its own backward: overwriting it would give wrong gradients."""

@@ -28,22 +28,16 @@ def call(function, *args):
     try:
         return _compiled[function](*args)
     except Exception as error:  # noqa: BLE001 - any compiler failure: the caller's uncompiled path computes the same
+        from .errors import root_cause
         from .faults import out_of_memory
 
-        cause = _first_cause(error)
+        cause = root_cause(error)
         if out_of_memory(error) or out_of_memory(cause):  # the uncompiled path needs more memory, not less
             raise
         logger.warning("%s could not be compiled (%s: %s); it runs uncompiled, slower.", function.__qualname__,
                        type(cause).__name__, (str(cause).splitlines() or [""])[0])
         _failed.add(function)
         return NOT_COMPILED
-
-
-def _first_cause(error: BaseException) -> BaseException:
-    """The error that started it: dynamo wraps a backend's own error in one whose first line names only the backend."""
-    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
-        error = inner
-    return error
 
 
 def _inductor(graph, example_inputs):

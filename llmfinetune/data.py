@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, root_cause
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -154,20 +154,11 @@ def _load_file(path: Path) -> Dataset:
             return Dataset.from_csv(str(path))
         return Dataset.from_json(str(path))
     except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
-        cause = _root_cause(exc)
+        cause = root_cause(exc)
         if isinstance(cause, UnicodeDecodeError):
             raise UserError(f"{path}: not UTF-8 text ({cause.reason} at byte {cause.start}).") from None
         raise UserError(f"{path}: could not read as {kind}: {type(cause).__name__}: "
                         f"{first_line(cause) if str(cause).strip() else ''}") from exc
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """datasets wraps the real reason (e.g. a UnicodeDecodeError) in a generic DatasetGenerationError."""
-    seen = set()
-    while id(exc) not in seen and (exc.__cause__ or exc.__context__):
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 
 def _has_rows(path: Path, kind: str) -> bool:
